@@ -1,0 +1,45 @@
+"""What the four entry points share: command-line options and loading a trained run."""
+import argparse
+
+import torch
+
+from checkpoint import load_checkpoint, resolve_checkpoint
+from config import checkpoint_dir, load_training_config
+from errors import UserError
+from model_base import build_model
+
+SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
+            "(the value is read as YAML; repeat --set for several keys)")
+
+
+def make_parser(description, example):
+    parser = argparse.ArgumentParser(description=description, epilog=f"example:\n  {example}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show a full traceback for errors in configs and files")
+    return parser
+
+
+def add_training_cfg(parser):
+    parser.add_argument("-t", "--training_cfg", required=True, metavar="YAML",
+                        help="the run's training config, e.g. configs/example_model/example_training_cfg.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+
+
+def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
+    """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict)."""
+    cfg = load_training_config(training_cfg_path, overrides)
+    torch.manual_seed(cfg["training"]["seed"])
+    model = build_model(cfg["model"])
+    path = resolve_checkpoint(checkpoint_spec, checkpoint_dir(cfg), where)
+    state = load_checkpoint(path)
+    load_weights(model, state, path)
+    return cfg, model, path, state
+
+
+def load_weights(model, state, path):
+    if not isinstance(state, dict) or "model_state_dict" not in state:
+        raise UserError(f"{path}: not a checkpoint of this pipeline (no model_state_dict)")
+    try:
+        model.load_state_dict(state["model_state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: its weights do not fit the architecture {model.architecture_path}:\n{e}") from None

@@ -1,0 +1,352 @@
+"""Run configs: load YAML, apply `--set` overrides, fill defaults, validate everything at once.
+
+Every key a config may hold is declared once below with its default and its rule. Validation
+collects every problem in the file and reports them together (file, key path, what is valid),
+then hands back a plain nested dict with every default filled in; nothing past this module
+checks a config again.
+
+Paths inside configs are relative to the repository root (the folder holding this file), so
+commands work the same from any directory.
+"""
+import inspect
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+import dataset_functions
+import loss
+from errors import UserError, did_you_mean, public_functions
+
+REPO_ROOT = Path(__file__).resolve().parent
+REQUIRED = object()
+
+
+class Key:
+    """One config key: its default, accepted types and an optional extra rule."""
+
+    def __init__(self, default, *types, check=None, doc=""):
+        self.default, self.types, self.check, self.doc = default, types, check, doc
+
+
+# ---- rules -------------------------------------------------------------------------------------
+def at_least(low):
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def in_range(low, high):
+    return lambda v: None if low < v <= high else f"must be in ({low}, {high}]"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else \
+        f"must be one of {', '.join(choices)}{did_you_mean(v, choices)}"
+
+
+def existing_path(v):
+    return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
+
+
+def name_in(table_fn, what):
+    def check(v):
+        table = table_fn()
+        if v in table:
+            return None
+        return f"unknown {what} {v!r}{did_you_mean(v, table)}; valid: {', '.join(sorted(table))}"
+    return check
+
+
+def gpu_list(v):
+    if not all(isinstance(g, int) and g >= 0 for g in v):
+        return "must be a list of GPU ids (non-negative integers), [] for CPU"
+    return None
+
+
+def torch_optimizers():
+    return {n: c for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+
+
+def dataset_fns():
+    return public_functions(dataset_functions)
+
+
+def loss_fns():
+    return public_functions(loss)
+
+
+# ---- schemas -----------------------------------------------------------------------------------
+STREAM = {
+    "n_inputs": Key(None, int, check=at_least(1), doc="samples to use (null: all)"),
+    "randomize_inputs": Key(False, bool, doc="pick the n_inputs samples at random (seeded), not the first ones"),
+    "data_read_type": Key(REQUIRED, str, check=one_of("file", "folder", "function", "h5")),
+    "data_path": Key(None, str, check=existing_path, doc="file or folder to read (file/folder/h5)"),
+    "file_reader": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
+    "file_reader_args": Key({}, dict),
+    "data_generating_function": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
+    "data_generating_function_args": Key({}, dict),
+    "data_read_postprocessing_fn": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
+    "data_read_postprocessing_fn_args": Key({}, dict),
+    "data_batch_transform": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
+    "data_batch_transform_args": Key({}, dict),
+    "multiple_samples_per_file": Key(False, bool, doc="the reader returns a stack of samples per file"),
+    "h5_key": Key(None, str, doc="dataset name inside the HDF5 file (h5 read type)"),
+}
+
+TRAINING = {
+    "training": {
+        "n_epochs": Key(10, int, check=at_least(1), doc="total epochs of the run (a resumed run ends here too)"),
+        "learning_rate": Key(2e-4, float, check=at_least(0)),
+        "learning_rate_gamma": Key(1.0, float, check=in_range(0, 1), doc="StepLR decay factor"),
+        "learning_rate_step": Key(1, int, check=at_least(1), doc="StepLR period in epochs"),
+        "gpus": Key([], list, check=gpu_list, doc="GPU ids; [] trains on the CPU"),
+        "optimizer": Key("Adam", str, check=name_in(torch_optimizers, "optimizer in torch.optim")),
+        "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]}"),
+        "batch_size": Key(32, int, check=at_least(1), doc="per process"),
+        "seed": Key(0, int, doc="seeds python, numpy and torch: same config, same machine, same weights"),
+        "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates"),
+    },
+    "adversarial": {
+        "enable_adversarial_training": Key(False, bool),
+        "learning_rate": Key(None, float, check=at_least(0), doc="null: training.learning_rate"),
+        "learning_rate_gamma": Key(None, float, check=in_range(0, 1), doc="null: training's"),
+        "learning_rate_step": Key(None, int, check=at_least(1), doc="null: training's"),
+        "optimizer": Key(None, str, check=name_in(torch_optimizers, "optimizer in torch.optim"),
+                         doc="null: training.optimizer"),
+        "optimizer_args": Key(None, dict, doc="null: training.optimizer_args"),
+        "train_disc_first": Key(True, bool),
+        "n_gen_iterations": Key(1, int, check=at_least(1)),
+        "n_disc_iterations": Key(1, int, check=at_least(1)),
+    },
+    "model": {
+        "architecture_cfg_path": Key(REQUIRED, str, check=existing_path),
+        "model_flow_path": Key(REQUIRED, str, check=existing_path),
+        "model_checkpoint_filename": Key(None, str, doc="checkpoint to start from: a file name, latest, or null"),
+    },
+    "loss": {
+        "loss_fn": Key(REQUIRED, str, check=name_in(loss_fns, "function in loss.py")),
+        "loss_args": Key({}, dict),
+    },
+    "saving": {
+        "save_epoch_increment": Key(1, int, check=at_least(1)),
+        "save_filename_prefix": Key("model", str),
+        "save_folder_name": Key("run", str),
+    },
+    "dataset": {
+        "data_len_key": Key(REQUIRED, str, doc="the stream whose length is the epoch length"),
+    },
+}
+
+EVALUATION = {
+    "evaluation": {
+        "model_checkpoint_filename": Key("latest", str),
+        "n_samples": Key(64, int, check=at_least(1), doc="samples run through the model and shown"),
+        "batch_size": Key(64, int, check=at_least(1)),
+        "gpus": Key([], list, check=gpu_list),
+        "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
+    },
+}
+
+TRAINING_EVALUATION = {
+    "training_evaluation": {
+        "training_cfg_path": Key(REQUIRED, str, check=existing_path),
+        "model_checkpoint_filename": Key("latest", str, list, doc="a file name, latest, or a list of names"),
+        "loss_average_window": Key(10, int, check=at_least(1), doc="steps in the moving average"),
+    },
+}
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def resolve_path(path):
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def read_yaml(path, what="config"):
+    """The YAML file at `path` as a dict, or a UserError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the {what} must be a YAML mapping of keys to values")
+    return data
+
+
+def apply_overrides(raw, overrides, source):
+    """Apply `--set a.b.c=value` overrides (value parsed as YAML) to the raw config dict."""
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.n_epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        node, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"{source}: --set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def type_ok(value, types):
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return True  # 1 is a fine float; True is not
+    if int in types and isinstance(value, bool):
+        return False
+    return isinstance(value, types)
+
+
+def type_name(types):
+    return " or ".join({int: "an integer", float: "a number", bool: "true/false", str: "a string",
+                        list: "a list", dict: "a mapping"}[t] for t in types)
+
+
+def check_section(raw, schema, where, errors):
+    """Validate `raw` against `schema`; return it with defaults filled. Problems go to `errors`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: must be a mapping of keys")
+        return {}
+    out = {}
+    for key, value in raw.items():
+        if key not in schema:
+            errors.append(f"{where}.{key}: unknown key{did_you_mean(key, schema)}; valid: {', '.join(schema)}")
+    for key, rule in schema.items():
+        path = f"{where}.{key}".lstrip(".")
+        value = raw.get(key)
+        if isinstance(rule, dict):
+            out[key] = check_section(value, rule, path, errors)
+            continue
+        if float in rule.types and isinstance(value, str):
+            value = _as_float(value)  # PyYAML reads 2e-4 (no dot) as a string
+        if value is None:
+            if rule.default is REQUIRED:
+                errors.append(f"{path}: required key is missing")
+            out[key] = None if rule.default is REQUIRED else _copy(rule.default)
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{path}: {value} is not a finite number")
+        elif not type_ok(value, rule.types):
+            errors.append(f"{path}: {value!r} is not {type_name(rule.types)}")
+        elif rule.check and (problem := rule.check(value)):
+            errors.append(f"{path}: {value!r}: {problem}")
+        out[key] = value
+    return out
+
+
+def _as_float(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _copy(value):
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+def check_function_args(fn, args, where, errors, keyword_only=False):
+    """Every key of `args` must be a parameter of `fn` (a keyword-only one, if asked)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    if keyword_only:
+        params = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    for name in args:
+        if name not in params:
+            errors.append(f"{where}.{name}: not an argument of {fn.__name__}{did_you_mean(name, params)}; "
+                          f"valid: {', '.join(params)}")
+
+
+def check_dataset(raw, where, errors):
+    """The dataset section: data_len_key plus one sub-section per named data stream."""
+    raw = dict(raw or {})
+    fixed = {k: raw.pop(k, None) for k in TRAINING["dataset"]}
+    out = check_section(fixed, TRAINING["dataset"], where, errors)
+    if not raw:
+        errors.append(f"{where}: no data streams; add one, e.g. {where}.gen_inputs: {{data_read_type: function, ...}}")
+    for name, stream in raw.items():
+        path = f"{where}.{name}"
+        out[name] = check_section(stream, STREAM, path, errors)
+        check_stream(out[name], path, errors)
+    if out["data_len_key"] is not None and raw and out["data_len_key"] not in raw:
+        errors.append(f"{where}.data_len_key: {out['data_len_key']!r} is not a stream"
+                      f"{did_you_mean(out['data_len_key'], raw)}; streams: {', '.join(raw)}")
+    return out
+
+
+def check_stream(s, where, errors):
+    needs = {"file": ["data_path", "file_reader"], "folder": ["data_path", "file_reader"],
+             "function": ["data_generating_function"], "h5": ["data_path", "h5_key"]}
+    for key in needs.get(s["data_read_type"], []):
+        if s[key] is None:
+            errors.append(f"{where}.{key}: required when data_read_type is {s['data_read_type']}")
+    fns = dataset_fns()
+    for fn_key in ["file_reader", "data_generating_function", "data_read_postprocessing_fn", "data_batch_transform"]:
+        args_key = f"{fn_key}_args"
+        if s[fn_key] in fns and isinstance(s[args_key], dict):
+            check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors)
+
+
+def raise_if(errors, source):
+    if errors:
+        lines = "\n  ".join(errors)
+        raise UserError(f"{source}: {len(errors)} problem{'s' * (len(errors) > 1)}:\n  {lines}")
+
+
+def load_training_config(path, overrides=None):
+    """Load, override, validate and fill the training config at `path`; return a plain dict."""
+    raw = apply_overrides(read_yaml(path, "training config"), overrides, path)
+    errors = []
+    schema = {k: v for k, v in TRAINING.items() if k != "dataset"}
+    cfg = check_section({k: v for k, v in raw.items() if k != "dataset"}, schema, "", errors)
+    cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
+    if cfg["loss"]["loss_fn"] in loss_fns():
+        check_function_args(loss_fns()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args", errors,
+                            keyword_only=True)
+    adv, train = cfg["adversarial"], cfg["training"]
+    for key in ["learning_rate", "learning_rate_gamma", "learning_rate_step", "optimizer", "optimizer_args"]:
+        if adv[key] is None:
+            adv[key] = _copy(train[key])
+    raise_if(errors, path)
+    cfg["config_path"] = str(path)
+    return cfg
+
+
+def load_config(path, schema, overrides=None, what="config"):
+    """Load, override and validate a config with a plain schema (evaluation configs)."""
+    raw = apply_overrides(read_yaml(path, what), overrides, path)
+    errors = []
+    cfg = check_section(raw, schema, "", errors)
+    raise_if(errors, path)
+    return cfg
+
+
+def model_dir(cfg):
+    """models/<model>/: the folder of the model flow module."""
+    return resolve_path(cfg["model"]["model_flow_path"]).parent
+
+
+def checkpoint_dir(cfg):
+    """models/<model>/model_checkpoints/<save_folder_name>/."""
+    return model_dir(cfg) / "model_checkpoints" / cfg["saving"]["save_folder_name"]
+
+
+def results_dir(cfg):
+    """results/<model>/<save_folder_name>/."""
+    return REPO_ROOT / "results" / model_dir(cfg).name / cfg["saving"]["save_folder_name"]
+
+
+def to_yaml(cfg):
+    """The config as YAML text (for the run's snapshot and for checkpoints)."""
+    return yaml.safe_dump({k: v for k, v in cfg.items() if k != "config_path"}, sort_keys=False)

@@ -1,0 +1,70 @@
+"""Functions a training config names in its `dataset` section. Add your own here.
+
+Four kinds, each named by a key of a data stream in the config:
+- file_reader(path, **file_reader_args) -> tensor: the samples of one file, stacked on dim 0
+  (or one sample, for the folder read type without multiple_samples_per_file).
+- data_generating_function(n_samples, generator, **args) -> tensor of n_samples samples.
+- data_read_postprocessing_fn(data, **args) -> tensor: applied once to the whole stream.
+- data_batch_transform(batch, generator, **args) -> tensor: applied to every batch; draw any
+  randomness from `generator` so runs stay reproducible.
+"""
+import numpy as np
+import torch
+import torchvision.io
+
+
+# ---- file readers ----
+def read_npy(path, dtype="float32"):
+    """A .npy array as a tensor."""
+    return torch.from_numpy(np.load(path).astype(dtype))
+
+
+def read_image(path, grayscale=False):
+    """A PNG/JPEG image as a float tensor [C, H, W] in [0, 1]."""
+    mode = torchvision.io.ImageReadMode.GRAY if grayscale else torchvision.io.ImageReadMode.RGB
+    return torchvision.io.decode_image(str(path), mode=mode).float() / 255
+
+
+# ---- data generating functions ----
+def random_normal(n_samples, generator, shape=(1, 4, 4)):
+    """Standard normal noise, e.g. a GAN generator's input."""
+    return torch.randn((n_samples, *shape), generator=generator)
+
+
+def blobs(n_samples, generator, size=4, width=0.8):
+    """size x size images in [-1, 1] of one bright Gaussian spot at a random (continuous) position.
+
+    The toy GAN's data (shipped as data/example_model/blobs_4x4.npy): learnable in seconds, and
+    structured enough that learning shows: a sample is a spot, and the spots cover the image.
+    """
+    centres = torch.rand(n_samples, 2, 1, 1, generator=generator) * (size - 1)
+    grid = torch.arange(size, dtype=torch.float32)
+    squared = (grid.view(1, size, 1) - centres[:, 0]) ** 2 + (grid.view(1, 1, size) - centres[:, 1]) ** 2
+    return (2 * torch.exp(-squared / (2 * width ** 2)) - 1).unsqueeze(1)
+
+
+# ---- postprocessing ----
+def scale_to_symmetric(data, low=0.0, high=1.0):
+    """Map values from [low, high] to [-1, 1] (the range of a Tanh generator)."""
+    return (data - low) / (high - low) * 2 - 1
+
+
+# ---- batch transforms ----
+def random_flip(batch, generator, horizontal=True, vertical=False):
+    """Flip each sample left-right (and/or up-down) with probability 1/2."""
+    for dim, enabled in ((-1, horizontal), (-2, vertical)):
+        if enabled:
+            flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+            batch = torch.where(flip.view(-1, *[1] * (batch.dim() - 1)), batch.flip(dim), batch)
+    return batch
+
+
+def add_gaussian_noise(batch, generator, std=0.05):
+    """Add N(0, std^2) noise to every value."""
+    return batch + std * torch.randn(batch.shape, generator=generator)
+
+
+def resample_normal(batch, generator):
+    """Replace the batch with fresh standard normal noise of the same shape: a GAN's latent
+    stream then gives new noise every step instead of cycling through a fixed set."""
+    return torch.randn(batch.shape, generator=generator)

@@ -1,0 +1,103 @@
+"""Evaluate a trained model: run its inference path on the data, save a picture and metrics.
+
+    python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml
+
+Writes results/<model>/<save_folder_name>/<checkpoint>_samples.png (generated next to real
+samples) and <checkpoint>_metrics.json, and prints the metrics.
+"""
+import json
+
+import matplotlib
+import torch
+from torchvision.utils import make_grid
+
+from checkpoint import atomic_write
+from cli import add_training_cfg, load_trained_run, make_parser
+from config import EVALUATION, load_config, results_dir
+from dataset_base import load_streams
+from errors import run_main
+from train_base import setup_placement
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+
+def main(argv):
+    parser = make_parser(__doc__.splitlines()[0], "python evaluate.py -t configs/example_model/example_training_cfg.yaml "
+                         "-e configs/example_model/example_evaluation_cfg.yaml")
+    add_training_cfg(parser)
+    parser.add_argument("-e", "--evaluation_cfg", required=True, metavar="YAML", help="the evaluation config")
+    args = parser.parse_args(argv)
+    eval_sets = [s for s in args.overrides if s.startswith("evaluation.")]
+    ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
+    train_sets = [s for s in args.overrides if s not in eval_sets]
+    cfg, model, path, _ = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
+                                           f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
+    device = setup_placement(ev["gpus"], args.evaluation_cfg).device
+    streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
+    inputs, targets = model.split_batch({k: v[:ev["n_samples"]] for k, v in streams.items()})
+    model = model.to(device).eval()
+    outputs = run_batched(model, inputs, ev["batch_size"], device)
+    metrics = compute_metrics(model, inputs, outputs, targets, device)
+    metrics["checkpoint"] = str(path)
+    out_dir = results_dir(cfg)
+    text = json.dumps(metrics, indent=2).encode()
+    atomic_write(out_dir / f"{path.stem}_metrics.json", lambda f: f.write(text))
+    print(json.dumps(metrics, indent=2))
+    if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
+        image = out_dir / f"{path.stem}_samples.png"
+        save_sample_grid(outputs, targets, image, ev["grid_nrow"], title=path.name)
+        print(f"saved {image}")
+
+
+@torch.no_grad()
+def run_batched(model, inputs, batch_size, device):
+    return torch.cat([model(inputs[i:i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)])
+
+
+@torch.no_grad()
+def compute_metrics(model, inputs, outputs, targets, device):
+    """Output statistics; with targets, how close outputs are to them; with a discriminator,
+    its mean score for real and for generated samples."""
+    metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
+               "output_min": outputs.min().item(), "output_max": outputs.max().item()}
+    if targets is None or targets.shape[1:] != outputs.shape[1:]:
+        return metrics
+    # Mean distance from each output to its nearest target (are outputs like the data?) and from
+    # each target to its nearest output (is all of the data covered, or did a GAN collapse?).
+    # The mean distance from each target to its nearest other target is the level to compare with.
+    flat_out, flat_tgt = outputs.flatten(1), targets.flatten(1).float()
+    distances = torch.cdist(flat_out, flat_tgt)
+    among = torch.cdist(flat_tgt, flat_tgt).fill_diagonal_(float("inf"))
+    metrics |= {"output_to_nearest_target": distances.min(1).values.mean().item(),
+                "target_to_nearest_output": distances.min(0).values.mean().item(),
+                "target_to_nearest_other_target": among.min(1).values.mean().item()}
+    if model.has_discriminator:
+        real = model.discriminate(targets.to(device), inputs.to(device)).mean().item()
+        fake = model.discriminate(outputs.to(device), inputs.to(device)).mean().item()
+        metrics |= {"discriminator_score_real": real, "discriminator_score_generated": fake}
+    return metrics
+
+
+def save_sample_grid(outputs, targets, path, nrow, title):
+    """Generated samples beside real ones (when shapes match), on one shared colour scale."""
+    panels = [("generated", outputs)]
+    if targets is not None and targets.shape[1:] == outputs.shape[1:]:
+        panels.append(("data", targets[:len(outputs)].float()))
+    low = min(p.min().item() for _, p in panels)
+    high = max(p.max().item() for _, p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.4), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels):
+        grid = make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(low, high), pad_value=0.5)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_main(main)
