@@ -40,6 +40,7 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -49,6 +50,12 @@ def atomic_write(path, write):
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path):
@@ -91,5 +98,5 @@ def resolve_checkpoint(spec, folder, where):
             return candidate
     names = [p.name for p in list_checkpoints(folder)]
     listing = ", ".join(names[-5:]) if names else "none"
-    raise UserError(f"{where}: checkpoint {spec!r} not found in {folder}{did_you_mean(spec, names)}; "
+    raise UserError(f"{where}: checkpoint {spec!r} not found in {folder}{did_you_mean(spec, names + ['latest'])}; "
                     f"use 'latest' or one of: {listing}")

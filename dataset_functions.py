@@ -22,7 +22,7 @@ def read_npy(path, dtype="float32"):
 def read_image(path, grayscale=False):
     """A PNG/JPEG image as a float tensor [C, H, W] in [0, 1]."""
     mode = torchvision.io.ImageReadMode.GRAY if grayscale else torchvision.io.ImageReadMode.RGB
-    return torchvision.io.decode_image(str(path), mode=mode).float() / 255
+    return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=mode).float() / 255
 
 
 # ---- data generating functions ----

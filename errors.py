@@ -19,16 +19,17 @@ def did_you_mean(name, valid):
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def lookup(name, table, what, where):
+def lookup(name, table, what, where, valid=None):
     """Resolve a user-typed `name` in `table` (a dict), or raise a UserError that lists options.
 
     `what` says what kind of name it is ("loss function in loss.py"); `where` names the file and
-    key path it came from ("configs/x.yaml: loss.loss_fn").
+    key path it came from ("configs/x.yaml: loss.loss_fn"); `valid` describes the valid names
+    when there are too many to list.
     """
     if isinstance(name, str) and name in table:
         return table[name]
-    options = ", ".join(sorted(table)) if len(table) <= 30 else f"{len(table)} names, see the docs"
-    raise UserError(f"{where}: unknown {what} {name!r}{did_you_mean(name, table)}. Valid: {options}")
+    valid = valid or ", ".join(sorted(table))
+    raise UserError(f"{where}: unknown {what} {name!r}{did_you_mean(name, table)}; valid: {valid}")
 
 
 def public_functions(module):

@@ -276,7 +276,8 @@ class ArchitectureBuilder:
             params = {}
         if not isinstance(params, dict):
             self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {params!r}")
-        lookup(type_name, self.classes, "layer type (a class of torch.nn or layers.py)", f"{self.path}: {where}.layer_type")
+        lookup(type_name, self.classes, "layer type", f"{self.path}: {where}.layer_type",
+               valid="a torch.nn module class (e.g. Conv2d, Linear, ReLU) or a class defined in layers.py")
         return type_name, params
 
     def read_skips(self, run_order):
