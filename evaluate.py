@@ -16,7 +16,7 @@ from cli import add_training_cfg, load_trained_run, make_parser
 from config import EVALUATION, load_config, results_dir
 from dataset_base import load_streams
 from errors import run_main
-from train_base import setup_placement
+from train_base import select_device
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -33,7 +33,7 @@ def main(argv):
     train_sets = [s for s in args.overrides if s not in eval_sets]
     cfg, model, path, _ = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
                                            f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
-    device = setup_placement(ev["gpus"], args.evaluation_cfg).device
+    device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
     inputs, targets = model.split_batch({k: v[:ev["n_samples"]] for k, v in streams.items()})
     model = model.to(device).eval()

@@ -39,24 +39,30 @@ class Placement:
         return self.rank == 0
 
 
+def select_device(gpus, where, index=0):
+    """torch.device for `gpus[index]` (the CPU if `gpus` is empty), checked against this machine."""
+    if not gpus:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"{where}: {gpus} asks for GPUs, but this machine has none; use [] for the CPU")
+    if max(gpus) >= torch.cuda.device_count():
+        raise UserError(f"{where}: {gpus} names a GPU this machine lacks; valid ids: 0..{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", gpus[index])
+
+
 def setup_placement(gpus, source):
     """The device from `training.gpus`; under torchrun, one process per GPU (or CPU process)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
+    where = f"{source}: training.gpus"
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    select_device(gpus, where)  # are there GPUs at all?
+    if gpus and local_world_size != len(gpus):
+        raise UserError(f"{where}: {len(gpus)} GPUs need one process each, but {local_world_size} "
+                        f"{'was' if local_world_size == 1 else 'were'} started; run torchrun --standalone --nnodes=1 "
+                        f"--nproc_per_node={len(gpus)} train.py -t {source}")
+    device = select_device(gpus, where, local_rank)  # the GPU this process owns
     if gpus:
-        where = f"{source}: training.gpus"
-        if not torch.cuda.is_available():
-            raise UserError(f"{where}: {gpus} asks for GPUs, but this machine has none; use [] to train on the CPU")
-        if max(gpus) >= torch.cuda.device_count():
-            raise UserError(f"{where}: {gpus} names a GPU this machine lacks; valid ids: 0..{torch.cuda.device_count() - 1}")
-        if world_size == 1 and len(gpus) > 1:
-            raise UserError(f"{where}: {len(gpus)} GPUs need one process each: torchrun --standalone --nnodes=1 "
-                            f"--nproc_per_node={len(gpus)} train.py -t {source}")
-        if world_size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) != len(gpus):
-            raise UserError(f"{where}: {len(gpus)} GPUs listed but torchrun started "
-                            f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node; --nproc_per_node must match")
-        device = torch.device("cuda", gpus[local_rank])
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl" if gpus else "gloo", device_id=device if gpus else None)
