@@ -50,3 +50,8 @@ def run_main(main, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one inside it
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

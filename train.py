@@ -25,7 +25,8 @@ def main(argv):
     seed_everything(train["seed"])
     model = build_model(cfg["model"])
     streams = load_streams(cfg["dataset"], train["seed"], args.training_cfg)
-    dataset = build_dataset(streams, cfg["dataset"], train["seed"])
+    # Each process draws its own batch-transform randomness (noise, flips) under DDP.
+    dataset = build_dataset(streams, cfg["dataset"], train["seed"] + placement.rank)
     loader = make_loader(dataset, train["batch_size"], train["seed"], distributed=placement.world_size > 1)
     resume = None
     path = resolve_checkpoint(cfg["model"]["model_checkpoint_filename"], checkpoint_dir(cfg),
