@@ -5,7 +5,7 @@ import torch
 
 from checkpoint import load_checkpoint, resolve_checkpoint
 from config import checkpoint_dir, load_training_config
-from errors import UserError
+from errors import UserError, did_you_mean
 from model_base import build_model
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
@@ -34,6 +34,19 @@ def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
     state = load_checkpoint(path)
     load_weights(model, state, path)
     return cfg, model, path, state
+
+
+def check_data_fits_model(streams, model, source):
+    """The streams the model reads exist and hold samples of the shape its architecture expects."""
+    for key, role in ((model.input_key, "input_data.data_key"), (model.target_key, "target_key")):
+        if key is not None and key not in streams:
+            raise UserError(f"{source}: dataset: no stream {key!r}{did_you_mean(key, streams)}, which the model reads "
+                            f"({role} in {model.architecture_path if role.startswith('input') else 'its flow'}); "
+                            f"streams: {', '.join(streams)}")
+    shape = tuple(streams[model.input_key].shape[1:])
+    if shape != model.input_size:
+        raise UserError(f"{source}: dataset.{model.input_key}: samples of shape {list(shape)}, but the architecture "
+                        f"{model.architecture_path} expects input_size {list(model.input_size)}")
 
 
 def load_weights(model, state, path):

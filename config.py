@@ -255,17 +255,17 @@ def _copy(value):
     return type(value)(value) if isinstance(value, (list, dict)) else value
 
 
-def check_function_args(fn, args, where, errors, keyword_only=False):
-    """Every key of `args` must be a parameter of `fn` (a keyword-only one, if asked)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+def check_function_args(fn, args, where, errors, passed=0, keyword_only=False):
+    """Every key of `args` must be a parameter of `fn` other than the first `passed` ones, which
+    the pipeline fills in itself (and a keyword-only one, if asked)."""
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
         return
-    if keyword_only:
-        params = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    valid = [p.name for p in params[passed:] if p.kind is p.KEYWORD_ONLY or not keyword_only]
     for name in args:
-        if name not in params:
-            errors.append(f"{where}.{name}: not an argument of {fn.__name__}{did_you_mean(name, params)}; "
-                          f"valid: {', '.join(params)}")
+        if name not in valid:
+            errors.append(f"{where}.{name}: not an argument of {fn.__name__} that a config sets"
+                          f"{did_you_mean(name, valid)}; valid: {', '.join(valid) or 'none'}")
 
 
 def check_dataset(raw, where, errors):
@@ -285,17 +285,30 @@ def check_dataset(raw, where, errors):
     return out
 
 
+# The functions a stream names, and how many leading arguments the pipeline passes them itself
+# (file_reader(path), data_generating_function(n_samples, generator), ...).
+STREAM_FUNCTIONS = {"file_reader": 1, "data_generating_function": 2, "data_read_postprocessing_fn": 1,
+                    "data_batch_transform": 2}
+
+
 def check_stream(s, where, errors):
+    kind = s["data_read_type"]
     needs = {"file": ["data_path", "file_reader"], "folder": ["data_path", "file_reader"],
              "function": ["data_generating_function"], "h5": ["data_path", "h5_key"]}
-    for key in needs.get(s["data_read_type"], []):
+    for key in needs.get(kind, []):
         if s[key] is None:
-            errors.append(f"{where}.{key}: required when data_read_type is {s['data_read_type']}")
+            errors.append(f"{where}.{key}: required when data_read_type is {kind}")
+    path = resolve_path(s["data_path"]) if isinstance(s["data_path"], str) else None
+    if path is not None and kind == "folder" and path.is_file():
+        errors.append(f"{where}.data_path: {path} is a file, but data_read_type folder reads every file in a "
+                      "folder; use data_read_type: file")
+    if path is not None and kind in ("file", "h5") and path.is_dir():
+        errors.append(f"{where}.data_path: {path} is a folder; use data_read_type: folder")
     fns = dataset_fns()
-    for fn_key in ["file_reader", "data_generating_function", "data_read_postprocessing_fn", "data_batch_transform"]:
+    for fn_key, passed in STREAM_FUNCTIONS.items():
         args_key = f"{fn_key}_args"
         if s[fn_key] in fns and isinstance(s[args_key], dict):
-            check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors)
+            check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors, passed)
 
 
 def raise_if(errors, source):
@@ -313,7 +326,7 @@ def load_training_config(path, overrides=None):
     cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
     if cfg["loss"]["loss_fn"] in loss_fns():
         check_function_args(loss_fns()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args", errors,
-                            keyword_only=True)
+                            keyword_only=True)  # the rest are the tensors the trainer passes
     adv, train = cfg["adversarial"], cfg["training"]
     for key in ["learning_rate", "learning_rate_gamma", "learning_rate_step", "optimizer", "optimizer_args"]:
         if adv[key] is None:

@@ -4,6 +4,8 @@ Streams are tensors held in memory (see dataset_base.py). A batch is fetched wit
 operation per stream (`__getitems__`), not sample by sample, and each stream's
 `data_batch_transform` is applied to the whole batch.
 """
+import itertools
+
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -50,9 +52,31 @@ def build_dataset(streams, dataset_cfg, seed):
     return PipelineDataset(streams, dataset_cfg["data_len_key"], transforms, seed)
 
 
-def make_loader(dataset, batch_size, seed, shuffle=True, distributed=False, drop_last=False):
-    """A DataLoader over `dataset`; under DDP each process reads its own shard."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+class EpochSampler(DistributedSampler):
+    """Sample order fixed by (seed, epoch) alone, as DistributedSampler makes it, so a run resumed
+    part way through an epoch can skip the samples it already trained on. Under DDP each of the
+    `num_replicas` processes reads its own shard; a single process reads everything."""
+
+    def __init__(self, dataset, seed, shuffle=True, num_replicas=1, rank=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """Start `epoch`, leaving out its first `skip` samples (of this process's shard)."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def make_loader(dataset, batch_size, seed, shuffle=True, num_replicas=1, rank=0):
+    """A DataLoader over `dataset` whose order depends only on the seed and the epoch."""
+    sampler = EpochSampler(dataset, seed, shuffle, num_replicas, rank)
+    # The loader draws a seed for its workers every epoch; a generator of its own keeps that
+    # draw out of the global RNG.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      drop_last=drop_last, collate_fn=keep_batch, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=keep_batch, generator=generator)

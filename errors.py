@@ -14,9 +14,10 @@ class UserError(Exception):
 
 
 def did_you_mean(name, valid):
-    """' (did you mean 'x'?)' when a near name exists, else ''."""
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """' (did you mean 'x'?)' when a near name exists (ignoring case), else ''."""
+    by_lower = {str(v).lower(): str(v) for v in valid}
+    close = difflib.get_close_matches(str(name).lower(), by_lower, n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
 
 
 def lookup(name, table, what, where, valid=None):

@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import make_grid
 
 from checkpoint import atomic_write
-from cli import add_training_cfg, load_trained_run, make_parser
+from cli import add_training_cfg, check_data_fits_model, load_trained_run, make_parser
 from config import EVALUATION, load_config, results_dir
 from dataset_base import load_streams
 from errors import run_main
@@ -35,6 +35,7 @@ def main(argv):
                                            f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
+    check_data_fits_model(streams, model, args.training_cfg)
     inputs, targets = model.split_batch({k: v[:ev["n_samples"]] for k, v in streams.items()})
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)

@@ -10,7 +10,7 @@ import numpy as np
 
 from checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from cli import SET_HELP, make_parser
-from config import TRAINING_EVALUATION, checkpoint_dir, load_config, load_training_config, results_dir
+from config import TRAINING_EVALUATION, checkpoint_dir, load_config, load_training_config, resolve_path, results_dir
 from errors import UserError, run_main
 
 matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def main(argv):
     args = parser.parse_args(argv)
     te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, args.overrides,
                      "training-evaluation config")["training_evaluation"]
-    cfg = load_training_config(te["training_cfg_path"])
+    cfg = load_training_config(resolve_path(te["training_cfg_path"]))
     specs = te["model_checkpoint_filename"]
     specs = specs if isinstance(specs, list) else [specs]
     where = f"{args.training_evaluation_cfg}: training_evaluation.model_checkpoint_filename"

@@ -6,7 +6,7 @@
 import torch.distributed as dist
 
 from checkpoint import atomic_write, load_checkpoint, resolve_checkpoint, timestamp
-from cli import add_training_cfg, load_weights, make_parser
+from cli import add_training_cfg, check_data_fits_model, load_weights, make_parser
 from config import checkpoint_dir, load_training_config, to_yaml
 from dataset import build_dataset, make_loader
 from dataset_base import load_streams
@@ -25,9 +25,11 @@ def main(argv):
     seed_everything(train["seed"])
     model = build_model(cfg["model"])
     streams = load_streams(cfg["dataset"], train["seed"], args.training_cfg)
+    check_data_fits_model(streams, model, args.training_cfg)
     # Each process draws its own batch-transform randomness (noise, flips) under DDP.
     dataset = build_dataset(streams, cfg["dataset"], train["seed"] + placement.rank)
-    loader = make_loader(dataset, train["batch_size"], train["seed"], distributed=placement.world_size > 1)
+    loader = make_loader(dataset, train["batch_size"], train["seed"], num_replicas=placement.world_size,
+                         rank=placement.rank)
     resume = None
     path = resolve_checkpoint(cfg["model"]["model_checkpoint_filename"], checkpoint_dir(cfg),
                               f"{args.training_cfg}: model.model_checkpoint_filename")
@@ -35,6 +37,9 @@ def main(argv):
         resume = load_checkpoint(path)
         load_weights(model, resume, path)
     trainer = Trainer(cfg, model, loader, placement, resume)
+    if trainer.finished:
+        print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
+        return
     # Everything is checked; only now is anything written.
     if placement.is_main:
         print(model.summary())

@@ -100,7 +100,8 @@ class Trainer:
         self.loss_args = cfg["loss"]["loss_args"]
         self.n_epochs, self.log_interval = train["n_epochs"], train["log_interval"]
         self.folder = checkpoint_dir(cfg)
-        self.epoch, self.step = 0, 0
+        self.epoch, self.step = 0, 0  # completed epochs, steps
+        self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
         self.loss_history = {net: {} for net in self.networks}
         self.stop_signal = None
         if resume_state is not None:
@@ -151,15 +152,12 @@ class Trainer:
     # ---- the loop ----
     def fit(self):
         """Train epochs epoch+1 .. n_epochs; Ctrl-C or SIGTERM ends the step, saves `_et`, exits."""
-        if self.epoch >= self.n_epochs:
-            print(f"already trained to epoch {self.epoch} (training.n_epochs: {self.n_epochs}); nothing to do")
-            return None
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         main = self.placement.is_main
         steps_per_epoch = len(self.loader)
-        bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.epoch * steps_per_epoch,
-                   disable=not main, dynamic_ncols=True, unit="step")
-        last = self.save() if self.epoch == 0 and main else None  # the initial weights
+        bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.step, disable=not main, dynamic_ncols=True,
+                   unit="step")
+        last = self.save() if self.step == 0 and main else None  # the initial weights
         try:
             for epoch in range(self.epoch + 1, self.n_epochs + 1):
                 bar.set_description(f"epoch {epoch}/{self.n_epochs}")
@@ -183,15 +181,18 @@ class Trainer:
             print(f"trained to epoch {self.epoch}; latest checkpoint: {last}")
         return last
 
+    @property
+    def finished(self):
+        return self.epoch >= self.n_epochs
+
     def run_epoch(self, epoch, bar):
-        """Train one epoch; False if a stop was requested part way."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        """Train one epoch (the rest of it, when resuming part way); False if a stop was requested."""
+        self.loader.sampler.set_epoch(epoch, skip=self.batches_done * self.loader.batch_size)
         pending = []
         for batch in self.loader:
             pending.append(self.train_step(batch))
             self.step += 1
+            self.batches_done += 1
             bar.update()
             if len(pending) == self.log_interval:
                 self.record(pending, bar)
@@ -199,7 +200,10 @@ class Trainer:
             if self.stop_signal is not None:
                 break
         self.record(pending, bar)
-        return self.stop_signal is None
+        if self.stop_signal is not None:
+            return False
+        self.batches_done = 0
+        return True
 
     def record(self, pending, bar):
         """Move pending per-step losses to loss_history (one device sync per log_interval steps)."""
@@ -229,6 +233,7 @@ class Trainer:
             "disc_scheduler_state_dict": self.schedulers["discriminator"].state_dict() if self.adversarial else None,
             "epoch": self.epoch,
             "step": self.step,
+            "batches_done_in_epoch": self.batches_done,
             "early_stop": early_stop,
             "loss_history": self.loss_history,
             "config": to_yaml(self.cfg),
@@ -246,7 +251,7 @@ class Trainer:
         if self.adversarial and state.get("disc_optimizer_state_dict"):
             self.optimizers["discriminator"].load_state_dict(state["disc_optimizer_state_dict"])
             self.schedulers["discriminator"].load_state_dict(state["disc_scheduler_state_dict"])
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
                 self.loss_history[net] = history
@@ -272,7 +277,6 @@ def rng_state(loader):
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "loader": loader.generator.get_state(),
         "batch_transforms": loader.dataset.generator.get_state(),
     }
 
@@ -285,5 +289,4 @@ def set_rng_state(state, loader):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    loader.generator.set_state(state["loader"])
     loader.dataset.generator.set_state(state["batch_transforms"])

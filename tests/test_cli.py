@@ -274,9 +274,8 @@ def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
     model = model_base.build_model(cfg["model"])
     streams = dataset_base.load_streams(cfg["dataset"], seed, MULTIGPU_CFG)
     data = dataset_mod.build_dataset(streams, cfg["dataset"], seed)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=2 * DDP_BATCH, sampler=sampler,
-                                         collate_fn=dataset_mod.keep_batch, generator=torch.Generator().manual_seed(seed))
+    # One process reads the union of the two shards (a one-replica DistributedSampler order).
+    loader = dataset_mod.make_loader(data, 2 * DDP_BATCH, seed)
     trainer = train_base.Trainer(cfg, model, loader, train_base.Placement(torch.device("cpu")))
     assert trainer.run_epoch(1, tqdm(disable=True))  # in memory only: nothing is saved
     ddp = load(by_epoch(folder)[1])["model_state_dict"]
@@ -475,10 +474,6 @@ def test_malicious_checkpoint_is_refused(error_runs):
     assert not error_runs["jit_malicious_checkpoint"][3].exists()  # its code did not run
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a data stream whose samples do not fit the architecture's input_size "
-                   "(gen_inputs [1, 4, 5] vs input_size [1, 4, 4]) is not checked before training: train.py writes "
-                   "the run folder (config snapshot + epoch0 checkpoint), then dies at the first step with a "
-                   "RuntimeError traceback (exit 1) instead of a UserError (exit 2) before writing anything")
 def test_stream_shape_that_does_not_fit_the_architecture(error_runs):
     check_user_error(error_runs, "stream_shape_mismatch")
 
@@ -552,10 +547,6 @@ def resumed_after_interrupt(repo, interrupted):
     return (k + 1, load(by_epoch(folder)[k + 1]), load(by_epoch(repo / CHECKPOINTS / "sigint_reference")[k + 1]))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the _et checkpoint keeps the weights, optimizer state, step and loss "
-                   "history of the part of the epoch trained before Ctrl-C but records the last completed epoch; "
-                   "resuming from it (latest) trains that epoch again in full on top, so the resumed run does not "
-                   "end where the uninterrupted run would have (extra steps in loss_history, different weights)")
 def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
     epochs, resumed_state, reference = resumed_after_interrupt
     steps = epochs * 512 // SIGNAL_BATCH
@@ -566,10 +557,6 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
 
 
 # ---- from another folder ------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: evaluate_training.py opens training_evaluation.training_cfg_path "
-                   "relative to the current folder (load_training_config -> read_yaml(Path(path))) although "
-                   "config validation resolved it against the repository root: from any other folder it fails "
-                   "with 'training config file not found' (exit 2)")
 def test_evaluate_training_from_another_folder(trained, tmp_path):
     repo, _ = trained
     png = repo / "results/example_model/example_run/training_losses.png"

@@ -97,10 +97,6 @@ def test_empty_folder_is_user_error(tmp_path):
         load({"s": {"data_read_type": "folder", "data_path": str(tmp_path), "file_reader": "read_npy"}})
 
 
-@pytest.mark.xfail(strict=True, raises=NotADirectoryError,
-                   reason="BUG: dataset_base.read_folder calls iterdir() on data_path without checking it is a "
-                          "folder: a file path for data_read_type folder raises NotADirectoryError (a traceback) "
-                          "instead of a UserError naming dataset.<stream>.data_path")
 def test_folder_read_type_on_a_file_is_user_error(npy):
     path, _ = npy
     with pytest.raises(UserError, match=r"dataset\.s\.data_path"):
@@ -185,12 +181,6 @@ def test_bad_stream_configs_are_user_errors(stream, key):
         streams_cfg({"s": stream})
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="BUG: config.check_stream accepts *_args that repeat the arguments the pipeline passes "
-                          "itself (n_samples/generator of a data_generating_function, batch/generator of a "
-                          "data_batch_transform, path of a file_reader); the call then fails with a TypeError "
-                          "traceback ('got multiple values for keyword argument'), for a batch transform only at the "
-                          "first training step, after the run folder was written")
 @pytest.mark.parametrize("stream, key", [
     ({"data_read_type": "function", "data_generating_function": "random_normal", "n_inputs": 2,
       "data_generating_function_args": {"n_samples": 3}}, "dataset.s.data_generating_function_args.n_samples"),
@@ -252,15 +242,28 @@ def test_dataset_batches_are_dicts_of_streams_and_short_streams_wrap():
 
 
 def test_shuffled_loader_visits_every_sample_once_per_epoch_and_is_seeded():
-    def epoch_order(seed):
+    def epoch_orders(seed):
         loader = dataset.make_loader(dataset.PipelineDataset(arange_streams(), "long"), 3, seed)
-        return [torch.cat([b["long"][:, 0, 0] for b in loader]).tolist() for _ in range(2)]
-    first, again, other = epoch_order(0), epoch_order(0), epoch_order(1)
+        orders = []
+        for epoch in (1, 2):
+            loader.sampler.set_epoch(epoch)  # as the trainer does at the start of every epoch
+            orders.append(torch.cat([b["long"][:, 0, 0] for b in loader]).tolist())
+        return orders
+    first, again, other = epoch_orders(0), epoch_orders(0), epoch_orders(1)
     for order in first:
         assert sorted(order) == list(range(10))
     assert first == again
     assert first[0] != first[1]  # reshuffled every epoch
     assert first[0] != other[0]  # another seed, another order
+
+
+def test_loader_skips_the_samples_a_resumed_epoch_already_trained_on():
+    loader = dataset.make_loader(dataset.PipelineDataset(arange_streams(), "long"), 3, seed=0)
+    loader.sampler.set_epoch(4)
+    full = torch.cat([b["long"][:, 0, 0] for b in loader]).tolist()
+    loader.sampler.set_epoch(4, skip=6)  # two batches of 3 done before the interruption
+    assert len(loader) == 2
+    assert torch.cat([b["long"][:, 0, 0] for b in loader]).tolist() == full[6:]
 
 
 def test_batch_transforms_from_config_are_applied_and_seeded():

@@ -458,8 +458,6 @@ def test_architecture_errors_name_file_and_key_path(tmp_path, case):
     assert str(path) in message and key_path in message and hint in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: errors.did_you_mean matches case-sensitively: 'Relu', 'relu' and "
-                   "'leakyrelu' get no hint and 'linear' is told \"did you mean 'Bilinear'\" instead of 'Linear'")
 @pytest.mark.parametrize("typo, meant", [("relu", "ReLU"), ("linear", "Linear")])
 def test_case_typos_of_layer_types_get_the_right_hint(tmp_path, typo, meant):
     arch = yaml.safe_load(yaml.safe_dump(GOOD))
