@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from config import resolve_path
 from errors import UserError, did_you_mean
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
@@ -93,7 +94,7 @@ def resolve_checkpoint(spec, folder, where):
             raise UserError(f"{where}: 'latest' but there is no checkpoint in {folder}; train first "
                             "(python train.py -t <training config>)")
         return found[-1]
-    for candidate in (folder / spec, Path(spec)):
+    for candidate in (folder / spec, Path(spec), resolve_path(spec)):  # run's file, or a path from here or the repo
         if candidate.is_file():
             return candidate
     names = [p.name for p in list_checkpoints(folder)]

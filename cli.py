@@ -22,7 +22,17 @@ def make_parser(description, example):
 def add_training_cfg(parser):
     parser.add_argument("-t", "--training_cfg", required=True, metavar="YAML",
                         help="the run's training config, e.g. configs/example_model/example_training_cfg.yaml")
+    add_overrides(parser)
+
+
+def add_overrides(parser):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+
+
+def split_overrides(overrides, section):
+    """(the --set items for `section.*` of a script's own config, the rest: the training config's)."""
+    own = [item for item in overrides if item.startswith(f"{section}.")]
+    return own, [item for item in overrides if item not in own]
 
 
 def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):

@@ -39,6 +39,10 @@ def in_range(low, high):
     return lambda v: None if low < v <= high else f"must be in ({low}, {high}]"
 
 
+def in_closed_range(low, high):
+    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}]"
+
+
 def one_of(*choices):
     return lambda v: None if v in choices else \
         f"must be one of {', '.join(choices)}{did_you_mean(v, choices)}"
@@ -46,6 +50,13 @@ def one_of(*choices):
 
 def existing_path(v):
     return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
+
+
+def python_file(v):
+    path = resolve_path(v)
+    if not path.is_file() or path.suffix != ".py":
+        return f"expected a Python file (models/<model>/<model>.py), {path} is {'missing' if not path.exists() else 'not one'}"
+    return None
 
 
 def name_in(table_fn, what):
@@ -104,7 +115,7 @@ TRAINING = {
         "optimizer": Key("Adam", str, check=name_in(torch_optimizers, "optimizer in torch.optim")),
         "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]}"),
         "batch_size": Key(32, int, check=at_least(1), doc="per process"),
-        "seed": Key(0, int, doc="seeds python, numpy and torch: same config, same machine, same weights"),
+        "seed": Key(0, int, check=in_closed_range(0, 2**32 - 1), doc="seeds python, numpy and torch: same config, same machine, same weights"),
         "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates"),
     },
     "adversarial": {
@@ -121,7 +132,7 @@ TRAINING = {
     },
     "model": {
         "architecture_cfg_path": Key(REQUIRED, str, check=existing_path),
-        "model_flow_path": Key(REQUIRED, str, check=existing_path),
+        "model_flow_path": Key(REQUIRED, str, check=python_file),
         "model_checkpoint_filename": Key(None, str, doc="checkpoint to start from: a file name, latest, or null"),
     },
     "loss": {
@@ -189,7 +200,9 @@ def apply_overrides(raw, overrides, source):
             raise UserError(f"--set {item!r}: value is not valid YAML: {e}") from None
         node, parts = raw, key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # a section left out or written as null
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise UserError(f"{source}: --set {key}: '{part}' is not a section")
             node = child
@@ -210,17 +223,26 @@ def type_name(types):
                         list: "a list", dict: "a mapping"}[t] for t in types)
 
 
-def check_section(raw, schema, where, errors):
-    """Validate `raw` against `schema`; return it with defaults filled. Problems go to `errors`."""
+def defaults(schema):
+    """The schema's defaults (None for required keys)."""
+    return {k: defaults(r) if isinstance(r, dict) else None if r.default is REQUIRED else _copy(r.default)
+            for k, r in schema.items()}
+
+
+def check_section(raw, schema, where, errors, also_valid=()):
+    """Validate `raw` against `schema`; return it with defaults filled. Problems go to `errors`.
+    `also_valid`: keys the caller checks itself."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{where}: must be a mapping of keys")
-        return {}
+        errors.append(f"{where}: {raw!r} is not a mapping of keys; valid keys: {', '.join(schema)}")
+        return defaults(schema)
     out = {}
-    for key, value in raw.items():
-        if key not in schema:
-            errors.append(f"{where}.{key}: unknown key{did_you_mean(key, schema)}; valid: {', '.join(schema)}")
+    valid = [*schema, *also_valid]
+    for key in raw:
+        if key not in valid:
+            errors.append(f"{where}.{key}".lstrip(".") + f": unknown key{did_you_mean(key, valid)}; "
+                          f"valid: {', '.join(valid)}")
     for key, rule in schema.items():
         path = f"{where}.{key}".lstrip(".")
         value = raw.get(key)
@@ -270,6 +292,9 @@ def check_function_args(fn, args, where, errors, passed=0, keyword_only=False):
 
 def check_dataset(raw, where, errors):
     """The dataset section: data_len_key plus one sub-section per named data stream."""
+    if raw is not None and not isinstance(raw, dict):
+        errors.append(f"{where}: {raw!r} is not a mapping of data streams")
+        raw = None
     raw = dict(raw or {})
     fixed = {k: raw.pop(k, None) for k in TRAINING["dataset"]}
     out = check_section(fixed, TRAINING["dataset"], where, errors)
@@ -322,7 +347,7 @@ def load_training_config(path, overrides=None):
     raw = apply_overrides(read_yaml(path, "training config"), overrides, path)
     errors = []
     schema = {k: v for k, v in TRAINING.items() if k != "dataset"}
-    cfg = check_section({k: v for k, v in raw.items() if k != "dataset"}, schema, "", errors)
+    cfg = check_section({k: v for k, v in raw.items() if k != "dataset"}, schema, "", errors, also_valid=["dataset"])
     cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
     if cfg["loss"]["loss_fn"] in loss_fns():
         check_function_args(loss_fns()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args", errors,

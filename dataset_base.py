@@ -27,7 +27,7 @@ def read_stream(cfg, fns, generator, where):
     if kind == "function":
         if cfg["n_inputs"] is None:
             raise UserError(f"{where}.n_inputs: required for data_read_type function (how many samples to generate)")
-        data = call(fns[cfg["data_generating_function"]], where, n_samples=cfg["n_inputs"], generator=generator,
+        data = call(fns[cfg["data_generating_function"]], where, cfg["n_inputs"], generator,
                     **cfg["data_generating_function_args"])
     elif kind == "file":
         data = read_file(fns[cfg["file_reader"]], resolve_path(cfg["data_path"]), cfg["file_reader_args"], where)
@@ -64,7 +64,8 @@ def read_folder(cfg, reader, where):
         raise UserError(f"{where}.data_path: no files in {folder}")
     items = [read_file(reader, p, cfg["file_reader_args"], where)
              for p in tqdm(files, desc=f"reading {folder.name}", leave=False, disable=len(files) < 100)]
-    shapes = {tuple(t.shape[cfg["multiple_samples_per_file"]:]) for t in items}
+    per_sample = 1 if cfg["multiple_samples_per_file"] else 0  # dims of a file's tensor that are not a sample's
+    shapes = {tuple(t.shape[per_sample:]) for t in items}
     if len(shapes) > 1:
         raise UserError(f"{where}: files in {folder} give samples of different shapes {sorted(shapes)}; "
                         "resize them in the file_reader")

@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import make_grid
 
 from checkpoint import atomic_write
-from cli import add_training_cfg, check_data_fits_model, load_trained_run, make_parser
+from cli import add_training_cfg, check_data_fits_model, load_trained_run, make_parser, split_overrides
 from config import EVALUATION, load_config, results_dir
 from dataset_base import load_streams
 from errors import run_main
@@ -28,9 +28,8 @@ def main(argv):
     add_training_cfg(parser)
     parser.add_argument("-e", "--evaluation_cfg", required=True, metavar="YAML", help="the evaluation config")
     args = parser.parse_args(argv)
-    eval_sets = [s for s in args.overrides if s.startswith("evaluation.")]
+    eval_sets, train_sets = split_overrides(args.overrides, "evaluation")
     ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
-    train_sets = [s for s in args.overrides if s not in eval_sets]
     cfg, model, path, _ = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
                                            f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
@@ -95,7 +94,6 @@ def save_sample_grid(outputs, targets, path, nrow, title):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 

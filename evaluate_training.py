@@ -9,7 +9,7 @@ import matplotlib
 import numpy as np
 
 from checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
-from cli import SET_HELP, make_parser
+from cli import add_overrides, make_parser, split_overrides
 from config import TRAINING_EVALUATION, checkpoint_dir, load_config, load_training_config, resolve_path, results_dir
 from errors import UserError, run_main
 
@@ -22,11 +22,12 @@ def main(argv):
                          "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml")
     parser.add_argument("-te", "--training_evaluation_cfg", required=True, metavar="YAML",
                         help="the training-evaluation config (which run and checkpoints, smoothing window)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+    add_overrides(parser)
     args = parser.parse_args(argv)
-    te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, args.overrides,
+    own_sets, train_sets = split_overrides(args.overrides, "training_evaluation")
+    te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, own_sets,
                      "training-evaluation config")["training_evaluation"]
-    cfg = load_training_config(resolve_path(te["training_cfg_path"]))
+    cfg = load_training_config(resolve_path(te["training_cfg_path"]), train_sets)
     specs = te["model_checkpoint_filename"]
     specs = specs if isinstance(specs, list) else [specs]
     where = f"{args.training_evaluation_cfg}: training_evaluation.model_checkpoint_filename"

@@ -2,14 +2,15 @@
 
 The trainer calls a loss as
 
-    loss_fn(network, outputs, targets, fake_scores=None, real_scores=None, **loss_args)
+    loss_fn(network, outputs, targets, fake_scores, real_scores, **loss_args)
 
 - network: "generator" or "discriminator" (which network this step trains); plain,
   non-adversarial training only ever asks for "generator".
 - outputs: the generator's output for the batch; targets: the batch's target stream (real
   samples for a GAN), or None if the model flow names none.
-- fake_scores / real_scores: the discriminator's raw scores (logits) for outputs / targets,
-  only in adversarial training.
+- fake_scores / real_scores: the discriminator's raw scores (logits) for outputs / targets in
+  adversarial training (real_scores only for the discriminator's update), else None. A GAN loss
+  leaves them without defaults, so that using it without adversarial training is caught early.
 - loss_args: the config's `loss.loss_args`, which must be keyword-only arguments (after `*`).
 
 It returns a dict of named terms; the network is trained on their sum, and each term is shown
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
-def example_gan_loss(network, outputs, targets, fake_scores=None, real_scores=None, *,
+def example_gan_loss(network, outputs, targets, fake_scores, real_scores, *,
                      adversarial_weight=1.0, l1_weight=0.0, l2_weight=0.0):
     """The toy GAN's loss: least-squares GAN (Mao et al., 2017) plus optional weighted L1/L2 terms
     pulling outputs towards their targets (for paired data, e.g. image-to-image).
@@ -34,7 +35,7 @@ def example_gan_loss(network, outputs, targets, fake_scores=None, real_scores=No
     return terms | _reconstruction_terms(outputs, targets, l1_weight, l2_weight)
 
 
-def bce_gan_loss(network, outputs, targets, fake_scores=None, real_scores=None, *,
+def bce_gan_loss(network, outputs, targets, fake_scores, real_scores, *,
                  adversarial_weight=1.0, l1_weight=0.0, l2_weight=0.0):
     """The original GAN loss in its non-saturating form: binary cross-entropy on logits.
     Optional L1/L2 terms as in example_gan_loss."""

@@ -29,8 +29,6 @@ INPUT_SIZE_ARGS = {
     "num_channels": lambda shape: shape[1],      # GroupNorm
     "in_features": lambda shape: shape[-1],      # Linear
     "normalized_shape": lambda shape: shape[-1],  # LayerNorm over the last dimension
-    "input_size": lambda shape: shape[-1],       # RNN, LSTM, GRU
-    "embed_dim": lambda shape: shape[-1],        # MultiheadAttention
 }
 CONNECTION_TYPES = ("add", "cat")
 ADV_TYPES = ("generator", "discriminator")
@@ -55,15 +53,14 @@ class Submodel(nn.Module):
     calls and the merges.
     """
 
-    def __init__(self, name, input_name, layers, merges, saved):
+    def __init__(self, name, input_name, layers, merges, kept):
         super().__init__()
         self.name, self.input_name = name, input_name
         self.layers = nn.ModuleDict(layers)
-        self.save_input = input_name in saved
-        # (layer, its name, keep its output in skip_dict?, [(source, 'add' | 'cat'), ...])
-        self._plan = [(layer, lname, lname in saved, tuple(merges.get(lname, ())))
-                      for lname, layer in self.layers.items()]
-        self._plain = not self.save_input and not any(save or m for _, _, save, m in self._plan)
+        self.keep_input = input_name in kept
+        # (layer name, keep its output in skip_dict?, [(source, 'add' | 'cat'), ...])
+        self._plan = [(name, name in kept, tuple(merges.get(name, ()))) for name in self.layers]
+        self._plain = not self.keep_input and not any(keep or m for _, keep, m in self._plan)
 
     def forward(self, x, skip_dict=None):
         if self._plain:
@@ -72,13 +69,13 @@ class Submodel(nn.Module):
             return x
         if skip_dict is None:
             skip_dict = {}
-        if self.save_input:
+        if self.keep_input:
             skip_dict[self.input_name] = x
-        for layer, name, save, merges in self._plan:
-            x = layer(x)
+        for name, keep, merges in self._plan:
+            x = self.layers[name](x)
             for source, kind in merges:
                 x = x + skip_dict[source] if kind == "add" else torch.cat((x, skip_dict[source]), 1)
-            if save:
+            if keep:
                 skip_dict[name] = x
         return x
 
@@ -98,8 +95,8 @@ class PyNet(nn.Module):
         super().__init__()
         path = resolve_path(architecture_cfg_path)
         self.architecture_path = str(path)
-        self.architecture_text = path.read_text() if path.is_file() else ""
         spec = ArchitectureBuilder(path, read_yaml(path, "architecture")).build()
+        self.architecture_text = path.read_text()
         self.model_components = spec["components"]
         self.submodels = {s: sub for comp in self.model_components.values() for s, sub in comp.items()}
         self.adv_types = spec["adv_types"]
@@ -178,6 +175,9 @@ class ArchitectureBuilder:
         self.shapes = {}   # name (data key, submodel, layer, <prefix>_input) -> per-sample shape
         self.order = {}    # layer name -> position in the forward pass
         self.owner = {}    # layer name -> submodel
+        self.parsed = {}   # submodel -> [(layer_type, params), ...]
+        self.names = {}    # submodel -> [<prefix>_input, <prefix>_<type>_<index>, ...]
+        self.component_type = {}  # submodel -> adv_type of its component
         self.classes = layer_classes()
 
     def fail(self, key_path, message):
@@ -187,13 +187,13 @@ class ArchitectureBuilder:
         components, run_order = self.read_components()
         for sname in run_order:
             self.name_layers(sname)
-        merges, saved = self.read_skips(run_order)
-        saved |= self.layers_read_as_inputs(run_order)
+        merges, kept = self.read_skips(run_order)
+        kept |= self.layers_read_as_inputs(run_order)
         built, rows, sources, first_input = {}, [], {}, None
         for sname in run_order:
             sources[sname], data = self.read_inputs(sname, run_order)
             first_input = first_input or data
-            built[sname], sub_rows = self.build_submodel(sname, merges, saved)
+            built[sname], sub_rows = self.build_submodel(sname, merges, kept)
             rows += sub_rows
         model_components = nn.ModuleDict({
             cname: nn.ModuleDict({s: built[s] for s in comp["submodels"]}) for cname, comp in components.items()})
@@ -228,6 +228,7 @@ class ArchitectureBuilder:
                 if sname in run_order:
                     self.fail(f"{where}.submodels[{i}]", f"submodel {sname!r} is listed twice")
                 run_order.append(sname)
+                self.component_type[sname] = adv_type
             out[cname] = {"adv_type": adv_type, "submodels": comp["submodels"]}
         for sname in defined:
             if sname not in run_order:
@@ -251,15 +252,14 @@ class ArchitectureBuilder:
         if not isinstance(spec.get("layers"), list) or not spec["layers"]:
             self.fail(f"{sname}.layers", "expected a non-empty list of layers, e.g. "
                       "[{layer_type: Conv2d, layer_params: {out_channels: 16, kernel_size: 3}}]")
-        spec["_prefix"] = prefix
-        spec["_parsed"] = [self.parse_layer(layer, f"{sname}.layers[{i}]") for i, layer in enumerate(spec["layers"])]
-        names = [f"{prefix}_input"] + [f"{prefix}_{t}_{i}" for i, (t, _) in enumerate(spec["_parsed"])]
+        self.parsed[sname] = [self.parse_layer(layer, f"{sname}.layers[{i}]") for i, layer in enumerate(spec["layers"])]
+        names = [f"{prefix}_input"] + [f"{prefix}_{t}_{i}" for i, (t, _) in enumerate(self.parsed[sname])]
         for name in names:
             if name in self.order:
                 self.fail(f"{sname}.layer_name_prefix", f"layer name {name!r} is used twice; give each "
                           "submodel its own layer_name_prefix")
             self.order[name], self.owner[name] = len(self.order), sname
-        spec["_names"] = names
+        self.names[sname] = names
 
     def parse_layer(self, layer, where):
         """(layer_type, params) from the long or the compact form."""
@@ -283,7 +283,7 @@ class ArchitectureBuilder:
     def read_skips(self, run_order):
         """target layer -> [(source, kind)], adds first then cats, sources in forward order;
         and the set of outputs that must be kept in the skip_dict."""
-        merges, saved = {}, set()
+        merges, kept = {}, set()
         for sname in run_order:
             skips = self.arch[sname].get("skip_connections") or {}
             if not isinstance(skips, dict):
@@ -296,6 +296,10 @@ class ArchitectureBuilder:
                 for i, (target, kind) in enumerate(zip(targets, kinds)):
                     if target not in self.order:
                         self.fail(f"{where}.future_layers[{i}]", f"unknown layer {target!r}{did_you_mean(target, self.order)}")
+                    if target == self.names[self.owner[target]][0]:
+                        self.fail(f"{where}.future_layers[{i}]", f"{target!r} is a submodel's input; a skip can "
+                                  "only reach a layer")
+                    self.check_crosses_into_discriminator(source, target, f"{where}.future_layers[{i}]")
                     if self.order[target] <= self.order[source]:
                         self.fail(f"{where}.future_layers[{i}]", f"{target!r} runs before {source!r}; "
                                   "a skip can only reach a later layer")
@@ -303,10 +307,17 @@ class ArchitectureBuilder:
                         self.fail(f"{where}.connection_types[{i}]", f"{kind!r} is not one of {', '.join(CONNECTION_TYPES)}"
                                   f"{did_you_mean(kind, CONNECTION_TYPES)}")
                     merges.setdefault(target, []).append((source, kind))
-                    saved.add(source)
+                    kept.add(source)
         for target, items in merges.items():
             items.sort(key=lambda item: (item[1] != "add", self.order[item[0]]))
-        return merges, saved
+        return merges, kept
+
+    def check_crosses_into_discriminator(self, source, target, where):
+        """A discriminator also scores real samples, which have no generator layers to read."""
+        if self.component_type[self.owner[source]] == "generator" and \
+                self.component_type[self.owner[target]] == "discriminator":
+            self.fail(where, f"{target!r} is in a discriminator but {source!r} in a generator; a discriminator can "
+                      "only read a generator's output (submodel_input: {<generator submodel>: output})")
 
     def layers_read_as_inputs(self, run_order):
         """Layer outputs that a later submodel takes as its input ({<submodel>: <layer name>})."""
@@ -346,12 +357,13 @@ class ArchitectureBuilder:
                 sources.append(src)
                 shapes.append(self.shapes[src])
             elif value in self.order and self.owner[value] == src:
+                self.check_crosses_into_discriminator(value, self.names[sname][0], where)
                 sources.append(value)
                 shapes.append(self.shapes[value])
             else:
                 names = ["output"] + [n for n, o in self.owner.items() if o == src]
                 self.fail(where, f"{value!r} is not 'output' or a layer of {src}{did_you_mean(value, names)}")
-        self.shapes[self.arch[sname]["_names"][0]] = self.concat_shapes(shapes, f"{sname}.{key}")
+        self.shapes[self.names[sname][0]] = self.concat_shapes(shapes, f"{sname}.{key}")
         return sources, data
 
     def read_input_data(self, value, where):
@@ -370,12 +382,11 @@ class ArchitectureBuilder:
                           "channel dimension; all but the channel count must match")
         return (sum(s[0] for s in shapes),) + tuple(first[1:])
 
-    def build_submodel(self, sname, merges, saved):
-        spec = self.arch[sname]
-        names = spec["_names"]
+    def build_submodel(self, sname, merges, kept):
+        names = self.names[sname]
         shape = self.shapes[names[0]]
         built, rows = {}, []
-        for i, ((type_name, params), name) in enumerate(zip(spec["_parsed"], names[1:])):
+        for i, ((type_name, params), name) in enumerate(zip(self.parsed[sname], names[1:])):
             where = f"{sname}.layers[{i}]"
             layer = self.make_layer(type_name, params, shape, where)
             shape = self.output_shape(layer, shape, where, type_name)
@@ -388,7 +399,7 @@ class ArchitectureBuilder:
             rows.append({"name": name, "type": type_name, "shape": shape, "merges": ", ".join(notes),
                          "params": sum(p.numel() for p in layer.parameters())})
         self.shapes[sname] = shape
-        return Submodel(sname, names[0], built, merges, saved), rows
+        return Submodel(sname, names[0], built, merges, kept), rows
 
     def make_layer(self, type_name, params, shape, where):
         cls = self.classes[type_name]
@@ -444,6 +455,8 @@ def import_file(path, module_name=None):
     path = Path(path)
     name = module_name or f"flow_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise UserError(f"{path}: not a Python file (a model flow is a .py module)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

@@ -5,7 +5,7 @@
 """
 import torch.distributed as dist
 
-from checkpoint import atomic_write, load_checkpoint, resolve_checkpoint, timestamp
+from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint, timestamp
 from cli import add_training_cfg, check_data_fits_model, load_weights, make_parser
 from config import checkpoint_dir, load_training_config, to_yaml
 from dataset import build_dataset, make_loader
@@ -20,21 +20,27 @@ def main(argv):
     add_training_cfg(parser)
     args = parser.parse_args(argv)
     cfg = load_training_config(args.training_cfg, args.overrides)
-    train = cfg["training"]
-    placement = setup_placement(train["gpus"], args.training_cfg)
-    seed_everything(train["seed"])
+    placement = setup_placement(cfg["training"]["gpus"], args.training_cfg)
+    try:
+        train(cfg, placement, args.training_cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg, placement, source):
+    seed = cfg["training"]["seed"]
+    seed_everything(seed)
     model = build_model(cfg["model"])
-    streams = load_streams(cfg["dataset"], train["seed"], args.training_cfg)
-    check_data_fits_model(streams, model, args.training_cfg)
+    streams = load_streams(cfg["dataset"], seed, source)
+    check_data_fits_model(streams, model, source)
     # Each process draws its own batch-transform randomness (noise, flips) under DDP.
-    dataset = build_dataset(streams, cfg["dataset"], train["seed"] + placement.rank)
-    loader = make_loader(dataset, train["batch_size"], train["seed"], num_replicas=placement.world_size,
+    dataset = build_dataset(streams, cfg["dataset"], seed + placement.rank)
+    loader = make_loader(dataset, cfg["training"]["batch_size"], seed, num_replicas=placement.world_size,
                          rank=placement.rank)
-    resume = None
-    path = resolve_checkpoint(cfg["model"]["model_checkpoint_filename"], checkpoint_dir(cfg),
-                              f"{args.training_cfg}: model.model_checkpoint_filename")
-    if path is not None:
-        resume = load_checkpoint(path)
+    path = resume_path(cfg, source)
+    resume = load_checkpoint(path) if path else None
+    if resume:
         load_weights(model, resume, path)
     trainer = Trainer(cfg, model, loader, placement, resume)
     if trainer.finished:
@@ -48,11 +54,18 @@ def main(argv):
               f"{f' x {placement.world_size} processes' if placement.world_size > 1 else ''}")
         snapshot = to_yaml(cfg).encode()
         atomic_write(trainer.folder / f"training_cfg_{timestamp()}.yaml", lambda f: f.write(snapshot))
-    try:
-        trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer.fit()
+
+
+def resume_path(cfg, source):
+    """The checkpoint to resume from, if any. `latest` in a run with no checkpoints yet starts it,
+    so one command both starts a (preemptible) job and resumes it."""
+    spec = cfg["model"]["model_checkpoint_filename"]
+    folder = checkpoint_dir(cfg)
+    if spec == "latest" and not list_checkpoints(folder):
+        print(f"model.model_checkpoint_filename: latest, but {folder} has no checkpoint yet: starting from scratch")
+        return None
+    return resolve_checkpoint(spec, folder, f"{source}: model.model_checkpoint_filename")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ schedule, progress, checkpoints and resume.
 that changes while training (weights, optimizer and scheduler state, epoch, step, loss
 history, RNG). Its state is what a checkpoint holds, so resuming restores all of it.
 """
+import inspect
 import os
 import random
 import signal
@@ -22,9 +23,12 @@ from errors import UserError, public_functions
 
 
 def seed_everything(seed):
+    """Seed every RNG and ask cuDNN for its deterministic kernels, so a run can be repeated."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 @dataclass
@@ -69,6 +73,22 @@ def setup_placement(gpus, source):
     return Placement(device, rank, world_size)
 
 
+def check_training_setup(model, adversarial, loss_fn, source):
+    """The model, the training mode and the loss fit together (checked before anything is written)."""
+    scores = inspect.signature(loss_fn).parameters.get("fake_scores")
+    needs_scores = scores is not None and scores.default is scores.empty
+    if adversarial and not model.has_discriminator:
+        raise UserError(f"{source}: adversarial.enable_adversarial_training is true, but the architecture "
+                        f"{model.architecture_path} has no component with adv_type: discriminator")
+    if adversarial and model.target_key is None:
+        raise UserError(f"{source}: adversarial training needs real samples, but the model flow "
+                        f"{type(model).__name__} sets no target_key (the data stream holding them)")
+    if needs_scores and not adversarial:
+        raise UserError(f"{source}: loss.loss_fn {loss_fn.__name__} is a GAN loss, but "
+                        "adversarial.enable_adversarial_training is false; use weighted_reconstruction_loss "
+                        "or enable adversarial training")
+
+
 def make_optimizer(params, name, learning_rate, optimizer_args, where):
     try:
         return torch_optimizers()[name](params, lr=learning_rate, **optimizer_args)
@@ -82,23 +102,23 @@ class Trainer:
         self.cfg, self.model, self.loader, self.placement = cfg, model.to(placement.device), loader, placement
         self.source = cfg["config_path"]
         self.adversarial = adv["enable_adversarial_training"]
-        if self.adversarial and not model.has_discriminator:
-            raise UserError(f"{self.source}: adversarial.enable_adversarial_training is true, but the architecture "
-                            f"{model.architecture_path} has no component with adv_type: discriminator")
-        self.networks = ["generator"] + ["discriminator"] * self.adversarial
-        self.params = {net: model.parameters_of(net) for net in self.networks}
-        settings = {"generator": train, "discriminator": adv}
-        self.optimizers = {net: make_optimizer(self.params[net], s["optimizer"], s["learning_rate"], s["optimizer_args"],
-                                               f"{self.source}: {'training' if net == 'generator' else 'adversarial'}")
-                           for net, s in settings.items() if net in self.networks}
-        self.schedulers = {net: torch.optim.lr_scheduler.StepLR(opt, settings[net]["learning_rate_step"],
-                                                                settings[net]["learning_rate_gamma"])
-                           for net, opt in self.optimizers.items()}
-        self.order = ["discriminator", "generator"] if adv["train_disc_first"] else ["generator", "discriminator"]
-        self.iterations = {"generator": adv["n_gen_iterations"], "discriminator": adv["n_disc_iterations"]}
         self.loss_fn = public_functions(loss)[cfg["loss"]["loss_fn"]]
         self.loss_args = cfg["loss"]["loss_args"]
+        check_training_setup(model, self.adversarial, self.loss_fn, self.source)
+        self.networks = ["generator", "discriminator"] if self.adversarial else ["generator"]
+        self.params = {net: model.parameters_of(net) for net in self.networks}
+        self.optimizers, self.schedulers = {}, {}
+        for net, section in (("generator", "training"), ("discriminator", "adversarial")):
+            if net in self.networks:
+                s = cfg[section]
+                self.optimizers[net] = make_optimizer(self.params[net], s["optimizer"], s["learning_rate"],
+                                                      s["optimizer_args"], f"{self.source}: {section}")
+                self.schedulers[net] = torch.optim.lr_scheduler.StepLR(self.optimizers[net], s["learning_rate_step"],
+                                                                       s["learning_rate_gamma"])
+        self.update_order = ["discriminator", "generator"] if adv["train_disc_first"] else ["generator", "discriminator"]
+        self.iterations = {"generator": adv["n_gen_iterations"], "discriminator": adv["n_disc_iterations"]}
         self.n_epochs, self.log_interval = train["n_epochs"], train["log_interval"]
+        self.save_every, self.save_prefix = cfg["saving"]["save_epoch_increment"], cfg["saving"]["save_filename_prefix"]
         self.folder = checkpoint_dir(cfg)
         self.epoch, self.step = 0, 0  # completed epochs, steps
         self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
@@ -119,7 +139,7 @@ class Trainer:
         if not self.adversarial:
             return {"generator": self.update("generator", self.model(inputs), inputs, targets)}
         terms, outputs = {}, None
-        for net in self.order:
+        for net in self.update_order:
             for _ in range(self.iterations[net]):
                 if outputs is None:  # generated once per generator state, shared by both networks
                     outputs = self.model(inputs)
@@ -143,7 +163,7 @@ class Trainer:
         total = sum(terms.values())
         optimizer = self.optimizers[net]
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward(inputs=self.params[net])  # the generator's loss needs no discriminator gradients
         if self.placement.world_size > 1:
             average_gradients(self.params[net], self.placement.world_size)
         optimizer.step()
@@ -157,7 +177,7 @@ class Trainer:
         steps_per_epoch = len(self.loader)
         bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.step, disable=not main, dynamic_ncols=True,
                    unit="step")
-        last = self.save() if self.step == 0 and main else None  # the initial weights
+        last = self.save() if self.step == 0 else None  # the initial weights
         try:
             for epoch in range(self.epoch + 1, self.n_epochs + 1):
                 bar.set_description(f"epoch {epoch}/{self.n_epochs}")
@@ -166,15 +186,15 @@ class Trainer:
                 self.epoch = epoch
                 for scheduler in self.schedulers.values():
                     scheduler.step()
-                if main and (epoch % self.cfg["saving"]["save_epoch_increment"] == 0 or epoch == self.n_epochs):
+                if epoch % self.save_every == 0 or epoch == self.n_epochs:
                     last = self.save()
         finally:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.stop_signal is not None:
+            last = self.save(early_stop=True)
             if main:
-                last = self.save(early_stop=True)
                 print(f"stopped by {signal.Signals(self.stop_signal).name}; saved {last}")
             raise SystemExit(128 + self.stop_signal)
         if main:
@@ -197,7 +217,7 @@ class Trainer:
             if len(pending) == self.log_interval:
                 self.record(pending, bar)
                 pending = []
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 break
         self.record(pending, bar)
         if self.stop_signal is not None:
@@ -217,6 +237,16 @@ class Trainer:
                 history.setdefault(name, []).extend(row[i] for row in values)
         bar.set_postfix({f"{net} loss": f"{h['total'][-1]:.4f}" for net, h in self.loss_history.items()},
                         refresh=False)
+
+    def stop_requested(self):
+        """Whether to stop after this step. Under DDP every process must stop at the same step (or
+        the others would wait forever in the next gradient all-reduce), so they agree on it here."""
+        if self.placement.world_size == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([self.stop_signal or 0], device=self.placement.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
 
     def request_stop(self, signum, frame):
         if self.stop_signal is not None:  # a second Ctrl-C: stop now, without saving
@@ -238,12 +268,15 @@ class Trainer:
             "loss_history": self.loss_history,
             "config": to_yaml(self.cfg),
             "architecture": self.model.architecture_text,
-            "rng_state": rng_state(self.loader),
+            "rng_state": rng_state(self.loader, self.placement.world_size),
         }
 
     def save(self, early_stop=False):
-        name = checkpoint_name(self.cfg["saving"]["save_filename_prefix"], self.epoch, early_stop)
-        return save_checkpoint(self.folder / name, self.state(early_stop))
+        """Every process calls this (the state gathers from all of them); rank 0 writes the file."""
+        state = self.state(early_stop)
+        if not self.placement.is_main:
+            return None
+        return save_checkpoint(self.folder / checkpoint_name(self.save_prefix, self.epoch, early_stop), state)
 
     def load_state(self, state):
         self.optimizers["generator"].load_state_dict(state["optimizer_state_dict"])
@@ -255,7 +288,12 @@ class Trainer:
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
                 self.loss_history[net] = history
-        set_rng_state(state["rng_state"], self.loader)
+        saved_world = len(state["rng_state"]["batch_transforms"])
+        if saved_world != self.placement.world_size:
+            raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint was written by "
+                            f"{saved_world} process(es), this run has {self.placement.world_size}; resume with "
+                            f"--nproc_per_node={saved_world} (or start a new run from its weights)")
+        set_rng_state(state["rng_state"], self.loader, self.placement.rank)
 
 
 def average_gradients(params, world_size):
@@ -268,8 +306,14 @@ def average_gradients(params, world_size):
         grad.copy_(synced.view_as(grad))
 
 
-def rng_state(loader):
-    """Every random number generator that affects training, in weights_only-loadable form."""
+def rng_state(loader, world_size):
+    """Every random number generator that affects training, in weights_only-loadable form. The
+    batch transforms' generator differs between DDP processes: every process's state is kept."""
+    transforms = [loader.dataset.generator.get_state()]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, transforms[0])
+        transforms = gathered
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]),
@@ -277,11 +321,11 @@ def rng_state(loader):
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batch_transforms": loader.dataset.generator.get_state(),
+        "batch_transforms": transforms,
     }
 
 
-def set_rng_state(state, loader):
+def set_rng_state(state, loader, rank):
     random.setstate((3, tuple(state["python"]), None))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
@@ -289,4 +333,4 @@ def set_rng_state(state, loader):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    loader.dataset.generator.set_state(state["batch_transforms"])
+    loader.dataset.generator.set_state(state["batch_transforms"][rank])
