@@ -287,10 +287,12 @@ def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
 # ---- resume -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def resumed(trained):
-    """1 epoch; then resumed to 2 from latest; then once more with nothing left to do."""
+    """The same command (model_checkpoint_filename: latest) three times: the first starts the run
+    (there is no checkpoint yet) and trains 1 epoch, the second resumes to 2, the third has
+    nothing left to do."""
     repo, _ = trained
     folder = repo / CHECKPOINTS / "resume_run"
-    first = run(repo, *train_args("resume_run", "training.n_epochs=1"))
+    first = run(repo, *train_args("resume_run", "training.n_epochs=1", "model.model_checkpoint_filename=latest"))
     after_first = by_epoch(folder)
     second = run(repo, *train_args("resume_run", "training.n_epochs=2", "model.model_checkpoint_filename=latest"))
     after_second = by_epoch(folder)
@@ -312,6 +314,7 @@ def test_resume_continues_to_n_epochs(resumed):
     assert sorted(resumed["after_first"]) == [0, 1]
     assert sorted(resumed["after_second"]) == [0, 1, 2]
     assert resumed["after_second"][1] == resumed["after_first"][1]  # no epoch trained twice
+    assert "starting from scratch" in resumed["runs"][0].stdout
     assert "resuming from" in resumed["runs"][1].stdout
     state = load(resumed["after_second"][2])
     assert state["epoch"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH
@@ -365,6 +368,12 @@ ARCH_CASES = {
                                       "did you mean 'add'"]),
     "arch_add_mismatched_shapes": (set_skip("gen_cnn", "gen_cnn_Flatten_0", "gen_cnn_LeakyReLU_4", "add"),
                                    ["gen_cnn.skip_connections.gen_cnn_Flatten_0", "[16]", "[64]"]),
+    "arch_skip_generator_into_discriminator": (set_skip("gen_cnn", "gen_cnn_Flatten_0", "disc_cnn_Flatten_4", "cat"),
+                                               ["gen_cnn.skip_connections.gen_cnn_Flatten_0.future_layers[0]",
+                                                "discriminator"]),
+    "arch_skip_into_submodel_input": (set_skip("gen_cnn", "gen_cnn_LeakyReLU_2", "gen_dec_input", "add"),
+                                      ["gen_cnn.skip_connections.gen_cnn_LeakyReLU_2.future_layers[0]",
+                                       "submodel's input"]),
 }
 
 
@@ -429,6 +438,11 @@ def error_runs(trained, tmp_path_factory):
                                                  "dataset.gen_inputs.data_generating_function_args={shape: [1, 4, 5]}"),
                                   ["gen_inputs", "[1, 4, 4]"], None),
         "debug": (bad_train_args("err_debug", "training.n_epoch=3") + ["--debug"], [], None),
+        "gan_loss_without_adversarial": (bad_train_args("err_gan_loss", "adversarial.enable_adversarial_training=false"),
+                                         [TRAIN_CFG, "loss.loss_fn", "example_gan_loss", "weighted_reconstruction_loss"],
+                                         None),
+        "section_not_a_mapping": (bad_train_args("err_section", "training=5"),
+                                  [TRAIN_CFG, "training: 5 is not a mapping", "n_epochs"], None),
     }
     if not torch.cuda.is_available():
         cases["gpus_without_gpus"] = (bad_train_args("err_gpus", "training.gpus=[0]"), [TRAIN_CFG, "training.gpus", "[]"],
@@ -456,7 +470,8 @@ def check_user_error(error_runs, name):
 
 USER_ERRORS = ["unknown_key", "wrong_type", "out_of_range", "unknown_loss", "missing_data_path", "missing_config_file",
                "missing_cli_argument", "evaluation_config_value", "training_evaluation_checkpoint",
-               "jit_unknown_checkpoint", "jit_wrong_input_size", *ARCH_CASES]
+               "jit_unknown_checkpoint", "jit_wrong_input_size", "gan_loss_without_adversarial",
+               "section_not_a_mapping", *ARCH_CASES]
 
 
 @pytest.mark.parametrize("name", USER_ERRORS)
@@ -554,6 +569,15 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
     assert resumed_state["step"] == steps
     assert resumed_state["loss_history"] == reference["loss_history"]
     assert same_weights(resumed_state["model_state_dict"], reference["model_state_dict"], atol=1e-6)
+
+
+def test_evaluate_training_sends_other_overrides_to_the_training_config(resumed):
+    """--set saving.save_folder_name=... picks another run of the same training config."""
+    repo = resumed["folder"].parents[3]
+    png = repo / "results/example_model/resume_run/training_losses.png"
+    proc = run(repo, "evaluate_training.py", "-te", TRAIN_EVAL_CFG, "--set", "saving.save_folder_name=resume_run")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert resumed["after_second"][2].name in proc.stdout
 
 
 # ---- from another folder ------------------------------------------------------------------------

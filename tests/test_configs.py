@@ -231,10 +231,21 @@ def test_every_problem_is_reported_at_once():
     ("dataset.data_len_key=real_image", "dataset.data_len_key"),
     ("loss.loss_args={adversarial_wieght: 2}", "loss.loss_args.adversarial_wieght"),
     ("model.architecture_cfg_path=models/nope.yaml", "model.architecture_cfg_path"),
+    ("model.model_flow_path=models/example_model", "model.model_flow_path"),
+    ("training.seed=-1", "training.seed"),
+    ("loss=x", "loss"),
+    ("dataset.gen_inputs=5", "dataset.gen_inputs"),
+    ("dataset=[1]", "dataset"),
+    ("dataset.real_images.data_read_type=folder", "dataset.real_images.data_path"),
 ])
 def test_bad_values_are_user_errors(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load_training_config(EXAMPLE, overrides=[override])
+
+
+def test_set_fills_a_section_written_as_null():
+    raw = config.apply_overrides({"adversarial": None}, ["adversarial.n_disc_iterations=2"], "cfg.yaml")
+    assert raw == {"adversarial": {"n_disc_iterations": 2}}
 
 
 def test_evaluation_config_overrides_and_rejects_unknown_keys():
