@@ -17,7 +17,7 @@ import yaml
 
 import dataset_functions
 import loss
-from errors import UserError, did_you_mean, public_functions
+from errors import UserError, did_you_mean, public_functions, unknown_name
 
 REPO_ROOT = Path(__file__).resolve().parent
 REQUIRED = object()
@@ -60,12 +60,7 @@ def python_file(v):
 
 
 def name_in(table_fn, what):
-    def check(v):
-        table = table_fn()
-        if v in table:
-            return None
-        return f"unknown {what} {v!r}{did_you_mean(v, table)}; valid: {', '.join(sorted(table))}"
-    return check
+    return lambda v: None if v in table_fn() else unknown_name(v, table_fn(), what)
 
 
 def gpu_list(v):

@@ -29,8 +29,12 @@ def lookup(name, table, what, where, valid=None):
     """
     if isinstance(name, str) and name in table:
         return table[name]
-    valid = valid or ", ".join(sorted(table))
-    raise UserError(f"{where}: unknown {what} {name!r}{did_you_mean(name, table)}; valid: {valid}")
+    raise UserError(f"{where}: {name!r}: {unknown_name(name, table, what, valid)}")
+
+
+def unknown_name(name, table, what, valid=None):
+    """What to say of a name missing from `table`: what it should be, a did-you-mean, the valid names."""
+    return f"unknown {what}{did_you_mean(name, table)}; valid: {valid or ', '.join(sorted(table))}"
 
 
 def public_functions(module):
