@@ -217,10 +217,10 @@ class Trainer:
             if len(pending) == self.log_interval:
                 self.record(pending, bar)
                 pending = []
-            if self.stop_requested():
+            if self.stop_requested(agree=not pending):
                 break
         self.record(pending, bar)
-        if self.stop_signal is not None:
+        if self.stop_requested(agree=True):
             return False
         self.batches_done = 0
         return True
@@ -238,11 +238,15 @@ class Trainer:
         bar.set_postfix({f"{net} loss": f"{h['total'][-1]:.4f}" for net, h in self.loss_history.items()},
                         refresh=False)
 
-    def stop_requested(self):
+    def stop_requested(self, agree):
         """Whether to stop after this step. Under DDP every process must stop at the same step (or
-        the others would wait forever in the next gradient all-reduce), so they agree on it here."""
+        the others would wait forever in the next gradient all-reduce), so they decide together, and
+        only when `agree` (every log_interval steps and at the epoch's end) to keep this all-reduce
+        and its host sync off most steps."""
         if self.placement.world_size == 1:
             return self.stop_signal is not None
+        if not agree:
+            return False
         flag = torch.tensor([self.stop_signal or 0], device=self.placement.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_signal = int(flag.item()) or None
@@ -254,7 +258,7 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- checkpoints ----
-    def state(self, early_stop=False):
+    def state(self, early_stop, batch_transform_states):
         return {
             "model_state_dict": self.model.state_dict(),
             "optimizer_state_dict": self.optimizers["generator"].state_dict(),
@@ -268,14 +272,19 @@ class Trainer:
             "loss_history": self.loss_history,
             "config": to_yaml(self.cfg),
             "architecture": self.model.architecture_text,
-            "rng_state": rng_state(self.loader, self.placement.world_size),
+            "rng_state": rng_state(batch_transform_states),
         }
 
     def save(self, early_stop=False):
-        """Every process calls this (the state gathers from all of them); rank 0 writes the file."""
-        state = self.state(early_stop)
+        """Every process calls this (each adds its batch-transform RNG state); rank 0 writes the file."""
+        own = self.loader.dataset.generator.get_state()
+        transforms = [own]
+        if self.placement.world_size > 1:
+            transforms = [None] * self.placement.world_size
+            dist.all_gather_object(transforms, own)
         if not self.placement.is_main:
             return None
+        state = self.state(early_stop, transforms)
         return save_checkpoint(self.folder / checkpoint_name(self.save_prefix, self.epoch, early_stop), state)
 
     def load_state(self, state):
@@ -306,14 +315,9 @@ def average_gradients(params, world_size):
         grad.copy_(synced.view_as(grad))
 
 
-def rng_state(loader, world_size):
+def rng_state(batch_transform_states):
     """Every random number generator that affects training, in weights_only-loadable form. The
-    batch transforms' generator differs between DDP processes: every process's state is kept."""
-    transforms = [loader.dataset.generator.get_state()]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, transforms[0])
-        transforms = gathered
+    batch transforms' generator differs between DDP processes: one state per process."""
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]),
@@ -321,7 +325,7 @@ def rng_state(loader, world_size):
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batch_transforms": transforms,
+        "batch_transforms": batch_transform_states,
     }
 
 
