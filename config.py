@@ -169,13 +169,17 @@ def resolve_path(path):
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+# libyaml's parser when PyYAML has it: a 500-layer architecture parses in a tenth of the time.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path, what="config"):
     """The YAML file at `path` as a dict, or a UserError naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

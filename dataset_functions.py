@@ -43,10 +43,44 @@ def blobs(n_samples, generator, size=4, width=0.8):
     return (2 * torch.exp(-squared / (2 * width ** 2)) - 1).unsqueeze(1)
 
 
+def shapes(n_samples, generator, size=32, max_shapes=3):
+    """size x size grayscale images in [-1, 1]: one to max_shapes filled circles, squares and
+    triangles of random size, position and brightness on a dark background, later ones on top.
+
+    The U-Net example's clean images (shipped as data/unet_gan/shapes_32x32.npy, seed 0, 1024
+    samples, float16); its noisy inputs are the same images through add_fixed_noise.
+    """
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    ys, xs = grid.view(1, size, 1), grid.view(1, 1, size)
+    images = torch.full((n_samples, size, size), -1.0)
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n_samples, 1, 1, generator=generator)
+
+    for i in range(max_shapes):
+        kind = torch.randint(0, 3, (n_samples, 1, 1), generator=generator)
+        present = torch.rand(n_samples, 1, 1, generator=generator) < (1.0 if i == 0 else 0.6)
+        radius = uniform(0.12, 0.3) * size
+        dy, dx = ys - uniform(0, size), xs - uniform(0, size)
+        circle = dy ** 2 + dx ** 2 <= radius ** 2
+        square = torch.maximum(dy.abs(), dx.abs()) <= 0.8 * radius
+        triangle = (dy <= 0.7 * radius) & (dx.abs() <= 0.6 * (dy + radius))  # apex up, at dy = -radius
+        mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)) & present
+        images = torch.where(mask, uniform(-0.4, 1.0), images)
+    return images.unsqueeze(1)
+
+
 # ---- postprocessing ----
 def scale_to_symmetric(data, low=0.0, high=1.0):
     """Map values from [low, high] to [-1, 1] (the range of a Tanh generator)."""
     return (data - low) / (high - low) * 2 - 1
+
+
+def add_fixed_noise(data, std=0.5, seed=0):
+    """Add N(0, std^2) noise drawn once from `seed`: a fixed noisy copy of clean data (the U-Net
+    example's denoising inputs), the same in every epoch and in evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    return data + std * torch.randn(data.shape, generator=generator)
 
 
 # ---- batch transforms ----

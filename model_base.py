@@ -6,7 +6,10 @@ feeds which; the layers, their input sizes and the skip connections all come fro
 
 Everything a user can get wrong in an architecture is checked while building, before anything
 trains or is written, and reported as a UserError naming the file and the key path.
+
+Run `python model_base.py <architecture.yaml>` to check an architecture and print its summary.
 """
+import argparse
 import importlib.util
 import inspect
 import sys
@@ -18,17 +21,46 @@ from torch.func import functional_call
 
 import layers as custom_layers
 from config import read_yaml, resolve_path
-from errors import UserError, did_you_mean, lookup
+from errors import UserError, did_you_mean, lookup, run_main
 
-# Constructor arguments that give a layer's input size, and how each is read off the previous
-# layer's output shape (batch first). A layer gets one filled in when its constructor takes it
-# and the YAML leaves it out.
-INPUT_SIZE_ARGS = {
-    "in_channels": lambda shape: shape[1],       # ConvNd, ConvTransposeNd, ResidualBlock
-    "num_features": lambda shape: shape[1],      # BatchNormNd, InstanceNormNd
-    "num_channels": lambda shape: shape[1],      # GroupNorm
-    "in_features": lambda shape: shape[-1],      # Linear
-    "normalized_shape": lambda shape: shape[-1],  # LayerNorm over the last dimension
+
+def channels(shape):
+    return shape[1]
+
+
+def features(shape):
+    return shape[-1]
+
+
+# The constructor arguments that give a layer's input size, and how each is read off the previous
+# layer's output shape (batch first), for every torch.nn layer that takes one. The YAML leaves them
+# out (it may still give one, e.g. LayerNorm's normalized_shape over more than the last dim).
+INPUT_SIZE = {
+    **{f"{kind}{d}d": {"in_channels": channels} for kind in ("Conv", "ConvTranspose") for d in (1, 2, 3)},
+    **{f"{kind}{d}d": {"num_features": channels} for kind in ("BatchNorm", "InstanceNorm") for d in (1, 2, 3)},
+    "SyncBatchNorm": {"num_features": channels},
+    "GroupNorm": {"num_channels": channels},
+    "LayerNorm": {"normalized_shape": features},  # over the last dimension
+    "RMSNorm": {"normalized_shape": features},
+    "Linear": {"in_features": features},
+    "Bilinear": {"in1_features": features, "in2_features": features},
+    **{name: {"input_size": features} for name in ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")},
+    "MultiheadAttention": {"embed_dim": features},
+    "TransformerEncoderLayer": {"d_model": features},
+}
+# A layer of layers.py gets these filled in by name when its constructor takes them.
+CUSTOM_INPUT_SIZE = {"in_channels": channels, "num_channels": channels, "num_features": channels,
+                     "in_features": features}
+# torch.nn classes that cannot be a layer of a chain, and what to use instead.
+CONTAINERS = ("Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "DataParallel")
+NOT_A_LAYER = {
+    **{name: "is a container, not a layer; list its layers in the submodel instead" for name in CONTAINERS},
+    "Transformer": "takes a source and a target sequence; stack TransformerEncoderLayer entries, or write a "
+                   "layer in layers.py",
+    "TransformerDecoderLayer": "takes the target sequence and the encoder's memory; write a layer in layers.py",
+    "TransformerEncoder": "takes a layer object; list TransformerEncoderLayer entries instead",
+    "TransformerDecoder": "takes a layer object; write a layer in layers.py",
+    "AdaptiveLogSoftmaxWithLoss": "needs the targets in forward; it is a loss, not a layer",
 }
 CONNECTION_TYPES = ("add", "cat")
 ADV_TYPES = ("generator", "discriminator")
@@ -103,6 +135,10 @@ class PyNet(nn.Module):
         self.sources = spec["sources"]
         self.input_key, self.input_size = spec["input_key"], spec["input_size"]
         self.rows = spec["rows"]
+        # What the default forward and discriminate run, in order (worked out once, not per call).
+        self._generator_submodels, self._discriminator_submodels = (
+            [s for c, comp in self.model_components.items() if self.adv_types[c] == kind for s in comp]
+            for kind in ADV_TYPES)
 
     @property
     def global_skip_outputs(self):
@@ -119,25 +155,21 @@ class PyNet(nn.Module):
         values[name] = self.submodels[name](x, skip_dict)
         return values[name]
 
-    def run_components(self, adv_types, values, skip_dict):
-        out = None
-        for cname, component in self.model_components.items():
-            if self.adv_types[cname] in adv_types:
-                for sname in component:
-                    out = self.run_submodel(sname, values, skip_dict)
-        return out
-
     def forward(self, inputs):
-        return self.run_components(("generator",), {self.input_key: inputs}, {})
+        values, skip_dict = {self.input_key: inputs}, {}
+        for name in self._generator_submodels:
+            out = self.run_submodel(name, values, skip_dict)
+        return out
 
     def discriminate(self, samples, inputs=None):
         """Discriminator scores for `samples` (real or generated). The discriminator's inputs
         from generator submodels are replaced by `samples`; data inputs come from `inputs`."""
-        values = {name: samples for comp, c in self.model_components.items()
-                  if self.adv_types[comp] == "generator" for name in c}
+        values, skip_dict = dict.fromkeys(self._generator_submodels, samples), {}
         if inputs is not None:
             values[self.input_key] = inputs
-        return self.run_components(("discriminator",), values, {})
+        for name in self._discriminator_submodels:
+            out = self.run_submodel(name, values, skip_dict)
+        return out
 
     # ---- helpers for the trainer and the scripts ----
     @property
@@ -153,12 +185,14 @@ class PyNet(nn.Module):
         return batch[self.input_key], batch.get(self.target_key) if self.target_key else None
 
     def summary(self):
-        """A per-layer table: name, type, output shape, parameters, skips merged in."""
-        header = ("layer", "type", "output shape", "params", "merges")
+        """A per-layer table: name, type, per-sample output shape, parameters, what is merged in
+        (a submodel's input row names what it reads), then the parameter count of each component."""
+        header = ("layer", "type", "output shape", "params", "merged in / reads")
         rows = [header] + [(r["name"], r["type"], str(list(r["shape"])), f"{r['params']:,}", r["merges"])
                            for r in self.rows]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         for name, comp in self.model_components.items():
             n = sum(p.numel() for p in comp.parameters())
@@ -194,7 +228,8 @@ class ArchitectureBuilder:
             sources[sname], data = self.read_inputs(sname, run_order)
             first_input = first_input or data
             built[sname], sub_rows = self.build_submodel(sname, merges, kept)
-            rows += sub_rows
+            rows += [{"name": self.names[sname][0], "type": "input", "shape": self.shapes[self.names[sname][0]],
+                      "params": 0, "merges": ", ".join(sources[sname])}] + sub_rows
         model_components = nn.ModuleDict({
             cname: nn.ModuleDict({s: built[s] for s in comp["submodels"]}) for cname, comp in components.items()})
         if first_input is None:
@@ -230,6 +265,9 @@ class ArchitectureBuilder:
                 run_order.append(sname)
                 self.component_type[sname] = adv_type
             out[cname] = {"adv_type": adv_type, "submodels": comp["submodels"]}
+        if "generator" not in [c["adv_type"] for c in out.values()]:
+            self.fail("model_components", "no generator component; the model's inference path runs its generator "
+                      "components (adv_type: generator, the default)")
         for sname in defined:
             if sname not in run_order:
                 self.fail(sname, "defined but not listed in any model_components entry's submodels")
@@ -276,8 +314,16 @@ class ArchitectureBuilder:
             params = {}
         if not isinstance(params, dict):
             self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {params!r}")
-        lookup(type_name, self.classes, "layer type", f"{self.path}: {where}.layer_type",
-               valid="a torch.nn module class (e.g. Conv2d, Linear, ReLU) or a class defined in layers.py")
+        cls = lookup(type_name, self.classes, "layer type", f"{self.path}: {where}.layer_type",
+                     valid="a torch.nn module class (e.g. Conv2d, Linear, ReLU) or a class defined in layers.py")
+        if type_name in NOT_A_LAYER:
+            self.fail(f"{where}.layer_type", f"{type_name} {NOT_A_LAYER[type_name]}")
+        if type_name.startswith("Lazy") and type_name[4:] in self.classes:
+            self.fail(f"{where}.layer_type", f"{type_name} works out its input size on the first batch; use "
+                      f"{type_name[4:]}, whose input size is filled in when the architecture is built")
+        if issubclass(cls, nn.modules.loss._Loss):
+            self.fail(f"{where}.layer_type", f"{type_name} is a loss, not a layer; losses are functions in loss.py, "
+                      "named by the training config's loss.loss_fn")
         return type_name, params
 
     def read_skips(self, run_order):
@@ -404,16 +450,25 @@ class ArchitectureBuilder:
     def make_layer(self, type_name, params, shape, where):
         cls = self.classes[type_name]
         signature = inspect.signature(cls.__init__).parameters
+        if type_name in INPUT_SIZE:
+            rules = INPUT_SIZE[type_name]
+        elif cls.__module__ == custom_layers.__name__:
+            rules = {name: rule for name, rule in CUSTOM_INPUT_SIZE.items() if name in signature}
+        else:
+            rules = {}
         kwargs = dict(params)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.values())
         for name in params:
             if name not in signature and not takes_any:
-                valid = [n for n in signature if n != "self" and n not in INPUT_SIZE_ARGS]
+                valid = [n for n in signature if n != "self" and n not in rules]
                 self.fail(f"{where}.layer_params.{name}", f"{type_name} takes no argument {name!r}"
                           f"{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
-        for name, rule in INPUT_SIZE_ARGS.items():
-            if name in signature and name not in kwargs:
-                kwargs[name] = rule((SHAPE_BATCH,) + shape)
+        for name, rule in rules.items():
+            if name not in kwargs:
+                try:
+                    kwargs[name] = rule((SHAPE_BATCH,) + shape)
+                except IndexError:
+                    self.fail(where, f"{type_name} needs a channel dimension; its input has per-sample shape {list(shape)}")
         missing = [n for n, p in signature.items() if n != "self" and p.default is p.empty
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
         if missing:
@@ -479,3 +534,17 @@ def build_model(model_cfg):
         raise UserError(f"{flow_path}: expected one subclass of model_base.PyNet (or a get_model_instance "
                         f"function), found {len(flows)}: {', '.join(c.__name__ for c in flows) or 'none'}")
     return flows[0](model_cfg["architecture_cfg_path"])
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Check an architecture YAML and print its per-layer summary.",
+                                     epilog="example:\n  python model_base.py models/unet_gan/unet_gan_architecture.yaml",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("architecture", help="an architecture YAML file")
+    parser.add_argument("--debug", action="store_true", help="show a full traceback for errors")
+    args = parser.parse_args(argv)
+    print(PyNet(args.architecture).summary())
+
+
+if __name__ == "__main__":
+    run_main(main)
