@@ -170,14 +170,14 @@ def test_evaluate(trained):
 
 
 # ---- 4. python jit_trace_model.py -t ... -c <checkpoint> -i 1 1 4 4 -----------------------------
-def eager_model(checkpoint):
+def eager_model(checkpoint, model_cfg=EXAMPLE_MODEL):
     torch.manual_seed(0)
-    model = model_base.build_model(EXAMPLE_MODEL)
+    model = model_base.build_model(model_cfg)
     model.load_state_dict(load(checkpoint)["model_state_dict"])
     return model.eval()
 
 
-def check_traced(checkpoint, shape):
+def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL):
     jit = checkpoint.parent / "jit"
     tag = "x".join(map(str, shape))
     traced_path, raw_path = jit / f"{checkpoint.stem}_traced.pt", jit / f"{checkpoint.stem}_input_{tag}.raw"
@@ -185,9 +185,9 @@ def check_traced(checkpoint, shape):
     x = torch.from_numpy(np.fromfile(raw_path, dtype=np.float32).reshape(shape))
     traced = torch.jit.load(str(traced_path))
     with torch.no_grad():
-        expected = eager_model(checkpoint)(x)
+        expected = eager_model(checkpoint, model_cfg)(x)
         torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-6)
-        assert expected.shape == (shape[0], 1, 4, 4)
+        assert expected.shape == (shape[0], 1, *shape[2:])
 
 
 def test_jit_trace_latest(trained):
@@ -202,6 +202,49 @@ def test_jit_trace_named_checkpoint_long_options(trained):
     run(repo, "jit_trace_model.py", "--training_cfg", TRAIN_CFG, "--checkpoint", ckpt.name,
         "--input_size", "2", "1", "4", "4")
     check_traced(ckpt, (2, 1, 4, 4))
+
+
+# ---- the U-Net example: its README commands on 32 images for one epoch ---------------------------
+UNET_CFG = "configs/unet_gan/unet_gan_training_cfg.yaml"
+UNET_EVAL_CFG = "configs/unet_gan/unet_gan_evaluation_cfg.yaml"
+UNET_TRAIN_EVAL_CFG = "configs/unet_gan/unet_gan_training_evaluation_cfg.yaml"
+UNET_MODEL = {"architecture_cfg_path": "models/unet_gan/unet_gan_architecture.yaml",
+              "model_flow_path": "models/unet_gan/unet_gan.py"}
+UNET_STEPS = 32 // 8
+
+
+@pytest.fixture(scope="module")
+def unet_trained(repo):
+    run(repo, "train.py", "-t", UNET_CFG, *sets("training.n_epochs=1", "training.batch_size=8",
+                                                "dataset.noisy_images.n_inputs=32", "dataset.clean_images.n_inputs=32"))
+    return repo, repo / "models/unet_gan/model_checkpoints/denoise_run"
+
+
+def test_unet_example_trains_both_networks(unet_trained):
+    _, folder = unet_trained
+    ckpts = by_epoch(folder)
+    assert sorted(ckpts) == [0, 1]
+    history = load(ckpts[1])["loss_history"]
+    assert {"g_adv", "l1"} <= set(history["generator"]) and {"d_real", "d_fake"} <= set(history["discriminator"])
+    assert all(len(values) == UNET_STEPS for terms in history.values() for values in terms.values())
+    start, end = load(ckpts[0])["model_state_dict"], load(ckpts[1])["model_state_dict"]
+    trained_keys = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], end[k])]
+    assert any(k.startswith("model_components.generator.") for k in trained_keys)
+    assert any(k.startswith("model_components.discriminator.") for k in trained_keys)
+
+
+def test_unet_example_evaluates_and_traces(unet_trained):
+    repo, folder = unet_trained
+    stem = by_epoch(folder)[1].stem
+    run(repo, "evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *sets("evaluation.n_samples=8"))
+    out = repo / "results/unet_gan/denoise_run"
+    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
+    assert metrics["n_samples"] == 8 and "discriminator_score_generated" in metrics
+    assert (out / f"{stem}_samples.png").read_bytes()[:8] == PNG_MAGIC
+    run(repo, "evaluate_training.py", "-te", UNET_TRAIN_EVAL_CFG)
+    assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC
+    run(repo, "jit_trace_model.py", "-t", UNET_CFG, "-c", "latest", "-i", "2", "1", "32", "32")
+    check_traced(by_epoch(folder)[1], (2, 1, 32, 32), UNET_MODEL)
 
 
 # ---- --help -------------------------------------------------------------------------------------
@@ -374,6 +417,28 @@ ARCH_CASES = {
     "arch_skip_into_submodel_input": (set_skip("gen_cnn", "gen_cnn_LeakyReLU_2", "gen_dec_input", "add"),
                                       ["gen_cnn.skip_connections.gen_cnn_LeakyReLU_2.future_layers[0]",
                                        "submodel's input"]),
+    "arch_missing_layer_param": (set_layer("disc_cnn", 0, {"Conv2d": {"kernel_size": 3}}),
+                                 ["disc_cnn.layers[0].layer_params", "Conv2d needs out_channels"]),
+    "arch_skip_to_unknown_layer": (set_skip("gen_cnn", "gen_cnn_LeakyReLU_2", "gen_cnn_Linear_9", "add"),
+                                   ["gen_cnn.skip_connections.gen_cnn_LeakyReLU_2.future_layers[0]",
+                                    "unknown layer 'gen_cnn_Linear_9'", "did you mean 'gen_cnn_Linear_"]),
+    "arch_skip_from_unknown_layer": (set_skip("gen_cnn", "gen_cnn_ReLU_2", "gen_cnn_LeakyReLU_4", "add"),
+                                     ["gen_cnn.skip_connections.gen_cnn_ReLU_2", "unknown source layer",
+                                      "did you mean 'gen_cnn_LeakyReLU_2'"]),
+    "arch_cat_mismatched_spatial_size": (set_skip("disc_cnn", "disc_cnn_Conv2d_0", "disc_cnn_LeakyReLU_3", "cat"),
+                                         ["disc_cnn.skip_connections.disc_cnn_Conv2d_0", "cat into disc_cnn_LeakyReLU_3",
+                                          "[16, 4, 4]", "[32, 2, 2]"]),
+    "arch_reads_undefined_submodel": (lambda a: a["disc_cnn"].__setitem__("submodel_input", {"gen_decc": "output"}),
+                                      ["disc_cnn.submodel_input.gen_decc", "unknown submodel", "did you mean 'gen_dec'"]),
+    "arch_reads_later_submodel": (lambda a: a["gen_cnn"].__setitem__("submodel_input", {"gen_dec": "output"}),
+                                  ["gen_cnn.submodel_input.gen_dec", "does not run before"]),
+    "arch_component_lists_undefined_submodel": (
+        lambda a: a["model_components"]["generator"].__setitem__("submodels", ["gen_cnn", "gen_decc"]),
+        ["model_components.generator.submodels[1]", "did you mean 'gen_dec'"]),
+    "arch_layer_cannot_take_input_shape": (set_layer("gen_dec", 2, {"Conv1d": {"out_channels": 16, "kernel_size": 3}}),
+                                           ["gen_dec.layers[2]", "Conv1d cannot take an input of shape [4, 4, 4]"]),
+    "arch_lazy_layer": (set_layer("disc_cnn", 0, {"LazyConv2d": {"out_channels": 16, "kernel_size": 3}}),
+                        ["disc_cnn.layers[0].layer_type", "use Conv2d"]),
 }
 
 
@@ -598,6 +663,11 @@ README_COMMANDS = [
     "python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml",
     "python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c",
     "python -m pytest -q tests",
+    "python train.py -t configs/unet_gan/unet_gan_training_cfg.yaml",
+    "python evaluate_training.py -te configs/unet_gan/unet_gan_training_evaluation_cfg.yaml",
+    "python evaluate.py -t configs/unet_gan/unet_gan_training_cfg.yaml -e configs/unet_gan/unet_gan_evaluation_cfg.yaml",
+    "python jit_trace_model.py -t configs/unet_gan/unet_gan_training_cfg.yaml -c latest -i",
+    "python model_base.py models/unet_gan/unet_gan_architecture.yaml",
 ]
 
 
