@@ -61,6 +61,8 @@ NOT_A_LAYER = {
     "TransformerEncoder": "takes a layer object; list TransformerEncoderLayer entries instead",
     "TransformerDecoder": "takes a layer object; write a layer in layers.py",
     "AdaptiveLogSoftmaxWithLoss": "needs the targets in forward; it is a loss, not a layer",
+    "RNNBase": "is the base class of RNN, GRU and LSTM; use one of those",
+    "RNNCellBase": "is the base class of RNNCell, GRUCell and LSTMCell; use one of those",
 }
 CONNECTION_TYPES = ("add", "cat")
 ADV_TYPES = ("generator", "discriminator")
