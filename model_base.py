@@ -105,8 +105,10 @@ class Submodel(nn.Module):
             skip_dict = {}
         if self.keep_input:
             skip_dict[self.input_name] = x
-        for name, keep, merges in self._plan:
-            x = self.layers[name](x)
+        # values() rather than a cached list of layers: a layer swapped in later (e.g. by
+        # SyncBatchNorm.convert_sync_batchnorm) is the one that runs.
+        for layer, (name, keep, merges) in zip(self.layers.values(), self._plan):
+            x = layer(x)
             for source, kind in merges:
                 x = x + skip_dict[source] if kind == "add" else torch.cat((x, skip_dict[source]), 1)
             if keep:

@@ -1,12 +1,13 @@
 """How much the architecture compiler costs: built submodels against hand-written forwards.
 
-    python benchmarks/bench_architecture.py            # about a minute on 2 CPU cores
+    python benchmarks/bench_architecture.py            # about 40 s on 2 CPU cores
     python benchmarks/bench_architecture.py --quick    # fewer rounds, a rougher figure
 
 1. Forward + backward time of built submodels against a hand-written forward over the very same
    layer modules (so the only difference is model_base's orchestration: the layer loop and the
-   skip merges), interleaved block by block in one process. Printed as hand/built: 1.0 means no
-   cost, below 1 means the built model is slower. Targets: >= 0.95 at 1x1x4x4, >= 0.98 at
+   skip merges), interleaved block by block in one process. Printed as hand/built, the median
+   over rounds of the ratio within a round, with its quartiles (the machine's noise): 1.0 means
+   no cost, below 1 means the built model is slower. Targets: >= 0.95 at 1x1x4x4, >= 0.98 at
    16x1x32x32.
 2. Build time (YAML to modules, with every check and shape) of a generated 500-layer architecture.
    Target: under 1 s.
@@ -99,14 +100,16 @@ def step(model, x):
 
 
 def compare(hand, built, x, rounds, block):
-    """Median per-step seconds of each, timed in alternating blocks of `block` steps."""
+    """Per-step seconds of each (medians) and the median over rounds of hand/built, each round
+    timing one block of `block` steps of each back to back (in alternating order), so that
+    a slow spell of the machine hits both sides of a ratio."""
     with torch.no_grad():
         if not torch.equal(hand(x), built(x)):
             raise SystemExit("hand-written and built forwards differ: the comparison would be meaningless")
-    times = {"hand": [], "built": []}
     for _ in range(3):  # warm-up
         step(hand, x)
         step(built, x)
+    times = {"hand": [], "built": []}
     for r in range(rounds):
         order = (("hand", hand), ("built", built)) if r % 2 == 0 else (("built", built), ("hand", hand))
         for name, model in order:
@@ -114,7 +117,9 @@ def compare(hand, built, x, rounds, block):
             for _ in range(block):
                 step(model, x)
             times[name].append((time.perf_counter() - start) / block)
-    return statistics.median(times["hand"]), statistics.median(times["built"])
+    ratios = [h / b for h, b in zip(times["hand"], times["built"])]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return statistics.median(times["hand"]), statistics.median(times["built"]), statistics.median(ratios), quartiles
 
 
 def generated_architecture(n_layers):
@@ -138,18 +143,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         conv_stack = PyNet(write_yaml(CONV_STACK, tmp, "conv_stack.yaml")).submodels["b"]
         unet = PyNet(REPO / "models/unet_gan/unet_gan_architecture.yaml")
-        cases = [  # name, hand, built, input, rounds, block, target
-            ("conv stack, 1x1x4x4", HandConvStack(conv_stack.layers), conv_stack, torch.randn(1, 1, 4, 4), 40, 100, 0.95),
-            ("conv stack, 16x1x32x32", HandConvStack(conv_stack.layers), conv_stack, torch.randn(16, 1, 32, 32), 20, 10,
+        cases = [  # name, hand, built, input, rounds, steps per block, target
+            ("conv stack, 1x1x4x4", HandConvStack(conv_stack.layers), conv_stack, torch.randn(1, 1, 4, 4), 200, 20, 0.95),
+            ("conv stack, 16x1x32x32", HandConvStack(conv_stack.layers), conv_stack, torch.randn(16, 1, 32, 32), 160, 2,
              0.98),
             ("U-Net generator, 16x1x32x32", HandUNet(unet.submodels["unet_enc"].layers, unet.submodels["unet_dec"].layers),
-             BuiltUNet(unet), torch.randn(16, 1, 32, 32), 20, 5, 0.98),
+             BuiltUNet(unet), torch.randn(16, 1, 32, 32), 160, 1, 0.98),
         ]
-        print(f"{'forward + backward':30} {'hand ms':>9} {'built ms':>9} {'hand/built':>11}  target")
+        print(f"{'forward + backward':30} {'hand ms':>9} {'built ms':>9} {'hand/built':>11} {'quartiles':>13}  target")
         for name, hand, built, x, rounds, block, target in cases:
-            t_hand, t_built = compare(hand, built, x, max(6, int(rounds * scale)), block)
-            ratio = t_hand / t_built
-            print(f"{name:30} {t_hand * 1e3:9.3f} {t_built * 1e3:9.3f} {ratio:11.3f}  >= {target} "
+            t_hand, t_built, ratio, (q1, _, q3) = compare(hand, built, x, max(10, int(rounds * scale)), block)
+            print(f"{name:30} {t_hand * 1e3:9.3f} {t_built * 1e3:9.3f} {ratio:11.3f} {q1:6.3f}-{q3:<6.3f}  >= {target} "
                   f"{'ok' if ratio >= target else 'MISSED'}")
 
         path = write_yaml(generated_architecture(500), tmp, "generated_500.yaml")
