@@ -25,7 +25,7 @@ from errors import UserError, did_you_mean, lookup, run_main
 
 
 def channels(shape):
-    return shape[1]
+    return shape[0]
 
 
 def features(shape):
@@ -33,7 +33,7 @@ def features(shape):
 
 
 # The constructor arguments that give a layer's input size, and how each is read off the previous
-# layer's output shape (batch first), for every torch.nn layer that takes one. The YAML leaves them
+# layer's per-sample output shape, for every torch.nn layer that takes one. The YAML leaves them
 # out (it may still give one, e.g. LayerNorm's normalized_shape over more than the last dim).
 INPUT_SIZE = {
     **{f"{kind}{d}d": {"in_channels": channels} for kind in ("Conv", "ConvTranspose") for d in (1, 2, 3)},
@@ -52,7 +52,7 @@ INPUT_SIZE = {
 CUSTOM_INPUT_SIZE = {"in_channels": channels, "num_channels": channels, "num_features": channels,
                      "in_features": features}
 # torch.nn classes that cannot be a layer of a chain, and what to use instead.
-CONTAINERS = ("Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "DataParallel")
+CONTAINERS = ("Module", "Container", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "DataParallel")
 NOT_A_LAYER = {
     **{name: "is a container, not a layer; list its layers in the submodel instead" for name in CONTAINERS},
     "Transformer": "takes a source and a target sequence; stack TransformerEncoderLayer entries, or write a "
@@ -63,9 +63,19 @@ NOT_A_LAYER = {
     "AdaptiveLogSoftmaxWithLoss": "needs the targets in forward; it is a loss, not a layer",
     "RNNBase": "is the base class of RNN, GRU and LSTM; use one of those",
     "RNNCellBase": "is the base class of RNNCell, GRUCell and LSTMCell; use one of those",
+    "Embedding": "takes integer indices, and data streams (and the build's shape check) are float tensors; "
+                 "write a layer in layers.py that embeds x.long()",
+    "EmbeddingBag": "takes integer indices, and data streams (and the build's shape check) are float tensors; "
+                    "write a layer in layers.py that embeds x.long()",
 }
+# Layers that read a sequence [time, features] per sample; torch would take a 1-D sample as an
+# unbatched sequence and mix the batch, so other shapes are refused.
+SEQUENCE_LAYERS = ("RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncoderLayer")
+# Norms over the last dim that a conv map ([C, H, W]) is better normalised by giving all of it.
+LAST_DIM_NORMS = ("LayerNorm", "RMSNorm")
 CONNECTION_TYPES = ("add", "cat")
 ADV_TYPES = ("generator", "discriminator")
+SKIP_KEYS = ("future_layers", "connection_types")
 SUBMODEL_KEYS = ("submodel_input", "submodel_inputs", "layer_name_prefix", "layers", "skip_connections")
 SHAPE_BATCH = 2  # batch size of the meta tensors used to work out shapes (BatchNorm needs > 1)
 
@@ -94,13 +104,8 @@ class Submodel(nn.Module):
         self.keep_input = input_name in kept
         # (layer name, keep its output in skip_dict?, [(source, 'add' | 'cat'), ...])
         self._plan = [(name, name in kept, tuple(merges.get(name, ()))) for name in self.layers]
-        self._plain = not self.keep_input and not any(keep or m for _, keep, m in self._plan)
 
     def forward(self, x, skip_dict=None):
-        if self._plain:
-            for layer in self.layers.values():
-                x = layer(x)
-            return x
         if skip_dict is None:
             skip_dict = {}
         if self.keep_input:
@@ -216,6 +221,8 @@ class ArchitectureBuilder:
         self.parsed = {}   # submodel -> [(layer_type, params), ...]
         self.names = {}    # submodel -> [<prefix>_input, <prefix>_<type>_<index>, ...]
         self.component_type = {}  # submodel -> adv_type of its component
+        self.skip_where = {}  # (source, target) -> key path of the skip, for shape errors
+        self.data_input = None  # (data_key, input_size) of the data stream the model reads
         self.classes = layer_classes()
 
     def fail(self, key_path, message):
@@ -344,6 +351,8 @@ class ArchitectureBuilder:
                     self.fail(where, f"unknown source layer{did_you_mean(source, self.order)}")
                 targets, kinds = self.read_skip_spec(spec, where)
                 for i, (target, kind) in enumerate(zip(targets, kinds)):
+                    if not isinstance(target, str):
+                        self.fail(f"{where}.future_layers[{i}]", f"expected a layer name, got {target!r}")
                     if target not in self.order:
                         self.fail(f"{where}.future_layers[{i}]", f"unknown layer {target!r}{did_you_mean(target, self.order)}")
                     if target == self.names[self.owner[target]][0]:
@@ -357,6 +366,7 @@ class ArchitectureBuilder:
                         self.fail(f"{where}.connection_types[{i}]", f"{kind!r} is not one of {', '.join(CONNECTION_TYPES)}"
                                   f"{did_you_mean(kind, CONNECTION_TYPES)}")
                     merges.setdefault(target, []).append((source, kind))
+                    self.skip_where[(source, target)] = where
                     kept.add(source)
         for target, items in merges.items():
             items.sort(key=lambda item: (item[1] != "add", self.order[item[0]]))
@@ -371,13 +381,19 @@ class ArchitectureBuilder:
 
     def layers_read_as_inputs(self, run_order):
         """Layer outputs that a later submodel takes as its input ({<submodel>: <layer name>})."""
-        return {value for sname in run_order
-                for value in (self.arch[sname].get("submodel_input") or self.arch[sname].get("submodel_inputs") or {}).values()
-                if isinstance(value, str) and value in self.order}
+        read = set()
+        for sname in run_order:
+            entries = self.arch[sname].get("submodel_input") or self.arch[sname].get("submodel_inputs")
+            if isinstance(entries, dict):  # anything else is reported by read_inputs
+                read |= {value for value in entries.values() if isinstance(value, str) and value in self.order}
+        return read
 
     def read_skip_spec(self, spec, where):
         if not isinstance(spec, dict) or not isinstance(spec.get("future_layers"), list):
             self.fail(where, "expected {future_layers: [<layer>, ...], connection_types: [add | cat, ...]}")
+        for key in spec:
+            if key not in SKIP_KEYS:
+                self.fail(f"{where}.{key}", f"unknown key{did_you_mean(key, SKIP_KEYS)}; valid: {', '.join(SKIP_KEYS)}")
         targets, kinds = spec["future_layers"], spec.get("connection_types", ["add"] * len(spec["future_layers"]))
         if not isinstance(kinds, list) or len(kinds) != len(targets):
             self.fail(f"{where}.connection_types", f"needs one entry per future layer ({len(targets)})")
@@ -386,6 +402,8 @@ class ArchitectureBuilder:
     def read_inputs(self, sname, run_order):
         """The submodel's input sources in order, and (data_key, input_size) if it reads data."""
         spec = self.arch[sname]
+        if "submodel_input" in spec and "submodel_inputs" in spec:
+            self.fail(f"{sname}.submodel_inputs", "give submodel_input or its synonym submodel_inputs, not both")
         key = "submodel_input" if "submodel_input" in spec else "submodel_inputs"
         entries = spec.get(key)
         if not isinstance(entries, dict) or not entries:
@@ -396,6 +414,11 @@ class ArchitectureBuilder:
             where = f"{sname}.{key}.{src}"
             if src == "input_data":
                 data = self.read_input_data(value, where)
+                if self.data_input not in (None, data):
+                    self.fail(where, f"reads {data[0]} {list(data[1])}, but the model's data input is "
+                              f"{self.data_input[0]} {list(self.data_input[1])}; a model reads one data stream "
+                              "(forward takes one tensor)")
+                self.data_input = data
                 sources.append(data[0])
                 shapes.append(data[1])
                 continue
@@ -403,6 +426,13 @@ class ArchitectureBuilder:
                 self.fail(where, f"unknown submodel{did_you_mean(src, run_order)}; submodels: {', '.join(run_order)}")
             if run_order.index(src) >= run_order.index(sname):
                 self.fail(where, f"{src!r} does not run before {sname!r}; list submodels in dependency order")
+            if not isinstance(value, str):
+                self.fail(where, f"expected 'output' or a layer name of {src}, got {value!r}")
+            generator_output = self.generator_output(run_order)
+            if self.component_type[sname] == "discriminator" and self.component_type[src] == "generator" \
+                    and src != generator_output:
+                self.fail(where, f"a discriminator scores the generator's final output, {generator_output!r} "
+                          f"(real samples stand in for it), so it cannot read {src!r}")
             if value == "output":
                 sources.append(src)
                 shapes.append(self.shapes[src])
@@ -416,11 +446,15 @@ class ArchitectureBuilder:
         self.shapes[self.names[sname][0]] = self.concat_shapes(shapes, f"{sname}.{key}")
         return sources, data
 
+    def generator_output(self, run_order):
+        """The submodel whose output the default forward returns: the last generator one."""
+        return [s for s in run_order if self.component_type[s] == "generator"][-1]
+
     def read_input_data(self, value, where):
         if not isinstance(value, dict) or not isinstance(value.get("data_key"), str):
             self.fail(where, "expected {data_key: <stream name>, input_size: [C, H, W]}")
         size = value.get("input_size")
-        if not isinstance(size, list) or not size or not all(isinstance(s, int) and s > 0 for s in size):
+        if not isinstance(size, list) or not size or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             self.fail(f"{where}.input_size", f"expected the per-sample shape as a list of positive ints, got {size!r}")
         return value["data_key"], tuple(size)
 
@@ -442,7 +476,7 @@ class ArchitectureBuilder:
             shape = self.output_shape(layer, shape, where, type_name)
             notes = []
             for source, kind in merges.get(name, ()):
-                shape = self.merge_shape(shape, self.shapes[source], kind, f"{self.owner[source]}.skip_connections.{source}", name)
+                shape = self.merge_shape(shape, self.shapes[source], kind, self.skip_where[(source, name)], name)
                 notes.append(f"{kind} {source}")
             self.shapes[name] = shape
             built[name] = layer
@@ -454,25 +488,27 @@ class ArchitectureBuilder:
     def make_layer(self, type_name, params, shape, where):
         cls = self.classes[type_name]
         signature = inspect.signature(cls.__init__).parameters
-        if type_name in INPUT_SIZE:
-            rules = INPUT_SIZE[type_name]
+        if type_name in INPUT_SIZE:  # by signature too: a layers.py class may reuse a torch.nn name
+            rules = {name: rule for name, rule in INPUT_SIZE[type_name].items() if name in signature}
         elif cls.__module__ == custom_layers.__name__:
             rules = {name: rule for name, rule in CUSTOM_INPUT_SIZE.items() if name in signature}
         else:
             rules = {}
-        kwargs = dict(params)
+        self.check_input_rank(type_name, params, shape, where)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.values())
         for name in params:
             if name not in signature and not takes_any:
                 valid = [n for n in signature if n != "self" and n not in rules]
                 self.fail(f"{where}.layer_params.{name}", f"{type_name} takes no argument {name!r}"
                           f"{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
+        kwargs = dict(params)
         for name, rule in rules.items():
+            inferred = rule(shape)
             if name not in kwargs:
-                try:
-                    kwargs[name] = rule((SHAPE_BATCH,) + shape)
-                except IndexError:
-                    self.fail(where, f"{type_name} needs a channel dimension; its input has per-sample shape {list(shape)}")
+                kwargs[name] = inferred
+            elif isinstance(kwargs[name], int) and kwargs[name] != inferred:
+                self.fail(f"{where}.layer_params.{name}", f"{kwargs[name]}, but the input (per-sample shape "
+                          f"{list(shape)}) gives {inferred}; leave {name} out to have it filled in")
         missing = [n for n, p in signature.items() if n != "self" and p.default is p.empty
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
         if missing:
@@ -482,11 +518,23 @@ class ArchitectureBuilder:
         except Exception as e:  # the layer's own check of its arguments
             self.fail(f"{where}.layer_params", f"{type_name}({_kwargs_text(kwargs)}) failed: {e}")
 
+    def check_input_rank(self, type_name, params, shape, where):
+        """Inputs that torch would accept but read in a way nobody means."""
+        if not shape:
+            self.fail(where, f"{type_name} gets a scalar per sample; give it at least one dimension (Unflatten)")
+        if type_name in SEQUENCE_LAYERS and len(shape) != 2:
+            self.fail(where, f"{type_name} reads a sequence [time, features] per sample, but its input has per-sample "
+                      f"shape {list(shape)}" + ("; with one dimension, torch would take the whole batch as one "
+                                                "sequence (Unflatten it to [time, features])" if len(shape) == 1 else ""))
+        if type_name in LAST_DIM_NORMS and len(shape) >= 3 and "normalized_shape" not in params:
+            self.fail(f"{where}.layer_params", f"{type_name} would normalise only the last dim of {list(shape)}; give "
+                      f"normalized_shape (e.g. {list(shape)} for all of it), or use GroupNorm with num_groups: 1")
+
     def output_shape(self, layer, shape, where, type_name):
         """The layer's per-sample output shape, worked out on the meta device (no real data)."""
         state = {k: v.to("meta") for k, v in [*layer.named_parameters(), *layer.named_buffers()]}
         try:
-            y = functional_call(layer, state, (torch.empty((SHAPE_BATCH,) + shape, device="meta"),))
+            y = functional_call(layer, state, (torch.empty((SHAPE_BATCH, *shape), device="meta"),))
         except Exception as e:
             self.fail(where, f"{type_name} cannot take an input of shape {list(shape)} (per sample): {e}")
         if not isinstance(y, torch.Tensor):
@@ -547,7 +595,7 @@ def main(argv):
     parser.add_argument("architecture", help="an architecture YAML file")
     parser.add_argument("--debug", action="store_true", help="show a full traceback for errors")
     args = parser.parse_args(argv)
-    print(PyNet(args.architecture).summary())
+    print(PyNet(Path(args.architecture).resolve()).summary())  # a command-line path is relative to here
 
 
 if __name__ == "__main__":

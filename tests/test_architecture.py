@@ -569,3 +569,82 @@ def test_fixed_noise_depends_only_on_the_seed():
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, clean)
     assert torch.equal(clean, kept)
+
+
+# ---- 10. mistakes that torch would accept, or that used to crash ---------------------------------
+TWO_SUBMODELS = """
+    model_components:
+      gen: {{submodels: [a, b]}}
+      disc: {{adv_type: discriminator, submodels: [c]}}
+    a:
+      submodel_input: {{input_data: {{data_key: x, input_size: [4]}}}}
+      layers: [{{Linear: {{out_features: 4}}}}]
+    b:
+      submodel_input: {b_input}
+      layers: [{{Linear: {{out_features: {b_out}}}}}]
+      {b_extra}
+    c:
+      submodel_input: {c_input}
+      layers: [{{Linear: {{out_features: 1}}}}]
+    """
+FIXED_MISTAKES = {  # name: (fields of TWO_SUBMODELS, key path, words the message must hold)
+    "skip spec with a misspelt key": (
+        dict(b_extra="skip_connections: {b_input: {future_layers: [b_Linear_0], connection_type: [cat]}}"),
+        "b.skip_connections.b_input.connection_type", "did you mean 'connection_types'"),
+    "submodel_input not a mapping": (dict(b_input="a"), "b.submodel_input", "expected"),
+    "submodel_input value not a name": (dict(b_input="{a: [output]}"), "b.submodel_input.a", "expected 'output'"),
+    "future layer not a name": (
+        dict(b_extra="skip_connections: {b_input: {future_layers: [[b_Linear_0]]}}"),
+        "b.skip_connections.b_input.future_layers[0]", "expected a layer name"),
+    "discriminator reads a generator submodel before the last": (
+        dict(c_input="{a: output}"), "c.submodel_input.a", "final output, 'b'"),
+    "a second data stream": (
+        dict(b_input="{a: output, input_data: {data_key: y, input_size: [4]}}"), "b.submodel_input.input_data",
+        "one data stream"),
+    "both submodel_input and submodel_inputs": (
+        dict(b_extra="submodel_inputs: {a: output}"), "b.submodel_inputs", "not both"),
+    "shape error of a skip declared in a later submodel": (
+        dict(b_out=5, b_extra="skip_connections: {a_input: {future_layers: [b_Linear_0]}}"),
+        "b.skip_connections.a_input", "add into b_Linear_0"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIXED_MISTAKES))
+def test_mistakes_are_user_errors_at_the_right_key(tmp_path, case):
+    """Each is a UserError naming the file and the key path where the mistake was written (never a
+    traceback, never a model that builds and fails at the first step)."""
+    fields, key_path, words = FIXED_MISTAKES[case]
+    fields = {"b_input": "{a: output}", "b_out": 4, "b_extra": "", "c_input": "{b: output}"} | fields
+    path = tmp_path / "arch.yaml"
+    path.write_text(textwrap.dedent(TWO_SUBMODELS.format(**fields)))
+    with pytest.raises(UserError) as e:
+        model_base.PyNet(path)
+    message = str(e.value)
+    assert str(path) in message and f"{key_path}:" in message and words in message, message
+
+
+@pytest.mark.parametrize("layer_type, params, input_size, key_path, words", [
+    ("LSTM", {"hidden_size": 4}, [5], "a.layers[0]", "whole batch as one sequence"),
+    ("MultiheadAttention", {"num_heads": 1}, [2, 3, 4], "a.layers[0]", "[time, features]"),
+    ("LayerNorm", None, [4, 8, 8], "a.layers[0].layer_params", "GroupNorm"),
+    ("Conv2d", {"in_channels": 3, "out_channels": 2, "kernel_size": 1}, [1, 8, 8], "a.layers[0].layer_params.in_channels",
+     "gives 1"),
+    ("Embedding", {"num_embeddings": 10, "embedding_dim": 4}, [5], "a.layers[0].layer_type", "integer indices"),
+])
+def test_inputs_a_layer_would_misread_are_refused(tmp_path, layer_type, params, input_size, key_path, words):
+    """A sequence layer on a 1-D sample (torch would mix the batch), LayerNorm over only the width
+    of a conv map, an input size that contradicts the input, Embedding on float data."""
+    path, message = refusal(tmp_path, layer_type, params, input_size)
+    assert path in message and f"{key_path}:" in message and words in message, message
+
+
+def test_layer_norm_over_a_whole_conv_map_when_asked(tmp_path):
+    model, layer = build_one_layer(tmp_path, "LayerNorm", {"normalized_shape": [4, 8, 8]}, [4, 8, 8])
+    assert tuple(layer.normalized_shape) == (4, 8, 8)
+
+
+def test_model_base_cli_reads_paths_relative_to_the_current_folder(repo, tmp_path):
+    """Like every other command-line path, `python model_base.py ARCH` reads ARCH from where it runs."""
+    (tmp_path / "mine.yaml").write_text((SRC / UNET_ARCH).read_text())
+    proc = run(repo, repo / "model_base.py", "mine.yaml", cwd=tmp_path)
+    assert "total: 289,682 parameters" in proc.stdout
