@@ -62,7 +62,22 @@ def check_data_fits_model(streams, model, source):
 def load_weights(model, state, path):
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model_state_dict)")
-    try:
-        model.load_state_dict(state["model_state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: its weights do not fit the architecture {model.architecture_path}:\n{e}") from None
+    saved, own = state["model_state_dict"], model.state_dict()
+    problems = weight_mismatches(saved, own)
+    if problems:
+        lines = "\n  ".join(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+        raise UserError(f"{path}: its weights do not fit the architecture {model.architecture_path} (the checkpoint "
+                        f"holds the architecture it was trained with, under 'architecture'):\n  {lines}")
+    model.load_state_dict(saved)
+
+
+def weight_mismatches(saved, own):
+    """What differs between a checkpoint's state_dict and the model's, by YAML layer name."""
+    def layer(key):  # model_components.<component>.<submodel>.layers.<layer name>.<tensor>
+        return key.split(".layers.", 1)[-1]
+
+    problems = [f"{layer(k)}: {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the architecture"
+                for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{layer(k)}: in the architecture, not in the checkpoint" for k in own if k not in saved]
+    problems += [f"{layer(k)}: in the checkpoint, not in the architecture" for k in saved if k not in own]
+    return problems

@@ -74,12 +74,25 @@ def torch_optimizers():
             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
 
 
+# Schedulers that take a callable or other schedulers, which a YAML file cannot give.
+NOT_CONFIGURABLE_SCHEDULERS = ("LRScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler")
+
+
+def torch_schedulers():
+    sched = torch.optim.lr_scheduler
+    return {n: c for n, c in vars(sched).items() if isinstance(c, type) and not n.startswith("_")
+            and issubclass(c, (sched.LRScheduler, sched.ReduceLROnPlateau)) and n not in NOT_CONFIGURABLE_SCHEDULERS}
+
+
 def dataset_fns():
     return public_functions(dataset_functions)
 
 
 def loss_fns():
     return public_functions(loss)
+
+
+LOSS_TRAINER_ARGS = {"discriminator": "is passed by the trainer (the model's discriminate), not the config"}
 
 
 # ---- schemas -----------------------------------------------------------------------------------
@@ -111,7 +124,14 @@ TRAINING = {
         "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]}"),
         "batch_size": Key(32, int, check=at_least(1), doc="per process"),
         "seed": Key(0, int, check=in_closed_range(0, 2**32 - 1), doc="seeds python, numpy and torch: same config, same machine, same weights"),
-        "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates"),
+        "scheduler": Key("StepLR", str, check=name_in(torch_schedulers, "scheduler in torch.optim.lr_scheduler"),
+                         doc="learning-rate schedule; StepLR takes learning_rate_step and learning_rate_gamma"),
+        "scheduler_args": Key({}, dict, doc="the scheduler's other arguments, e.g. {T_max: 100} for CosineAnnealingLR"),
+        "scheduler_interval": Key("epoch", str, check=one_of("epoch", "step"),
+                                  doc="advance the schedule after every epoch or after every step"),
+        "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates and metrics.jsonl writes"),
+        "on_nonfinite_loss": Key("stop", str, check=one_of("stop", "skip", "ignore"),
+                                 doc="a NaN/inf loss: stop training, skip the update, or do not check (saves a sync per update)"),
     },
     "adversarial": {
         "enable_adversarial_training": Key(False, bool),
@@ -121,6 +141,10 @@ TRAINING = {
         "optimizer": Key(None, str, check=name_in(torch_optimizers, "optimizer in torch.optim"),
                          doc="null: training.optimizer"),
         "optimizer_args": Key(None, dict, doc="null: training.optimizer_args"),
+        "scheduler": Key(None, str, check=name_in(torch_schedulers, "scheduler in torch.optim.lr_scheduler"),
+                         doc="null: training.scheduler"),
+        "scheduler_args": Key(None, dict, doc="null: training.scheduler_args"),
+        "scheduler_interval": Key(None, str, check=one_of("epoch", "step"), doc="null: training.scheduler_interval"),
         "train_disc_first": Key(True, bool),
         "n_gen_iterations": Key(1, int, check=at_least(1)),
         "n_disc_iterations": Key(1, int, check=at_least(1)),
@@ -138,6 +162,7 @@ TRAINING = {
         "save_epoch_increment": Key(1, int, check=at_least(1)),
         "save_filename_prefix": Key("model", str),
         "save_folder_name": Key("run", str),
+        "keep_last": Key(None, int, check=at_least(1), doc="keep only the newest N checkpoints of the run (null: all)"),
     },
     "dataset": {
         "data_len_key": Key(REQUIRED, str, doc="the stream whose length is the epoch length"),
@@ -276,17 +301,25 @@ def _copy(value):
     return type(value)(value) if isinstance(value, (list, dict)) else value
 
 
-def check_function_args(fn, args, where, errors, passed=0, keyword_only=False):
-    """Every key of `args` must be a parameter of `fn` other than the first `passed` ones, which
-    the pipeline fills in itself (and a keyword-only one, if asked)."""
+def check_function_args(fn, args, where, errors, passed=0, keyword_only=False, filled=None):
+    """Every key of `args` must be a parameter of `fn` other than the first `passed` ones and the
+    `filled` ones ({name: what sets it}), which the pipeline fills in itself (and a keyword-only
+    one, if asked); every parameter without a default that the pipeline does not fill must be in
+    `args`."""
+    filled = filled or {}
     params = list(inspect.signature(fn).parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    valid = [p.name for p in params[passed:] if p.kind is p.KEYWORD_ONLY or not keyword_only]
+    settable = [p for p in params[passed:] if p.name not in filled and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and (p.kind is p.KEYWORD_ONLY or not keyword_only)]
+    valid = [p.name for p in settable]
     for name in args:
-        if name not in valid:
+        if name in filled:
+            errors.append(f"{where}.{name}: {filled[name]}")
+        elif name not in valid and not any(p.kind is p.VAR_KEYWORD for p in params):
             errors.append(f"{where}.{name}: not an argument of {fn.__name__} that a config sets"
                           f"{did_you_mean(name, valid)}; valid: {', '.join(valid) or 'none'}")
+    for p in settable:
+        if p.default is p.empty and p.name not in args:
+            errors.append(f"{where}: {fn.__name__} needs {p.name} (no default)")
 
 
 def check_dataset(raw, where, errors):
@@ -335,6 +368,40 @@ def check_stream(s, where, errors):
             check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors, passed)
 
 
+# adversarial keys that copy training's value when null (the discriminator's optimizer and schedule)
+COPIED_TO_ADVERSARIAL = ["learning_rate", "learning_rate_gamma", "learning_rate_step", "optimizer", "optimizer_args",
+                         "scheduler", "scheduler_args", "scheduler_interval"]
+
+
+def check_schedule(cfg, section, errors, copied=()):
+    """optimizer_args and scheduler_args of `section` against their classes' signatures. The
+    learning rate, and StepLR's step and gamma, have keys of their own; resuming sets last_epoch.
+    A group of keys all `copied` from training's is not checked again."""
+    s = cfg[section]
+
+    def check(keys, fn, args_key, filled):
+        if set(keys) <= set(copied):
+            return
+        found = []
+        check_function_args(fn, s[args_key], f"{section}.{args_key}", found, passed=1, filled=filled)
+        note = ", ".join(f"{section}.{k}" for k in keys if k in copied)
+        errors.extend(f"{e} ({note}: null, so training's)" if note else e for e in found)
+
+    if s["optimizer"] in torch_optimizers() and isinstance(s["optimizer_args"], dict):
+        check(("optimizer", "optimizer_args"), torch_optimizers()[s["optimizer"]], "optimizer_args",
+              {"lr": f"comes from {section}.learning_rate"})
+    name = s["scheduler"]
+    if name in torch_schedulers() and isinstance(s["scheduler_args"], dict):
+        filled = {"last_epoch": "is set when resuming, from the checkpoint"}
+        if name == "StepLR":
+            filled |= {"step_size": f"comes from {section}.learning_rate_step",
+                       "gamma": f"comes from {section}.learning_rate_gamma"}
+        check(("scheduler", "scheduler_args"), torch_schedulers()[name], "scheduler_args", filled)
+    if name == "ReduceLROnPlateau" and s["scheduler_interval"] != "epoch" \
+            and not {"scheduler", "scheduler_interval"} <= set(copied):
+        errors.append(f"{section}.scheduler_interval: ReduceLROnPlateau follows the epoch's mean loss; use epoch")
+
+
 def raise_if(errors, source):
     if errors:
         lines = "\n  ".join(errors)
@@ -350,11 +417,14 @@ def load_training_config(path, overrides=None):
     cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
     if cfg["loss"]["loss_fn"] in loss_fns():
         check_function_args(loss_fns()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args", errors,
-                            keyword_only=True)  # the rest are the tensors the trainer passes
+                            keyword_only=True, filled=LOSS_TRAINER_ARGS)  # the rest are the tensors the trainer passes
     adv, train = cfg["adversarial"], cfg["training"]
-    for key in ["learning_rate", "learning_rate_gamma", "learning_rate_step", "optimizer", "optimizer_args"]:
-        if adv[key] is None:
-            adv[key] = _copy(train[key])
+    copied = [key for key in COPIED_TO_ADVERSARIAL if adv[key] is None]
+    for key in copied:
+        adv[key] = _copy(train[key])
+    check_schedule(cfg, "training", errors)
+    if adv["enable_adversarial_training"]:
+        check_schedule(cfg, "adversarial", errors, copied)
     raise_if(errors, path)
     cfg["config_path"] = str(path)
     return cfg
@@ -387,3 +457,24 @@ def results_dir(cfg):
 def to_yaml(cfg):
     """The config as YAML text (for the run's snapshot and for checkpoints)."""
     return yaml.safe_dump({k: v for k, v in cfg.items() if k != "config_path"}, sort_keys=False)
+
+
+def config_changes(old, new):
+    """['key.path: old -> new', ...] between two configs (dicts), ignoring where each was loaded
+    from and which checkpoint it resumes."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    ignored = {"config_path", "model.model_checkpoint_filename"}
+    def show(d, key):
+        return "(not set)" if key not in d else "null" if d[key] is None else d[key]
+
+    return [f"{key}: {show(a, key)} -> {show(b, key)}"
+            for key in sorted(a.keys() | b.keys()) if key not in ignored and a.get(key) != b.get(key)]

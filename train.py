@@ -4,10 +4,11 @@
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """
 import torch.distributed as dist
+import yaml
 
 from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint, timestamp
 from cli import add_training_cfg, check_data_fits_model, load_weights, make_parser
-from config import checkpoint_dir, load_training_config, to_yaml
+from config import checkpoint_dir, config_changes, load_training_config, to_yaml
 from dataset import build_dataset, make_loader
 from dataset_base import load_streams
 from errors import run_main
@@ -49,6 +50,12 @@ def train(cfg, placement, source):
     # Everything is checked; only now is anything written.
     if placement.is_main:
         print(model.summary())
+        if resume:
+            changes = config_changes(yaml.safe_load(resume["config"]), cfg)
+            print(f"config changes since {path.name}:" + "".join(f"\n  {c}" for c in changes) if changes else
+                  f"same config as {path.name}")
+            for note in trainer.notes:
+                print(note)
         print(f"{'resuming from ' + str(path) if path else 'training from scratch'}; "
               f"{len(dataset)} samples, {len(loader)} steps per epoch, device {placement.device}"
               f"{f' x {placement.world_size} processes' if placement.world_size > 1 else ''}")

@@ -6,19 +6,24 @@ that changes while training (weights, optimizer and scheduler state, epoch, step
 history, RNG). Its state is what a checkpoint holds, so resuming restores all of it.
 """
 import inspect
+import json
 import os
 import random
 import signal
+import sys
+import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from tqdm import tqdm
 
 import loss
-from checkpoint import checkpoint_name, save_checkpoint
-from config import checkpoint_dir, to_yaml, torch_optimizers
+from checkpoint import atomic_write, checkpoint_name, list_checkpoints, save_checkpoint
+from config import checkpoint_dir, to_yaml, torch_optimizers, torch_schedulers
 from errors import UserError, public_functions
 
 
@@ -89,11 +94,66 @@ def check_training_setup(model, adversarial, loss_fn, source):
                         "or enable adversarial training")
 
 
-def make_optimizer(params, name, learning_rate, optimizer_args, where):
+def make_optimizer(params, s, where):
+    """The optimizer of one network from its config section (`training` or `adversarial`)."""
+    name, args = s["optimizer"], s["optimizer_args"]
     try:
-        return torch_optimizers()[name](params, lr=learning_rate, **optimizer_args)
+        return torch_optimizers()[name](params, lr=s["learning_rate"], **args)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {name}(lr={learning_rate}, **{optimizer_args}) failed: {e}") from None
+        raise UserError(f"{where}.optimizer_args: {name}(lr={s['learning_rate']}, **{args}) failed: {e}") from None
+
+
+def make_scheduler(optimizer, s, steps_per_epoch, n_epochs, where):
+    """The learning-rate schedule of one network. StepLR takes the seed's learning_rate_step and
+    learning_rate_gamma; a schedule with a total length (OneCycleLR) gets the run's, in steps or
+    epochs as scheduler_interval says, unless its args give one."""
+    name, args = s["scheduler"], dict(s["scheduler_args"])
+    cls = torch_schedulers()[name]
+    if name == "StepLR":
+        args |= {"step_size": s["learning_rate_step"], "gamma": s["learning_rate_gamma"]}
+    if fills_total_length(s):
+        args["total_steps"] = n_epochs * (steps_per_epoch if s["scheduler_interval"] == "step" else 1)
+    try:
+        return cls(optimizer, **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}.scheduler_args: {name}({_kwargs_text(args)}) failed: {e}") from None
+
+
+def _kwargs_text(kwargs):
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+class NonFiniteLoss(Exception):
+    """A loss turned NaN or infinite (training.on_nonfinite_loss: stop)."""
+
+
+class MetricsLog:
+    """metrics.jsonl beside the checkpoints: one JSON object per step with its epoch, step, every
+    loss term and the learning rate of each network ("generator/l1", "generator/lr", ...).
+    Read it with e.g. pandas.read_json(path, lines=True)."""
+
+    def __init__(self, path, last_step):
+        self.path = path
+        # A resumed run redoes the steps after its checkpoint: drop their rows (and any line cut
+        # short by a kill) so that every step appears once.
+        kept = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+        text = "".join(kept).encode()
+        atomic_write(path, lambda f: f.write(text))
+        self.file = open(path, "a")
+
+    def write(self, rows):
+        self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
 
 
 class Trainer:
@@ -105,16 +165,22 @@ class Trainer:
         self.loss_fn = public_functions(loss)[cfg["loss"]["loss_fn"]]
         self.loss_args = cfg["loss"]["loss_args"]
         check_training_setup(model, self.adversarial, self.loss_fn, self.source)
+        # A loss that asks for the discriminator (a penalty on its gradient) gets a callable.
+        self.loss_wants_discriminator = "discriminator" in inspect.signature(self.loss_fn).parameters
         self.networks = ["generator", "discriminator"] if self.adversarial else ["generator"]
         self.params = {net: model.parameters_of(net) for net in self.networks}
-        self.optimizers, self.schedulers = {}, {}
+        self.optimizers, self.schedulers, self.schedule_every_step = {}, {}, {}
         for net, section in (("generator", "training"), ("discriminator", "adversarial")):
             if net in self.networks:
-                s = cfg[section]
-                self.optimizers[net] = make_optimizer(self.params[net], s["optimizer"], s["learning_rate"],
-                                                      s["optimizer_args"], f"{self.source}: {section}")
-                self.schedulers[net] = torch.optim.lr_scheduler.StepLR(self.optimizers[net], s["learning_rate_step"],
-                                                                       s["learning_rate_gamma"])
+                s, where = cfg[section], f"{self.source}: {section}"
+                self.optimizers[net] = make_optimizer(self.params[net], s, where)
+                self.schedulers[net] = make_scheduler(self.optimizers[net], s, len(loader), train["n_epochs"], where)
+                self.schedule_every_step[net] = s["scheduler_interval"] == "step"
+        self.on_nonfinite = train["on_nonfinite_loss"]
+        self.skipped_updates = 0
+        self.keep_last = cfg["saving"]["keep_last"]
+        self.metrics = None  # metrics.jsonl, open while fit() runs on rank 0
+        self.notes = []  # what resuming changed, for train.py to show
         self.update_order = ["discriminator", "generator"] if adv["train_disc_first"] else ["generator", "discriminator"]
         self.iterations = {"generator": adv["n_gen_iterations"], "discriminator": adv["n_disc_iterations"]}
         self.n_epochs, self.log_interval = train["n_epochs"], train["log_interval"]
@@ -132,31 +198,40 @@ class Trainer:
 
     # ---- one step ----
     def train_step(self, batch):
+        """Update the network(s) on one batch; returns ({network: loss terms}, {network: lr})."""
         device = self.placement.device
         inputs, targets = self.model.split_batch(batch)
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True) if targets is not None else None
+        lrs = {net: opt.param_groups[0]["lr"] for net, opt in self.optimizers.items()}
         if not self.adversarial:
-            return {"generator": self.update("generator", self.model(inputs), inputs, targets)}
-        terms, outputs = {}, None
-        for net in self.update_order:
-            for _ in range(self.iterations[net]):
-                if outputs is None:  # generated once per generator state, shared by both networks
-                    outputs = self.model(inputs)
-                terms[net] = self.update(net, outputs, inputs, targets)
-                if net == "generator":
-                    outputs = None
-        return terms
+            terms = {"generator": self.update("generator", self.model(inputs), inputs, targets)}
+        else:
+            terms, outputs = {}, None
+            for net in self.update_order:
+                for _ in range(self.iterations[net]):
+                    if outputs is None:  # generated once per generator state, shared by both networks
+                        outputs = self.model(inputs)
+                    terms[net] = self.update(net, outputs, inputs, targets)
+                    if net == "generator":
+                        outputs = None
+        for net, every_step in self.schedule_every_step.items():
+            if every_step:
+                self.schedulers[net].step()
+        return terms, lrs
 
     def update(self, net, outputs, inputs, targets):
         """One optimizer step of `net`; returns its loss terms (detached) plus their total."""
         fake_scores = real_scores = None
+        extra = {}
         if self.adversarial:
             if net == "discriminator":
                 outputs = outputs.detach()
                 real_scores = self.model.discriminate(targets, inputs)
             fake_scores = self.model.discriminate(outputs, inputs)
-        terms = self.loss_fn(net, outputs, targets, fake_scores, real_scores, **self.loss_args)
+            if self.loss_wants_discriminator:
+                extra["discriminator"] = lambda samples: self.model.discriminate(samples, inputs)
+        terms = self.loss_fn(net, outputs, targets, fake_scores, real_scores, **self.loss_args, **extra)
         if not terms:
             raise UserError(f"{self.source}: loss.loss_fn {self.loss_fn.__name__} returned no loss terms for the "
                             f"{net}; check loss.loss_args (all weights zero?)")
@@ -164,32 +239,60 @@ class Trainer:
         optimizer = self.optimizers[net]
         optimizer.zero_grad(set_to_none=True)
         total.backward(inputs=self.params[net])  # the generator's loss needs no discriminator gradients
+        bad = None if self.on_nonfinite == "ignore" else ~torch.isfinite(total.detach())
         if self.placement.world_size > 1:
-            average_gradients(self.params[net], self.placement.world_size)
-        optimizer.step()
+            bad = average_gradients(self.params[net], self.placement.world_size, bad)
+        if bad is not None and bad.item():  # one host sync per update; `ignore` saves it
+            self.nonfinite(net, terms)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
         return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def nonfinite(self, net, terms):
+        """A NaN or inf loss (on any DDP process): stop, or skip this update, as configured."""
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        where = (f"epoch {self.epoch + 1}, step {self.step + 1} ({self.batches_done + 1} of the epoch): "
+                 f"{net} loss {values}")
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at {where}")
+        self.skipped_updates += 1
+        if self.placement.is_main:
+            tqdm.write(f"skipped the {net} update at {where} (training.on_nonfinite_loss: skip)")
 
     # ---- the loop ----
     def fit(self):
-        """Train epochs epoch+1 .. n_epochs; Ctrl-C or SIGTERM ends the step, saves `_et`, exits."""
+        """Train epochs epoch+1 .. n_epochs; Ctrl-C or SIGTERM ends the step, saves `_et`, exits.
+        A non-finite loss (on_nonfinite_loss: stop) ends training without saving, exit status 3."""
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         main = self.placement.is_main
         steps_per_epoch = len(self.loader)
         bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.step, disable=not main, dynamic_ncols=True,
                    unit="step")
-        last = self.save() if self.step == 0 else None  # the initial weights
+        if main:
+            self.remove_partial_saves()
+            self.metrics = MetricsLog(self.folder / "metrics.jsonl", self.step)
+        last = self.save() if self.step == 0 else self.latest_checkpoint()  # the initial weights
         try:
             for epoch in range(self.epoch + 1, self.n_epochs + 1):
                 bar.set_description(f"epoch {epoch}/{self.n_epochs}")
                 if not self.run_epoch(epoch, bar):
                     break
                 self.epoch = epoch
-                for scheduler in self.schedulers.values():
-                    scheduler.step()
+                self.step_epoch_schedules(steps_per_epoch)
                 if epoch % self.save_every == 0 or epoch == self.n_epochs:
                     last = self.save()
+        except NonFiniteLoss as e:
+            bar.close()
+            if main:
+                print(f"error: {e}\nThe last checkpoint, {last}, is untouched. To skip such updates instead, set "
+                      "training.on_nonfinite_loss: skip; a lower learning rate often helps.", file=sys.stderr)
+            raise SystemExit(3) from None
         finally:
             bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self.stop_signal is not None:
@@ -208,35 +311,71 @@ class Trainer:
     def run_epoch(self, epoch, bar):
         """Train one epoch (the rest of it, when resuming part way); False if a stop was requested."""
         self.loader.sampler.set_epoch(epoch, skip=self.batches_done * self.loader.batch_size)
-        pending = []
-        for batch in self.loader:
-            pending.append(self.train_step(batch))
+        pending, waited, since = [], 0.0, time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - start
+            if batch is None:
+                break
+            try:
+                pending.append(self.train_step(batch))
+            except NonFiniteLoss:
+                if pending:  # keep the good steps before it in loss_history and metrics.jsonl
+                    self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
+                raise
             self.step += 1
             self.batches_done += 1
             bar.update()
             if len(pending) == self.log_interval:
-                self.record(pending, bar)
-                pending = []
+                self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
+                pending, waited, since = [], 0.0, time.perf_counter()
             if self.stop_requested(agree=not pending):
                 break
-        self.record(pending, bar)
+        if pending:
+            self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
         if self.stop_requested(agree=True):
             return False
         self.batches_done = 0
         return True
 
-    def record(self, pending, bar):
-        """Move pending per-step losses to loss_history (one device sync per log_interval steps)."""
-        if not pending:
-            return
-        for net in pending[0]:
-            names = list(pending[0][net])
-            values = torch.stack([torch.stack([step[net][k] for k in names]) for step in pending]).cpu().tolist()
+    def step_epoch_schedules(self, steps_per_epoch):
+        for net, scheduler in self.schedulers.items():
+            if self.schedule_every_step[net]:
+                continue
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(self.epoch_mean_loss(net, steps_per_epoch))
+            else:
+                scheduler.step()
+
+    def epoch_mean_loss(self, net, steps_per_epoch):
+        """The mean total loss of `net` over the epoch just trained (over all DDP processes)."""
+        mean = torch.tensor(float(np.mean(self.loss_history[net]["total"][-steps_per_epoch:])),
+                            device=self.placement.device)
+        if self.placement.world_size > 1:
+            dist.all_reduce(mean)
+            mean /= self.placement.world_size
+        return mean.item()
+
+    def record(self, pending, epoch, bar, data_share):
+        """Move pending per-step losses to loss_history and metrics.jsonl (one device sync per
+        log_interval steps), and show the latest losses and the share of time spent waiting for data."""
+        first_step = self.step - len(pending) + 1
+        rows = [{"epoch": epoch, "step": first_step + i} for i in range(len(pending))]
+        for net in pending[0][0]:
+            names = list(pending[0][0][net])
+            values = torch.stack([torch.stack([terms[net][k] for k in names]) for terms, _ in pending]).cpu().tolist()
             history = self.loss_history[net]
             for i, name in enumerate(names):
                 history.setdefault(name, []).extend(row[i] for row in values)
-        bar.set_postfix({f"{net} loss": f"{h['total'][-1]:.4f}" for net, h in self.loss_history.items()},
-                        refresh=False)
+            for row, step_values, (_, lrs) in zip(rows, values, pending):
+                row |= {f"{net}/{name}": v for name, v in zip(names, step_values)}
+                row[f"{net}/lr"] = lrs[net]
+        if self.metrics is not None:
+            self.metrics.write(rows)
+        bar.set_postfix({**{f"{net} loss": f"{h['total'][-1]:.4f}" for net, h in self.loss_history.items()},
+                         "data wait": f"{data_share:.0%}"}, refresh=False)
 
     def stop_requested(self, agree):
         """Whether to stop after this step. Under DDP every process must stop at the same step (or
@@ -269,6 +408,7 @@ class Trainer:
             "step": self.step,
             "batches_done_in_epoch": self.batches_done,
             "early_stop": early_stop,
+            "skipped_updates": self.skipped_updates,
             "loss_history": self.loss_history,
             "config": to_yaml(self.cfg),
             "architecture": self.model.architecture_text,
@@ -285,15 +425,35 @@ class Trainer:
         if not self.placement.is_main:
             return None
         state = self.state(early_stop, transforms)
-        return save_checkpoint(self.folder / checkpoint_name(self.save_prefix, self.epoch, early_stop), state)
+        path = save_checkpoint(self.folder / checkpoint_name(self.save_prefix, self.epoch, early_stop), state)
+        if self.keep_last:  # only once the new one is safely on disk
+            for old in self.own_checkpoints()[:-self.keep_last]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def own_checkpoints(self):
+        """This run's checkpoints (its prefix, in its folder), oldest first."""
+        return [p for p in list_checkpoints(self.folder) if p.name.startswith(f"{self.save_prefix}_epoch")]
+
+    def latest_checkpoint(self):
+        found = self.own_checkpoints()
+        return found[-1] if found else None
+
+    def remove_partial_saves(self):
+        """Temp files of writes that a kill -9 cut short (checkpoints, metrics.jsonl, config
+        snapshots: atomic_write names them .<name>.<random>.tmp; never loaded)."""
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def load_state(self, state):
-        self.optimizers["generator"].load_state_dict(state["optimizer_state_dict"])
-        self.schedulers["generator"].load_state_dict(state["scheduler_state_dict"])
-        if self.adversarial and state.get("disc_optimizer_state_dict"):
-            self.optimizers["discriminator"].load_state_dict(state["disc_optimizer_state_dict"])
-            self.schedulers["discriminator"].load_state_dict(state["disc_scheduler_state_dict"])
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
+        saved_cfg = yaml.safe_load(state["config"])
+        self.saved_n_epochs = saved_cfg["training"]["n_epochs"]
+        for net, section, prefix in (("generator", "training", ""), ("discriminator", "adversarial", "disc_")):
+            if net in self.networks and state.get(f"{prefix}optimizer_state_dict"):
+                self.load_schedule(net, self.cfg[section], saved_cfg[section], state[f"{prefix}optimizer_state_dict"],
+                                   state[f"{prefix}scheduler_state_dict"], section)
+        self.skipped_updates = state.get("skipped_updates", 0)
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
                 self.loss_history[net] = history
@@ -305,14 +465,67 @@ class Trainer:
         set_rng_state(state["rng_state"], self.loader, self.placement.rank)
 
 
-def average_gradients(params, world_size):
-    """All-reduce the gradients of `params` in one flat buffer and average them (DDP)."""
+    def load_schedule(self, net, s, saved, optimizer_state, scheduler_state, section):
+        """Restore `net`'s optimizer and schedule. Unchanged settings resume exactly. Changed ones
+        win over the checkpoint's: new optimizer_args apply to the restored optimizer, and a
+        changed learning rate or schedule is rebuilt and advanced to this point of the run."""
+        optimizer = self.optimizers[net]
+        if s["optimizer"] != saved["optimizer"]:
+            self.say(f"{section}.optimizer changed ({saved['optimizer']} -> {s['optimizer']}): the {net}'s optimizer "
+                     "starts afresh")
+            return
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group.update(s["optimizer_args"])
+        keys = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
+                "learning_rate_gamma"]
+        if fills_total_length(s):
+            keys.append("n_epochs")
+        changed = [k for k in keys if (self.cfg["training"] if k == "n_epochs" else s)[k] !=
+                   (self.saved_n_epochs if k == "n_epochs" else saved.get(k))]
+        if not changed:
+            self.schedulers[net].load_state_dict(scheduler_state)
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = s["learning_rate"]
+        where = f"{self.source}: {section}"
+        self.schedulers[net] = make_scheduler(optimizer, s, len(self.loader), self.n_epochs, where)
+        done = self.step if self.schedule_every_step[net] else self.epoch
+        with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
+            warnings.simplefilter("ignore")
+            for _ in range(done):
+                if not isinstance(self.schedulers[net], torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.schedulers[net].step()
+        self.say(f"{', '.join(f'{section}.{k}' if k != 'n_epochs' else 'training.n_epochs' for k in changed)} changed: "
+                 f"the {net}'s {s['scheduler']} schedule is rebuilt and advanced {done} "
+                 f"{'steps' if self.schedule_every_step[net] else 'epochs'} (learning rate now "
+                 f"{optimizer.param_groups[0]['lr']:.4g})")
+
+    def say(self, message):
+        self.notes.append(message)  # train.py prints them with the other resume messages
+
+
+def fills_total_length(s):
+    """Whether make_scheduler gives this schedule the run's length (which then depends on n_epochs)."""
+    return "total_steps" in inspect.signature(torch_schedulers()[s["scheduler"]]).parameters and \
+        s["scheduler_args"].get("total_steps") is None and s["scheduler_args"].get("epochs") is None
+
+
+def average_gradients(params, world_size, flag=None):
+    """All-reduce the gradients of `params` in one flat buffer and average them (DDP). A boolean
+    `flag` (this process's loss is not finite) rides along in the same all-reduce; returned is
+    whether any process raised it."""
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    extra = [flag.reshape(1).to(grads[0].dtype)] if flag is not None else []
+    flat = torch.cat([g.reshape(-1) for g in grads] + extra)
     dist.all_reduce(flat)
+    if flag is not None:
+        flag = flat[-1] > 0
+        flat = flat[:-1]
     flat /= world_size
     for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(synced.view_as(grad))
+    return flag
 
 
 def rng_state(batch_transform_states):
