@@ -1,12 +1,18 @@
-"""Trace a trained model's inference path with TorchScript, for profiling on a device.
+"""Export a trained model's inference path for profiling on a device: TorchScript, torch.export or ONNX.
 
     python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4
 
-Writes, under the checkpoint's folder, jit/<checkpoint>_traced.pt (torch.jit.load-able) and
-jit/<checkpoint>_input_1x1x4x4.raw: the example input the model was traced with, as raw
-float32 values in C order, to feed the model on the device. The traced model is checked
-against the eager one on a fresh random input before anything is written.
+Writes, under the checkpoint's folder:
+- jit/<checkpoint>_traced.pt (torch.jit.load-able; the default format), or _exported.pt2
+  (torch.export.load; --format export), or .onnx (--format onnx, needs onnx and onnxruntime);
+- jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw float32 values in C order, to feed
+  the model on the device, and a .json beside it saying so (shape, dtype, layout, checkpoint).
+Every artifact is checked against the eager model on a fresh random input before anything is
+written. --benchmark N times eager against the artifact on this machine's CPU.
 """
+import json
+import statistics
+import time
 import warnings
 
 import torch
@@ -15,7 +21,8 @@ from checkpoint import atomic_write
 from cli import add_training_cfg, load_trained_run, make_parser
 from errors import UserError, run_main
 
-TOLERANCE = 1e-5  # max abs difference allowed between traced and eager outputs
+TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
+FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}
 
 
 def main(argv):
@@ -23,12 +30,18 @@ def main(argv):
                          "python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4")
     add_training_cfg(parser)
     parser.add_argument("-c", "--checkpoint", required=True, metavar="PTH",
-                        help="checkpoint to trace: a file name in the run's checkpoint folder, a path, or latest")
+                        help="checkpoint to export: a file name in the run's checkpoint folder, a path, or latest")
     parser.add_argument("-i", "--input_size", required=True, nargs="+", type=int, metavar="N",
                         help="shape of the example input, batch first, e.g. 1 1 4 4")
+    parser.add_argument("--format", choices=list(FORMATS), default="torchscript",
+                        help="torchscript (torch.jit.trace, the default), export (torch.export, .pt2) or onnx")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
+                        help="time N forward passes of the eager model and of the artifact (median, p90)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.input_size):
         raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: every size must be >= 1")
+    if args.benchmark < 0:
+        raise UserError(f"--benchmark {args.benchmark}: give a number of runs >= 1 (or leave it out)")
     cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides)
     model.eval()
     expected = (args.input_size[0], *model.input_size)
@@ -38,26 +51,92 @@ def main(argv):
                         f"{model.architecture_path}); use -i {' '.join(map(str, expected))}")
     generator = torch.Generator().manual_seed(cfg["training"]["seed"])
     example = torch.randn(args.input_size, generator=generator)
-    print("note: TorchScript is deprecated in PyTorch in favour of torch.export; the traced model "
-          "still loads with torch.jit.load and on PyTorch Mobile / LibTorch.")
+    out_dir = path.parent / "jit"
+    artifact_path = out_dir / f"{path.stem}{FORMATS[args.format]}"
+    run_artifact, save = EXPORTERS[args.format](model, example, cfg["model"]["model_flow_path"])
+    check = torch.randn(args.input_size, generator=generator)
+    with torch.no_grad():
+        diff = (run_artifact(check) - model(check)).abs().max().item()
+    if diff > TOLERANCE:
+        raise UserError(f"{cfg['model']['model_flow_path']}: the {args.format} model differs from the eager one on a "
+                        f"new input (max abs difference {diff:.3g} > {TOLERANCE}); forward probably has "
+                        "data-dependent control flow, which tracing cannot capture")
+    shape = "x".join(map(str, args.input_size))
+    input_path = out_dir / f"{path.stem}_input_{shape}.raw"
+    save(artifact_path)
+    raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
+    atomic_write(input_path, lambda f: f.write(raw))
+    sidecar = {"shape": list(args.input_size), "dtype": "float32", "layout": "C order (row-major), batch first",
+               "input": model.input_key, "checkpoint": path.name, "model": artifact_path.name, "format": args.format,
+               "max_abs_difference_to_eager": diff}
+    text = json.dumps(sidecar, indent=2).encode()
+    atomic_write(input_path.with_suffix(".json"), lambda f: f.write(text))
+    print(f"{args.format} model of {path.name}: max abs difference to eager {diff:.2e}")
+    print(f"saved {artifact_path}\nsaved {input_path} (float32, C order, shape {shape}) and its .json")
+    if args.benchmark:
+        benchmark(model, run_artifact, example, args.benchmark, args.format)
+
+
+def to_torchscript(model, example, flow_path):
+    print("note: PyTorch marks TorchScript as deprecated in favour of torch.export (--format export); the "
+          "traced model still loads with torch.jit.load and in LibTorch.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # said once, above
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-        check = torch.randn(args.input_size, generator=generator)
-        diff = (traced(check) - model(check)).abs().max().item()
-    if diff > TOLERANCE:
-        raise UserError(f"{cfg['model']['model_flow_path']}: the traced model differs from the eager one on a new "
-                        f"input (max abs difference {diff:.3g} > {TOLERANCE}); forward probably has "
-                        "data-dependent control flow, which tracing cannot capture")
-    out_dir = path.parent / "jit"
-    shape = "x".join(map(str, args.input_size))
-    model_path = out_dir / f"{path.stem}_traced.pt"
-    input_path = out_dir / f"{path.stem}_input_{shape}.raw"
-    atomic_write(model_path, lambda f: torch.jit.save(traced, f))
-    raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
-    atomic_write(input_path, lambda f: f.write(raw))
-    print(f"traced {path.name}: max abs difference to eager {diff:.2e}")
-    print(f"saved {model_path}\nsaved {input_path} (float32, C order, shape {shape})")
+    return traced, lambda path: atomic_write(path, lambda f: torch.jit.save(traced, f))
+
+
+def to_export(model, example, flow_path):
+    try:
+        exported = torch.export.export(model, (example,))
+    except Exception as e:  # torch.export names the line it cannot capture
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flow_path}: torch.export cannot capture forward ({first}); data-dependent control flow "
+                        "is the usual cause (see torch.cond)") from None
+    return exported.module(), lambda path: atomic_write(path, lambda f: torch.export.save(exported, f))
+
+
+def to_onnx(model, example, flow_path):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--format onnx: needs the onnx, onnxscript and onnxruntime packages "
+                        "(pip install onnx onnxscript onnxruntime)") from None
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True)
+    except Exception as e:
+        raise UserError(f"{flow_path}: ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+    data = program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x):
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return run, lambda path: atomic_write(path, lambda f: f.write(data))
+
+
+EXPORTERS = {"torchscript": to_torchscript, "export": to_export, "onnx": to_onnx}
+
+
+@torch.no_grad()
+def benchmark(model, run_artifact, example, n, fmt):
+    """Latency of eager and of the artifact on this CPU: a first look before profiling on the device."""
+    results = {}
+    for name, fn in (("eager", model), (fmt, run_artifact)):
+        for _ in range(max(3, n // 10)):  # warm-up
+            fn(example)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn(example)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        results[name] = (statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))])
+    print(f"latency on this CPU, batch {example.shape[0]}, {n} runs after warm-up:")
+    for name, (median, p90) in results.items():
+        print(f"  {name:<12} median {median * 1e3:8.3f} ms   p90 {p90 * 1e3:8.3f} ms")
+    print(f"  eager / {fmt}: {results['eager'][0] / results[fmt][0]:.2f}x (median)")
 
 
 if __name__ == "__main__":

@@ -560,6 +560,8 @@ def _kwargs_text(kwargs):
 def import_file(path, module_name=None):
     """Import a Python file by path (model flows live outside any package)."""
     path = Path(path)
+    if str(path.parent) not in sys.path:  # so that a flow can import helper modules beside it
+        sys.path.append(str(path.parent))
     name = module_name or f"flow_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None:

@@ -1,4 +1,5 @@
 """The README's commands, end to end, in a subprocess, on tiny settings, in a copy of the repository."""
+import importlib.util
 import json
 import math
 import os
@@ -177,16 +178,30 @@ def eager_model(checkpoint, model_cfg=EXAMPLE_MODEL):
     return model.eval()
 
 
-def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL):
+def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
+    """The artifact and the raw input (with its JSON sidecar) that jit_trace_model.py wrote for
+    `checkpoint`; the artifact run on the raw input gives the eager model's output."""
     jit = checkpoint.parent / "jit"
     tag = "x".join(map(str, shape))
-    traced_path, raw_path = jit / f"{checkpoint.stem}_traced.pt", jit / f"{checkpoint.stem}_input_{tag}.raw"
+    suffix = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}[fmt]
+    artifact, raw_path = jit / f"{checkpoint.stem}{suffix}", jit / f"{checkpoint.stem}_input_{tag}.raw"
     assert raw_path.stat().st_size == 4 * math.prod(shape)  # float32
+    sidecar = json.loads(raw_path.with_suffix(".json").read_text())
+    assert sidecar["shape"] == list(shape) and sidecar["dtype"] == "float32" and sidecar["checkpoint"] == checkpoint.name
+    assert sidecar["model"] == artifact.name and sidecar["format"] == fmt and "C order" in sidecar["layout"]
     x = torch.from_numpy(np.fromfile(raw_path, dtype=np.float32).reshape(shape))
-    traced = torch.jit.load(str(traced_path))
+    if fmt == "torchscript":
+        run_artifact = torch.jit.load(str(artifact))
+    elif fmt == "export":
+        run_artifact = torch.export.load(str(artifact)).module()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        def run_artifact(x):
+            return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         expected = eager_model(checkpoint, model_cfg)(x)
-        torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(run_artifact(x), expected, rtol=0, atol=1e-5 if fmt == "onnx" else 1e-6)
         assert expected.shape == (shape[0], 1, *shape[2:])
 
 
@@ -202,6 +217,61 @@ def test_jit_trace_named_checkpoint_long_options(trained):
     run(repo, "jit_trace_model.py", "--training_cfg", TRAIN_CFG, "--checkpoint", ckpt.name,
         "--input_size", "2", "1", "4", "4")
     check_traced(ckpt, (2, 1, 4, 4))
+
+
+def test_jit_export_format_with_benchmark(trained):
+    """--format export writes a torch.export program (.pt2) that gives the eager outputs; --benchmark
+    prints the latency of both."""
+    repo, folder = trained
+    proc = run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "3", "1", "4", "4",
+               "--format", "export", "--benchmark", "20")
+    check_traced(by_epoch(folder)[2], (3, 1, 4, 4), fmt="export")
+    for name in ("eager", "export"):
+        assert re.search(rf"^  {name} +median +[0-9.]+ ms +p90 +[0-9.]+ ms$", proc.stdout, re.M), proc.stdout
+
+
+def test_jit_onnx_format_or_a_clear_message(trained):
+    """--format onnx writes an ONNX model that onnxruntime runs to the eager outputs; without the
+    packages it says which to install (exit 2)."""
+    repo, folder = trained
+    args = ["jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "2", "1", "4", "4", "--format", "onnx"]
+    if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
+        proc = run(repo, *args, check=False)
+        assert proc.returncode == 2 and "pip install onnx onnxscript onnxruntime" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        return
+    run(repo, *args)
+    check_traced(by_epoch(folder)[2], (2, 1, 4, 4), fmt="onnx")
+
+
+DATA_DEPENDENT_FLOW = """
+from example_model import ExampleModel
+
+
+class ScaledByInput(ExampleModel):
+    def forward(self, inputs):
+        return super().forward(inputs) * float(inputs.abs().max())  # a Python number read off the data
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export"])
+def test_jit_refuses_a_flow_with_data_dependent_control_flow(trained, tmp_path, fmt):
+    """A forward that depends on the data in Python cannot be traced or exported faithfully: exit 2,
+    a message saying so, and nothing written."""
+    repo, folder = trained
+    flow = repo / "models/example_model/scaled_by_input.py"
+    flow.write_text(DATA_DEPENDENT_FLOW)
+    started = time.time()
+    try:
+        proc = run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "5", "1", "4", "4", "--format",
+                   fmt, *sets(f"model.model_flow_path={flow}"), check=False)
+    finally:
+        flow.unlink()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "data-dependent control flow" in proc.stderr, proc.stderr
+    assert str(flow) in proc.stderr
+    jit = folder / "jit"
+    assert not jit.exists() or all(p.stat().st_mtime < started for p in jit.iterdir())
 
 
 # ---- the U-Net example: its README commands on 32 images for one epoch ---------------------------
