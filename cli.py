@@ -1,12 +1,13 @@
 """What the four entry points share: command-line options and loading a trained run."""
 import argparse
+import sys
 
 import torch
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from config import checkpoint_dir, load_training_config
+from config import checkpoint_dir, load_training_config, resolve_path
 from errors import UserError, did_you_mean
-from model_base import build_model
+from model_base import architecture_text_for, build_model
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
             "(the value is read as YAML; repeat --set for several keys)")
@@ -36,12 +37,22 @@ def split_overrides(overrides, section):
 
 
 def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
-    """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict)."""
+    """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict). The model
+    is built from the architecture stored in the checkpoint, which is what its weights fit."""
     cfg = load_training_config(training_cfg_path, overrides)
-    torch.manual_seed(cfg["training"]["seed"])
-    model = build_model(cfg["model"])
     path = resolve_checkpoint(checkpoint_spec, checkpoint_dir(cfg), where)
     state = load_checkpoint(path)
+    torch.manual_seed(cfg["training"]["seed"])
+    saved = state.get("architecture") if isinstance(state, dict) else None
+    on_disk = resolve_path(cfg["model"]["architecture_cfg_path"])
+    if saved is None:
+        model = build_model(cfg["model"])
+    else:
+        if on_disk.read_text() != saved:
+            print(f"note: {on_disk} has changed since {path.name} was trained; using the architecture stored in "
+                  "the checkpoint", file=sys.stderr)
+        with architecture_text_for(on_disk, saved):
+            model = build_model(cfg["model"])
     load_weights(model, state, path)
     return cfg, model, path, state
 

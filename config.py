@@ -203,12 +203,17 @@ def read_yaml(path, what="config"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
+    return parse_yaml(path.read_text(), path, what)
+
+
+def parse_yaml(text, source, what="config"):
+    """YAML text (read from `source`) as a dict, or a UserError naming the source and the line."""
     try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        raise UserError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the {what} must be a YAML mapping of keys to values")
+        raise UserError(f"{source}: the {what} must be a YAML mapping of keys to values")
     return data
 
 

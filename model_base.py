@@ -10,6 +10,8 @@ trains or is written, and reported as a UserError naming the file and the key pa
 Run `python model_base.py <architecture.yaml>` to check an architecture and print its summary.
 """
 import argparse
+import contextlib
+import contextvars
 import importlib.util
 import inspect
 import sys
@@ -20,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 import layers as custom_layers
-from config import read_yaml, resolve_path
+from config import parse_yaml, read_yaml, resolve_path
 from errors import UserError, did_you_mean, lookup, run_main
 
 
@@ -131,13 +133,22 @@ class PyNet(nn.Module):
     """
 
     target_key = None  # the data stream a generator's output is compared with (set in a flow)
+    # Whether target i belongs to input i (image-to-image, regression), so evaluate.py compares
+    # them pairwise; a GAN's real samples are not paired with its noise.
+    paired_targets = False
 
     def __init__(self, architecture_cfg_path):
         super().__init__()
         path = resolve_path(architecture_cfg_path)
         self.architecture_path = str(path)
-        spec = ArchitectureBuilder(path, read_yaml(path, "architecture")).build()
-        self.architecture_text = path.read_text()
+        text = _ARCHITECTURE_TEXTS.get().get(str(path))
+        if text is None:
+            arch = read_yaml(path, "architecture")
+            text = path.read_text()
+        else:
+            arch = parse_yaml(text, f"{path} (as stored in the checkpoint)", "architecture")
+        spec = ArchitectureBuilder(path, arch).build()
+        self.architecture_text = text
         self.model_components = spec["components"]
         self.submodels = {s: sub for comp in self.model_components.values() for s, sub in comp.items()}
         self.adv_types = spec["adv_types"]
@@ -555,6 +566,20 @@ class ArchitectureBuilder:
 
 def _kwargs_text(kwargs):
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+_ARCHITECTURE_TEXTS = contextvars.ContextVar("architecture_texts", default={})
+
+
+@contextlib.contextmanager
+def architecture_text_for(path, text):
+    """Within this block, a PyNet of the architecture at `path` is built from `text` instead of
+    the file: how a checkpoint is rebuilt with the architecture it was trained with."""
+    token = _ARCHITECTURE_TEXTS.set({**_ARCHITECTURE_TEXTS.get(), str(resolve_path(path)): text})
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_TEXTS.reset(token)
 
 
 def import_file(path, module_name=None):

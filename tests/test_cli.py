@@ -170,6 +170,29 @@ def test_evaluate(trained):
     assert "discriminator_score_real" in metrics and "target_to_nearest_output" in metrics
 
 
+def test_paired_metrics_of_known_errors():
+    """PSNR uses the targets' range as the peak: outputs off by 0.1 everywhere from targets
+    spanning [-1, 1] are at 10 log10(4 / 0.01) dB."""
+    import evaluate
+    targets = torch.linspace(-1, 1, 64).view(4, 1, 4, 4)
+    metrics = evaluate.pairwise_metrics(targets + 0.1, targets)
+    assert metrics["l1"] == pytest.approx(0.1) and metrics["mse"] == pytest.approx(0.01)
+    assert metrics["psnr_db"] == pytest.approx(10 * math.log10(4 / 0.01))
+    assert evaluate.pairwise_metrics(targets, targets)["psnr_db"] == math.inf  # the identity model
+
+
+def test_evaluate_rebuilds_the_architecture_stored_in_the_checkpoint(trained, tmp_path):
+    """A checkpoint is evaluated with the architecture it was trained with, even after the YAML on
+    disk changed; the script says so."""
+    repo, folder = trained
+    changed = tmp_path / "changed_arch.yaml"
+    changed.write_text((SRC / ARCH_YAML).read_text().replace("out_features: 64}", "out_features: 32}", 1))
+    proc = run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG,
+               *sets(f"model.architecture_cfg_path={changed}", "evaluation.n_samples=4"))
+    assert f"{changed} has changed since {by_epoch(folder)[2].name} was trained" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])["n_samples"] == 4
+
+
 # ---- 4. python jit_trace_model.py -t ... -c <checkpoint> -i 1 1 4 4 -----------------------------
 def eager_model(checkpoint, model_cfg=EXAMPLE_MODEL):
     torch.manual_seed(0)
@@ -310,6 +333,10 @@ def test_unet_example_evaluates_and_traces(unet_trained):
     out = repo / "results/unet_gan/denoise_run"
     metrics = json.loads((out / f"{stem}_metrics.json").read_text())
     assert metrics["n_samples"] == 8 and "discriminator_score_generated" in metrics
+    # paired data: output vs target and, for reference, the noisy input vs target
+    assert metrics["l1"] >= 0 and metrics["mse"] >= 0 and math.isfinite(metrics["psnr_db"])
+    assert 10 < metrics["input_psnr_db"] < 14  # noise of std 0.5 on data in [-1, 1]: about 12 dB
+    assert "output_to_nearest_target" not in metrics
     assert (out / f"{stem}_samples.png").read_bytes()[:8] == PNG_MAGIC
     run(repo, "evaluate_training.py", "-te", UNET_TRAIN_EVAL_CFG)
     assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC

@@ -12,6 +12,7 @@ from model_base import PyNet
 
 class UNetGAN(PyNet):
     target_key = "clean_images"  # the data stream the denoised output is compared with
+    paired_targets = True  # clean image i is noisy image i without the noise
 
     def forward(self, noisy):
         skips = {}  # one per pass: the encoder's outputs that the decoder's skips read
