@@ -52,6 +52,15 @@ def existing_path(v):
     return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
 
 
+def existing_paths(v):
+    """One path or a list of them, every one existing."""
+    for path in v if isinstance(v, list) else [v]:
+        problem = existing_path(path) if isinstance(path, str) else f"{path!r} is not a path"
+        if problem:
+            return problem
+    return None
+
+
 def python_file(v):
     path = resolve_path(v)
     if not path.is_file() or path.suffix != ".py":
@@ -181,8 +190,10 @@ EVALUATION = {
 
 TRAINING_EVALUATION = {
     "training_evaluation": {
-        "training_cfg_path": Key(REQUIRED, str, check=existing_path),
-        "model_checkpoint_filename": Key("latest", str, list, doc="a file name, latest, or a list of names"),
+        "training_cfg_path": Key(REQUIRED, str, list, check=existing_paths,
+                                 doc="the run's training config, or a list of them to compare runs"),
+        "model_checkpoint_filename": Key("latest", str, list,
+                                         doc="latest, a file name, a glob such as '*_epoch*0_*.pth', or a list of them"),
         "loss_average_window": Key(10, int, check=at_least(1), doc="steps in the moving average"),
     },
 }

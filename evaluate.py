@@ -42,8 +42,9 @@ def main(argv):
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     # Targets belong to inputs one by one when the flow says so, or when there is no GAN.
-    paired = model.paired_targets or not cfg["adversarial"]["enable_adversarial_training"]
-    metrics = compute_metrics(model, inputs, outputs, targets, device, paired)
+    adversarial = cfg["adversarial"]["enable_adversarial_training"]
+    paired = model.paired_targets or not adversarial
+    metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
     metrics["checkpoint"] = str(path)
     out_dir = results_dir(cfg)
     text = json.dumps(metrics, indent=2).encode()
@@ -63,10 +64,10 @@ def run_batched(model, inputs, batch_size, device):
 
 
 @torch.no_grad()
-def compute_metrics(model, inputs, outputs, targets, device, paired):
+def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial):
     """Output statistics; with targets, how close outputs are to them (pairwise for paired data,
-    by nearest neighbours for a GAN); with a discriminator, its mean score for real and for
-    generated samples."""
+    by nearest neighbours for a GAN); with a trained discriminator, its mean score for real and
+    for generated samples."""
     metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
                "output_min": outputs.min().item(), "output_max": outputs.max().item()}
     if targets is None or targets.shape[1:] != outputs.shape[1:]:
@@ -86,7 +87,7 @@ def compute_metrics(model, inputs, outputs, targets, device, paired):
         metrics |= {"output_to_nearest_target": distances.min(1).values.mean().item(),
                     "target_to_nearest_output": distances.min(0).values.mean().item(),
                     "target_to_nearest_other_target": among.min(1).values.mean().item()}
-    if model.has_discriminator:
+    if adversarial:
         real = model.discriminate(targets.to(device), inputs.to(device)).mean().item()
         fake = model.discriminate(outputs.to(device), inputs.to(device)).mean().item()
         metrics |= {"discriminator_score_real": real, "discriminator_score_generated": fake}

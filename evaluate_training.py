@@ -1,17 +1,20 @@
-"""Plot how a run trained: the loss terms of its checkpoints, smoothed, one panel per network.
+"""Plot how runs trained: loss terms per network, smoothed, and learning rates, for one or more
+runs or checkpoints in one figure.
 
     python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml
 
-Writes results/<model>/<save_folder_name>/training_losses.png and prints, per loss term, the
-final and the best moving-average value.
+Writes results/<model>/<save_folder_name>/training_losses.png (of the first run listed) and
+prints, per run and loss term, the steps, the final and the best moving-average value.
 """
 import matplotlib
 import numpy as np
+import yaml
 
-from checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
+from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint
 from cli import add_overrides, make_parser, split_overrides
 from config import TRAINING_EVALUATION, checkpoint_dir, load_config, load_training_config, resolve_path, results_dir
 from errors import UserError, run_main
+from train_base import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -21,30 +24,58 @@ def main(argv):
     parser = make_parser(__doc__.splitlines()[0],
                          "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml")
     parser.add_argument("-te", "--training_evaluation_cfg", required=True, metavar="YAML",
-                        help="the training-evaluation config (which run and checkpoints, smoothing window)")
+                        help="the training-evaluation config (which runs and checkpoints, smoothing window)")
     add_overrides(parser)
     args = parser.parse_args(argv)
     own_sets, train_sets = split_overrides(args.overrides, "training_evaluation")
     te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, own_sets,
                      "training-evaluation config")["training_evaluation"]
-    cfg = load_training_config(resolve_path(te["training_cfg_path"]), train_sets)
-    specs = te["model_checkpoint_filename"]
-    specs = specs if isinstance(specs, list) else [specs]
-    where = f"{args.training_evaluation_cfg}: training_evaluation.model_checkpoint_filename"
-    runs = [(path, load_checkpoint(path)["loss_history"])
-            for path in (resolve_checkpoint(spec, checkpoint_dir(cfg), where) for spec in specs)]
-    if not any(terms for _, history in runs for terms in history.values() if terms):
-        raise UserError(f"{where}: the checkpoint(s) hold no loss history (saved before the first step?); "
-                        "pick a later one, e.g. latest")
+    where = f"{args.training_evaluation_cfg}: training_evaluation"
+    cfgs = [load_training_config(resolve_path(p), train_sets) for p in as_list(te["training_cfg_path"])]
+    runs = [read_run(cfg, path) for cfg in cfgs
+            for path in checkpoints_of(cfg, as_list(te["model_checkpoint_filename"]), f"{where}.model_checkpoint_filename")]
+    if not any(terms for run in runs for terms in run["losses"].values() if terms):
+        raise UserError(f"{where}.model_checkpoint_filename: the checkpoint(s) hold no loss history (saved before the "
+                        "first step?); pick a later one, e.g. latest")
     window = te["loss_average_window"]
     print_table(runs, window)
-    out = results_dir(cfg) / "training_losses.png"
+    out = results_dir(cfgs[0]) / "training_losses.png"
     plot(runs, window, out)
     print(f"saved {out}")
 
 
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def checkpoints_of(cfg, specs, where):
+    """The checkpoints that `specs` name in the run's folder: latest, file names, paths or globs."""
+    folder, found = checkpoint_dir(cfg), []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            matches = [p for p in list_checkpoints(folder) if p.match(spec)]
+            if not matches:
+                raise UserError(f"{where}: {spec!r} matches no checkpoint in {folder}")
+            found += matches
+        else:
+            found.append(resolve_checkpoint(spec, folder, where))
+    return list(dict.fromkeys(found))
+
+
+def read_run(cfg, path):
+    """A checkpoint's loss history per network, and the learning rates from metrics.jsonl (the
+    steps up to the checkpoint), labelled with the run's folder and learning rate."""
+    state = load_checkpoint(path)
+    saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else cfg
+    name = f"{saved['saving']['save_folder_name']} (lr {saved['training']['learning_rate']:g})"
+    rows = [r for r in read_metrics(path.parent / "metrics.jsonl") if r["step"] <= state.get("step", 0)]
+    lrs = {key.split("/")[0]: [r[key] for r in rows] for key in (rows[0] if rows else {}) if key.endswith("/lr")}
+    return {"run": name, "label": f"{name}, {path.stem}", "path": path, "epoch": state.get("epoch"), "losses": state["loss_history"], "lrs": lrs}
+
+
 def moving_average(values, window):
-    """Mean of each run of `window` consecutive values (the whole series if it is shorter)."""
+    """Mean of each run of `window` consecutive values; a series shorter than the window gives
+    the mean of all of it (one point)."""
     values = np.asarray(values, dtype=float)
     window = min(window, len(values))
     return np.convolve(values, np.ones(window) / window, mode="valid")
@@ -56,35 +87,52 @@ def shown_terms(terms):
 
 
 def print_table(runs, window):
-    print(f"{'checkpoint':<48} {'network':<14} {'term':<10} {'steps':>6} "
-          f"{'final':>10} {'best':>10}   (moving average over {window} steps)")
-    for path, history in runs:
-        for net, terms in history.items():
+    print(f"{'checkpoint':<48} {'network':<14} {'term':<12} {'steps':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
+          f"run   (moving averages over {window} steps)")
+    for run in runs:
+        for net, terms in run["losses"].items():
             for term, values in shown_terms(terms).items():
                 smooth = moving_average(values, window)
-                print(f"{path.name:<48} {net:<14} {term:<10} {len(values):>6} {smooth[-1]:>10.4f} {smooth.min():>10.4f}")
+                print(f"{run['path'].name:<48} {net:<14} {term:<12} {len(values):>6} {smooth[-1]:>10.4f} "
+                      f"{np.nanmin(smooth):>10.4f} {run['epoch']:>6}  {run['run']}")
 
 
 def plot(runs, window, out):
-    networks = list(dict.fromkeys(net for _, history in runs for net in history))
-    fig, axes = plt.subplots(1, len(networks), figsize=(6 * len(networks), 4.5), squeeze=False)
+    """One panel per network's losses, and one for the learning rates when metrics.jsonl has them."""
+    networks = list(dict.fromkeys(net for run in runs for net in run["losses"]))
+    with_lr = any(run["lrs"] for run in runs)
+    n = len(networks) + with_lr
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
     for ax, net in zip(axes[0], networks):
-        for path, history in runs:
-            for term, values in shown_terms(history.get(net, {})).items():
+        for run in runs:
+            for term, values in shown_terms(run["losses"].get(net, {})).items():
                 smooth = moving_average(values, window)
                 steps = np.arange(len(values) - len(smooth) + 1, len(values) + 1)
-                label = term if len(runs) == 1 else f"{path.stem}: {term}"
-                ax.plot(steps, smooth, label=label, linewidth=1.2)
-        lines = [line.get_ydata() for line in ax.get_lines()]
-        if lines and min(y.min() for y in lines) > 0 and max(y.max() for y in lines) > 100 * min(y.min() for y in lines):
-            ax.set_yscale("log")  # terms spanning orders of magnitude
+                ax.plot(steps, smooth, label=term if len(runs) == 1 else f"{run['label']}: {term}", linewidth=1.2)
+        log_scale_if_wide(ax)
         ax.set(title=f"{net} loss (moving average, {window} steps)", xlabel="step", ylabel="loss")
+    if with_lr:
+        ax = axes[0][-1]
+        for run in runs:
+            for net, lrs in run["lrs"].items():
+                ax.plot(np.arange(1, len(lrs) + 1), lrs, label=net if len(runs) == 1 else f"{run['label']}: {net}")
+        log_scale_if_wide(ax)
+        ax.set(title="learning rate", xlabel="step", ylabel="learning rate")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(", ".join(path.name for path, _ in runs), fontsize="small")
+    fig.suptitle(", ".join(run["path"].name for run in runs), fontsize="small")
     fig.tight_layout()
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def log_scale_if_wide(ax):
+    """A log y axis for positive curves spanning more than two orders of magnitude."""
+    ys = [line.get_ydata() for line in ax.get_lines()]
+    low = min((np.nanmin(y) for y in ys), default=0)
+    if ys and low > 0 and max(np.nanmax(y) for y in ys) > 100 * low:
+        ax.set_yscale("log")
 
 
 if __name__ == "__main__":

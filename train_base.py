@@ -127,6 +127,20 @@ class NonFiniteLoss(Exception):
     """A loss turned NaN or infinite (training.on_nonfinite_loss: stop)."""
 
 
+def read_metrics(path):
+    """The rows of a metrics.jsonl (none if there is no file), skipping a line a kill cut short."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl beside the checkpoints: one JSON object per step with its epoch, step, every
     loss term and the learning rate of each network ("generator/l1", "generator/lr", ...).
@@ -136,15 +150,7 @@ class MetricsLog:
         self.path = path
         # A resumed run redoes the steps after its checkpoint: drop their rows (and any line cut
         # short by a kill) so that every step appears once.
-        kept = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= last_step:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    pass
-        text = "".join(kept).encode()
+        text = "".join(json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= last_step).encode()
         atomic_write(path, lambda f: f.write(text))
         self.file = open(path, "a")
 

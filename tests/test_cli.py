@@ -181,6 +181,18 @@ def test_paired_metrics_of_known_errors():
     assert evaluate.pairwise_metrics(targets, targets)["psnr_db"] == math.inf  # the identity model
 
 
+def test_evaluate_a_model_trained_without_discriminator(trained):
+    """A plain (non-adversarial) run evaluates with pairwise metrics and no discriminator scores."""
+    repo, _ = trained
+    plain = ["loss.loss_fn=weighted_reconstruction_loss", "loss.loss_args={}", "adversarial.enable_adversarial_training=false"]
+    run(repo, *train_args("plain_run", "training.n_epochs=1", *plain))
+    proc = run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG,
+               *sets("saving.save_folder_name=plain_run", *plain, "evaluation.n_samples=16"))
+    metrics = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    assert metrics["n_samples"] == 16 and metrics["l1"] > 0 and math.isfinite(metrics["psnr_db"])
+    assert "discriminator_score_real" not in metrics
+
+
 def test_evaluate_rebuilds_the_architecture_stored_in_the_checkpoint(trained, tmp_path):
     """A checkpoint is evaluated with the architecture it was trained with, even after the YAML on
     disk changed; the script says so."""
@@ -750,6 +762,46 @@ def test_evaluate_training_from_another_folder(trained, tmp_path):
     proc = run(repo, repo / "evaluate_training.py", "-te", repo / TRAIN_EVAL_CFG, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_moving_average_uses_the_configured_window():
+    """loss_average_window is honoured exactly: each point is the mean of that many steps."""
+    import evaluate_training
+    assert evaluate_training.moving_average(range(10), 3).tolist() == pytest.approx([1, 2, 3, 4, 5, 6, 7, 8])
+    assert evaluate_training.moving_average([1.0, 3.0], 10).tolist() == [2.0]  # shorter than the window
+
+
+def test_evaluate_training_compares_runs_and_checkpoints(trained, resumed, tmp_path):
+    """Several runs (a list of training configs) and checkpoints (a glob and latest) in one figure and
+    table, labelled by run folder and learning rate; learning rates come from metrics.jsonl."""
+    import evaluate_training
+    repo, _ = trained
+    cfgs = []
+    for folder in ("example_run", "resume_run"):
+        cfg = yaml.safe_load((SRC / TRAIN_CFG).read_text())
+        cfg["saving"]["save_folder_name"] = folder
+        cfgs.append(tmp_path / f"{folder}.yaml")
+        cfgs[-1].write_text(yaml.safe_dump(cfg))
+    te = tmp_path / "compare.yaml"
+    te.write_text(yaml.safe_dump({"training_evaluation": {
+        "training_cfg_path": [str(c) for c in cfgs], "model_checkpoint_filename": ["*_epoch1_*", "latest"],
+        "loss_average_window": 4}}))
+    png = repo / "results/example_model/example_run/training_losses.png"
+    png.unlink(missing_ok=True)
+    proc = run(repo, "evaluate_training.py", "-te", te)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    rows = [line for line in proc.stdout.splitlines() if " g_adv " in line]
+    assert len(rows) == 4  # two runs x (epoch 1, latest = epoch 2)
+    assert sum(line.endswith("example_run (lr 0.001)") for line in rows) == 2
+    assert sum(line.endswith("resume_run (lr 0.001)") for line in rows) == 2
+    assert sorted((line.split()[3], line.split()[6]) for line in rows) == [(str(STEPS_PER_EPOCH), "1")] * 2 + [
+        (str(2 * STEPS_PER_EPOCH), "2")] * 2  # steps and epoch of each checkpoint
+    latest = by_epoch(repo / CHECKPOINTS / "resume_run")[2]
+    run_info = evaluate_training.read_run(config.load_training_config(cfgs[1]), latest)
+    assert run_info["lrs"]["generator"] == [0.001] * (2 * STEPS_PER_EPOCH)  # metrics.jsonl, up to the checkpoint
+    te.write_text(te.read_text().replace("'*_epoch1_*'", "'*_epoch7_*'"))
+    proc = run(repo, "evaluate_training.py", "-te", te, check=False)
+    assert proc.returncode == 2 and "'*_epoch7_*' matches no checkpoint" in proc.stderr, proc.stderr
 
 
 # ---- the README ---------------------------------------------------------------------------------
