@@ -8,7 +8,7 @@ Writes, under the checkpoint's folder:
 - jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw float32 values in C order, to feed
   the model on the device, and a .json beside it saying so (shape, dtype, layout, checkpoint).
 Every artifact is checked against the eager model on a fresh random input before anything is
-written. --benchmark N times eager against the artifact on this machine's CPU.
+written. --benchmark N times eager against the artifact on this machine (--device cpu or cuda).
 """
 import json
 import statistics
@@ -37,11 +37,14 @@ def main(argv):
                         help="torchscript (torch.jit.trace, the default), export (torch.export, .pt2) or onnx")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="time N forward passes of the eager model and of the artifact (median, p90)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.input_size):
         raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: every size must be >= 1")
     if args.benchmark < 0:
         raise UserError(f"--benchmark {args.benchmark}: give a number of runs >= 1 (or leave it out)")
+    device = benchmark_device(args.device)
     cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides)
     model.eval()
     expected = (args.input_size[0], *model.input_size)
@@ -74,7 +77,9 @@ def main(argv):
     print(f"{args.format} model of {path.name}: max abs difference to eager {diff:.2e}")
     print(f"saved {artifact_path}\nsaved {input_path} (float32, C order, shape {shape}) and its .json")
     if args.benchmark:
-        benchmark(model, run_artifact, example, args.benchmark, args.format)
+        if device.type != "cpu" and args.format != "onnx":
+            model, run_artifact = model.to(device), run_artifact.to(device)
+        benchmark(model, run_artifact, example, args.benchmark, args.format, device)
 
 
 def to_torchscript(model, example, flow_path):
@@ -119,21 +124,38 @@ def to_onnx(model, example, flow_path):
 EXPORTERS = {"torchscript": to_torchscript, "export": to_export, "onnx": to_onnx}
 
 
+def benchmark_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use cpu or cuda (cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: use cpu or cuda (cuda:1, ...)")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); use cpu")
+    return device
+
+
 @torch.no_grad()
-def benchmark(model, run_artifact, example, n, fmt):
-    """Latency of eager and of the artifact on this CPU: a first look before profiling on the device."""
+def benchmark(model, run_artifact, example, n, fmt, device):
+    """Latency of eager and of the artifact: a first look before profiling on the device."""
     results = {}
-    for name, fn in (("eager", model), (fmt, run_artifact)):
+    on = "cpu" if fmt == "onnx" else device  # ONNX Runtime here runs on the CPU provider
+    for name, fn, where in (("eager", model, device), (fmt, run_artifact, on)):
+        x = example.to(where)
         for _ in range(max(3, n // 10)):  # warm-up
-            fn(example)
+            fn(x)
         times = []
         for _ in range(n):
             start = time.perf_counter()
-            fn(example)
+            fn(x)
+            if torch.device(where).type == "cuda":
+                torch.cuda.synchronize(where)  # the GPU runs asynchronously: wait for the result
             times.append(time.perf_counter() - start)
         times.sort()
         results[name] = (statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))])
-    print(f"latency on this CPU, batch {example.shape[0]}, {n} runs after warm-up:")
+    print(f"latency on {device}{' (ONNX Runtime on the CPU)' if fmt == 'onnx' and device.type != 'cpu' else ''}, "
+          f"batch {example.shape[0]}, {n} runs after warm-up:")
     for name, (median, p90) in results.items():
         print(f"  {name:<12} median {median * 1e3:8.3f} ms   p90 {p90 * 1e3:8.3f} ms")
     print(f"  eager / {fmt}: {results['eager'][0] / results[fmt][0]:.2f}x (median)")

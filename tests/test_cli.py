@@ -265,6 +265,16 @@ def test_jit_export_format_with_benchmark(trained):
         assert re.search(rf"^  {name} +median +[0-9.]+ ms +p90 +[0-9.]+ ms$", proc.stdout, re.M), proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPUs")
+def test_jit_benchmark_on_a_gpu_this_machine_lacks(trained):
+    """--device cuda without a GPU is a user error, reported before anything is exported."""
+    repo, _ = trained
+    proc = run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "7", "1", "4", "4",
+               "--benchmark", "5", "--device", "cuda", check=False)
+    assert proc.returncode == 2 and "--device cuda: this machine has 0 GPU(s); use cpu" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "saved" not in proc.stdout
+
+
 def test_jit_onnx_format_or_a_clear_message(trained):
     """--format onnx writes an ONNX model that onnxruntime runs to the eager outputs; without the
     packages it says which to install (exit 2)."""
