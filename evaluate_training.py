@@ -52,6 +52,8 @@ def checkpoints_of(cfg, specs, where):
     """The checkpoints that `specs` name in the run's folder: latest, file names, paths or globs."""
     folder, found = checkpoint_dir(cfg), []
     for spec in specs:
+        if not isinstance(spec, str):
+            raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest or a glob")
         if any(c in spec for c in "*?["):
             matches = [p for p in list_checkpoints(folder) if p.match(spec)]
             if not matches:
@@ -66,6 +68,8 @@ def read_run(cfg, path):
     """A checkpoint's loss history per network, and the learning rates from metrics.jsonl (the
     steps up to the checkpoint), labelled with the run's folder and learning rate."""
     state = load_checkpoint(path)
+    if not isinstance(state, dict) or "loss_history" not in state:
+        raise UserError(f"{path}: not a checkpoint of this pipeline (no loss_history)")
     saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else cfg
     name = f"{saved['saving']['save_folder_name']} (lr {saved['training']['learning_rate']:g})"
     rows = [r for r in read_metrics(path.parent / "metrics.jsonl") if r["step"] <= state.get("step", 0)]

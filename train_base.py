@@ -483,12 +483,11 @@ class Trainer:
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:
             group.update(s["optimizer_args"])
-        keys = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
-                "learning_rate_gamma"]
-        if fills_total_length(s):
-            keys.append("n_epochs")
-        changed = [k for k in keys if (self.cfg["training"] if k == "n_epochs" else s)[k] !=
-                   (self.saved_n_epochs if k == "n_epochs" else saved.get(k))]
+        now = {f"{section}.{k}": s[k] for k in SCHEDULE_KEYS}
+        before = {f"{section}.{k}": saved.get(k) for k in SCHEDULE_KEYS}
+        if fills_total_length(s):  # the schedule's length is the run's
+            now["training.n_epochs"], before["training.n_epochs"] = self.n_epochs, self.saved_n_epochs
+        changed = [key for key in now if now[key] != before[key]]
         if not changed:
             self.schedulers[net].load_state_dict(scheduler_state)
             return
@@ -502,13 +501,18 @@ class Trainer:
             for _ in range(done):
                 if not isinstance(self.schedulers[net], torch.optim.lr_scheduler.ReduceLROnPlateau):
                     self.schedulers[net].step()
-        self.say(f"{', '.join(f'{section}.{k}' if k != 'n_epochs' else 'training.n_epochs' for k in changed)} changed: "
+        self.say(f"{', '.join(changed)} changed: "
                  f"the {net}'s {s['scheduler']} schedule is rebuilt and advanced {done} "
                  f"{'steps' if self.schedule_every_step[net] else 'epochs'} (learning rate now "
                  f"{optimizer.param_groups[0]['lr']:.4g})")
 
     def say(self, message):
         self.notes.append(message)  # train.py prints them with the other resume messages
+
+
+# The settings that shape a network's learning-rate schedule.
+SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
+                 "learning_rate_gamma"]
 
 
 def fills_total_length(s):
