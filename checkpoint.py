@@ -53,6 +53,13 @@ def atomic_write(path, write):
     return path
 
 
+def remove_partial_writes(folder):
+    """Delete the temp files of atomic_write calls that a kill -9 cut short in `folder` (hidden
+    .<name>.<random>.tmp files, never read by any loader)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 import loss
-from checkpoint import atomic_write, checkpoint_name, list_checkpoints, save_checkpoint
+from checkpoint import atomic_write, checkpoint_name, list_checkpoints, remove_partial_writes, save_checkpoint
 from config import checkpoint_dir, to_yaml, torch_optimizers, torch_schedulers
 from errors import UserError, public_functions
 
@@ -446,19 +446,16 @@ class Trainer:
         return found[-1] if found else None
 
     def remove_partial_saves(self):
-        """Temp files of writes that a kill -9 cut short (checkpoints, metrics.jsonl, config
-        snapshots: atomic_write names them .<name>.<random>.tmp; never loaded)."""
-        for tmp in self.folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Leftovers of checkpoint, metrics.jsonl or config writes that a kill -9 cut short."""
+        remove_partial_writes(self.folder)
 
     def load_state(self, state):
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
         saved_cfg = yaml.safe_load(state["config"])
-        self.saved_n_epochs = saved_cfg["training"]["n_epochs"]
         for net, section, prefix in (("generator", "training", ""), ("discriminator", "adversarial", "disc_")):
             if net in self.networks and state.get(f"{prefix}optimizer_state_dict"):
-                self.load_schedule(net, self.cfg[section], saved_cfg[section], state[f"{prefix}optimizer_state_dict"],
-                                   state[f"{prefix}scheduler_state_dict"], section)
+                self.load_schedule(net, section, saved_cfg, state[f"{prefix}optimizer_state_dict"],
+                                   state[f"{prefix}scheduler_state_dict"])
         self.skipped_updates = state.get("skipped_updates", 0)
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
@@ -471,10 +468,11 @@ class Trainer:
         set_rng_state(state["rng_state"], self.loader, self.placement.rank)
 
 
-    def load_schedule(self, net, s, saved, optimizer_state, scheduler_state, section):
+    def load_schedule(self, net, section, saved_cfg, optimizer_state, scheduler_state):
         """Restore `net`'s optimizer and schedule. Unchanged settings resume exactly. Changed ones
-        win over the checkpoint's: new optimizer_args apply to the restored optimizer, and a
-        changed learning rate or schedule is rebuilt and advanced to this point of the run."""
+        win over the checkpoint's (`saved_cfg`): new optimizer_args apply to the restored optimizer,
+        and a changed learning rate or schedule is rebuilt and advanced to this point of the run."""
+        s, saved = self.cfg[section], saved_cfg[section]
         optimizer = self.optimizers[net]
         if s["optimizer"] != saved["optimizer"]:
             self.say(f"{section}.optimizer changed ({saved['optimizer']} -> {s['optimizer']}): the {net}'s optimizer "
@@ -486,7 +484,7 @@ class Trainer:
         now = {f"{section}.{k}": s[k] for k in SCHEDULE_KEYS}
         before = {f"{section}.{k}": saved.get(k) for k in SCHEDULE_KEYS}
         if fills_total_length(s):  # the schedule's length is the run's
-            now["training.n_epochs"], before["training.n_epochs"] = self.n_epochs, self.saved_n_epochs
+            now["training.n_epochs"], before["training.n_epochs"] = self.n_epochs, saved_cfg["training"]["n_epochs"]
         changed = [key for key in now if now[key] != before[key]]
         if not changed:
             self.schedulers[net].load_state_dict(scheduler_state)
