@@ -57,17 +57,41 @@ def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
     return cfg, model, path, state
 
 
-def check_data_fits_model(streams, model, source):
-    """The streams the model reads exist and hold samples of the shape its architecture expects."""
+def targets_are_paired(model, adversarial):
+    """Whether target i belongs to input i (a denoiser's clean image, a label), rather than being
+    just some real sample for a discriminator."""
+    return model.target_key is not None and (model.paired_targets or not adversarial)
+
+
+def check_data_fits_model(streams, model, adversarial, source):
+    """The streams the model reads exist, and paired inputs and targets are equally many."""
     for key, role in ((model.input_key, "input_data.data_key"), (model.target_key, "target_key")):
         if key is not None and key not in streams:
             raise UserError(f"{source}: dataset: no stream {key!r}{did_you_mean(key, streams)}, which the model reads "
                             f"({role} in {model.architecture_path if role.startswith('input') else 'its flow'}); "
                             f"streams: {', '.join(streams)}")
-    shape = tuple(streams[model.input_key].shape[1:])
-    if shape != model.input_size:
-        raise UserError(f"{source}: dataset.{model.input_key}: samples of shape {list(shape)}, but the architecture "
-                        f"{model.architecture_path} expects input_size {list(model.input_size)}")
+    if targets_are_paired(model, adversarial):
+        n_in, n_target = len(streams[model.input_key]), len(streams[model.target_key])
+        if n_in != n_target:
+            raise UserError(f"{source}: dataset: {model.input_key} has {n_in} samples but {model.target_key} has "
+                            f"{n_target}; they are paired by index (target i belongs to input i), so they must be "
+                            f"equally many: check their files, or set n_inputs")
+
+
+def check_batches_fit_model(datasets, model, source):
+    """A first batch of each dataset ({split: dataset}), through its batch transforms, holds
+    inputs of the shape the architecture expects (a crop changes it, and validation may crop
+    differently from training)."""
+    for split, data in datasets.items():
+        if data is None:
+            continue
+        batch = data.__getitems__(((0,), torch.arange(min(2, len(data)))))
+        shape = tuple(batch[model.input_key].shape[1:])
+        if shape != model.input_size:
+            read = tuple(data.streams[model.input_key].shape[1:])
+            how = "" if read == shape else f" after its batch transforms (read: {list(read)})"
+            raise UserError(f"{source}: dataset.{model.input_key}: {split} samples have shape {list(shape)}{how}, but "
+                            f"the architecture {model.architecture_path} expects input_size {list(model.input_size)}")
 
 
 def load_weights(model, state, path):

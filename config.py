@@ -97,6 +97,25 @@ def dataset_fns():
     return public_functions(dataset_functions)
 
 
+# torchvision.transforms.v2 classes that take callables or other transforms, work on PIL images,
+# boxes or labels, or return tuples: none of them is one step on a batch of tensors.
+NOT_BATCH_TRANSFORMS = {"Transform", "Compose", "RandomApply", "RandomChoice", "RandomOrder", "Lambda", "CutMix", "MixUp",
+                        "FiveCrop", "TenCrop", "PILToTensor", "ToImage", "ToPILImage", "ToPureTensor", "ToTensor",
+                        "ClampBoundingBoxes", "ClampKeyPoints", "ConvertBoundingBoxFormat", "SetClampingMode",
+                        "SanitizeBoundingBoxes", "SanitizeKeyPoints", "RandomIoUCrop", "UniformTemporalSubsample"}
+
+
+def batch_transforms():
+    """What a batch transform may name: a function in dataset_functions.py (vectorised over the
+    batch) or a torchvision.transforms.v2 class (applied sample by sample)."""
+    import torchvision.transforms.v2 as v2
+    classes = {n: c for n, c in vars(v2).items() if isinstance(c, type) and issubclass(c, v2.Transform)
+               and not n.startswith("_") and n not in NOT_BATCH_TRANSFORMS}
+    # dataset_functions' batch transforms are the ones whose first parameter is the batch
+    functions = {n: f for n, f in dataset_fns().items() if next(iter(inspect.signature(f).parameters), None) == "batch"}
+    return classes | functions
+
+
 def loss_fns():
     return public_functions(loss)
 
@@ -105,6 +124,17 @@ LOSS_TRAINER_ARGS = {"discriminator": "is passed by the trainer (the model's dis
 
 
 # ---- schemas -----------------------------------------------------------------------------------
+BATCH_TRANSFORM_WHAT = "function in dataset_functions.py or torchvision.transforms.v2 class"
+
+# One entry of dataset.batch_transforms.
+BATCH_TRANSFORM = {
+    "transform": Key(REQUIRED, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT)),
+    "args": Key({}, dict),
+    "streams": Key(REQUIRED, list, doc="the streams it transforms, all with the same random draws"),
+    "in_evaluation": Key(False, bool, doc="also in validation and evaluate.py (a transform that defines the task, "
+                                          "e.g. the noise a denoiser removes), not only in training"),
+}
+
 STREAM = {
     "n_inputs": Key(None, int, check=at_least(1), doc="samples to use (null: all)"),
     "randomize_inputs": Key(False, bool, doc="pick the n_inputs samples at random (seeded), not the first ones"),
@@ -116,9 +146,11 @@ STREAM = {
     "data_generating_function_args": Key({}, dict),
     "data_read_postprocessing_fn": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
     "data_read_postprocessing_fn_args": Key({}, dict),
-    "data_batch_transform": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
+    "data_batch_transform": Key(None, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT),
+                                doc="applied to this stream's training batches (see dataset.batch_transforms)"),
     "data_batch_transform_args": Key({}, dict),
     "multiple_samples_per_file": Key(False, bool, doc="the reader returns a stack of samples per file"),
+    "in_memory": Key(True, bool, doc="false (folder streams): read files as batches are made, for data larger than memory"),
     "h5_key": Key(None, str, doc="dataset name inside the HDF5 file (h5 read type)"),
 }
 
@@ -175,6 +207,15 @@ TRAINING = {
     },
     "dataset": {
         "data_len_key": Key(REQUIRED, str, doc="the stream whose length is the epoch length"),
+        "validation_fraction": Key(0.0, float, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+                                   doc="share of the samples held out for a validation loss per epoch and for evaluate.py"),
+        "split_seed": Key(0, int, check=in_closed_range(0, 2**32 - 1),
+                          doc="which samples are held out; apart from training.seed, so runs with different seeds share a split"),
+        "batch_transforms": Key([], list, doc="transforms applied to several streams alike (paired augmentation)"),
+        "num_workers": Key(None, int, check=at_least(0),
+                           doc="DataLoader worker processes; null: 0 when batches are tensor indexing, else up to 4"),
+        "pin_memory": Key(None, bool, doc="page-locked batches for faster copies to the GPU; null: on when training on a GPU"),
+        "persistent_workers": Key(None, bool, doc="keep workers between epochs; null: on when there are workers"),
     },
 }
 
@@ -185,6 +226,8 @@ EVALUATION = {
         "batch_size": Key(64, int, check=at_least(1)),
         "gpus": Key([], list, check=gpu_list),
         "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
+        "data_split": Key(None, str, check=one_of("validation", "training", "all"),
+                          doc="the samples to evaluate; null: validation if the run holds samples out, else all"),
     },
 }
 
@@ -300,6 +343,7 @@ def check_section(raw, schema, where, errors, also_valid=()):
             errors.append(f"{path}: {value} is not a finite number")
         elif not type_ok(value, rule.types):
             errors.append(f"{path}: {value!r} is not {type_name(rule.types)}")
+            value = None if rule.default is REQUIRED else _copy(rule.default)  # later checks see a valid type
         elif rule.check and (problem := rule.check(value)):
             errors.append(f"{path}: {value!r}: {problem}")
         out[key] = value
@@ -355,13 +399,41 @@ def check_dataset(raw, where, errors):
     if out["data_len_key"] is not None and raw and out["data_len_key"] not in raw:
         errors.append(f"{where}.data_len_key: {out['data_len_key']!r} is not a stream"
                       f"{did_you_mean(out['data_len_key'], raw)}; streams: {', '.join(raw)}")
+    entries = out["batch_transforms"] if isinstance(out["batch_transforms"], list) else []
+    out["batch_transforms"] = [check_batch_transform(entry, f"{where}.batch_transforms[{i}]", list(raw), errors)
+                               for i, entry in enumerate(entries)]
     return out
+
+
+def stream_configs(dataset_cfg):
+    """{stream name: its config} of a validated dataset section (without its own keys)."""
+    return {k: v for k, v in dataset_cfg.items() if k not in TRAINING["dataset"]}
+
+
+def check_batch_transform(entry, where, streams, errors):
+    out = check_section(entry, BATCH_TRANSFORM, where, errors)
+    if out["streams"] == []:
+        errors.append(f"{where}.streams: empty; list the streams to transform, e.g. [inputs, targets]")
+    for name in out["streams"] if isinstance(out["streams"], list) else []:
+        if name not in streams:
+            errors.append(f"{where}.streams: {name!r} is not a stream{did_you_mean(str(name), streams)}; "
+                          f"streams: {', '.join(streams)}")
+    if out["transform"] in batch_transforms() and isinstance(out["args"], dict):
+        check_transform_args(out["transform"], out["args"], f"{where}.args", errors)
+    return out
+
+
+def check_transform_args(name, args, where, errors):
+    """A dataset_functions transform gets (batch, generator) from the pipeline; a v2 class is
+    built from the args alone."""
+    fn = batch_transforms()[name]
+    check_function_args(fn, args, where, errors, passed=0 if isinstance(fn, type) else 2)
 
 
 # The functions a stream names, and how many leading arguments the pipeline passes them itself
 # (file_reader(path), data_generating_function(n_samples, generator), ...).
 STREAM_FUNCTIONS = {"file_reader": 1, "data_generating_function": 2, "data_read_postprocessing_fn": 1,
-                    "data_batch_transform": 2}
+                    "data_batch_transform": 2}  # a torchvision class as data_batch_transform: check_transform_args
 
 
 def check_stream(s, where, errors):
@@ -377,11 +449,23 @@ def check_stream(s, where, errors):
                       "folder; use data_read_type: file")
     if path is not None and kind in ("file", "h5") and path.is_dir():
         errors.append(f"{where}.data_path: {path} is a folder; use data_read_type: folder")
+    if s["in_memory"] is False:
+        if kind != "folder":
+            errors.append(f"{where}.in_memory: false reads a folder's files as batches are made; "
+                          f"data_read_type {kind} is read into memory")
+        elif s["multiple_samples_per_file"]:
+            errors.append(f"{where}.in_memory: false needs one sample per file (multiple_samples_per_file: false)")
+        if s["data_read_postprocessing_fn"]:
+            errors.append(f"{where}.data_read_postprocessing_fn: transforms the whole stream in memory, which "
+                          "in_memory: false does not hold; use a data_batch_transform instead")
     fns = dataset_fns()
     for fn_key, passed in STREAM_FUNCTIONS.items():
         args_key = f"{fn_key}_args"
         if s[fn_key] in fns and isinstance(s[args_key], dict):
             check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors, passed)
+    name, args = s["data_batch_transform"], s["data_batch_transform_args"]
+    if name in batch_transforms() and name not in fns and isinstance(args, dict):
+        check_transform_args(name, args, f"{where}.data_batch_transform_args", errors)
 
 
 # adversarial keys that copy training's value when null (the discriminator's optimizer and schedule)

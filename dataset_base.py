@@ -1,14 +1,16 @@
-"""Reading data streams: the read types, n_inputs / randomize_inputs, postprocessing.
+"""Reading data streams: the read types, n_inputs / randomize_inputs, postprocessing, and the
+split into training and validation samples.
 
 A training config's `dataset` section names one or more streams (e.g. `gen_inputs`,
-`real_images`); each is read here into one tensor of samples (dim 0), once, before training.
+`real_images`); each is read here into one tensor of samples (dim 0), once, before training, or
+for a folder with `in_memory: false`, into a FileStream that reads its files batch by batch.
 The functions that do the reading are named in the config and live in dataset_functions.py.
 """
 import torch
 from tqdm import tqdm
 
 import dataset_functions
-from config import resolve_path
+from config import resolve_path, stream_configs
 from errors import UserError, public_functions
 
 
@@ -16,7 +18,7 @@ def load_streams(dataset_cfg, seed, source):
     """{stream name: tensor of samples} for every stream of a validated dataset section."""
     fns = public_functions(dataset_functions)
     streams = {}
-    for i, (name, cfg) in enumerate((k, v) for k, v in dataset_cfg.items() if k != "data_len_key"):
+    for i, (name, cfg) in enumerate(stream_configs(dataset_cfg).items()):
         generator = torch.Generator().manual_seed(seed + 1000 * (i + 1))  # one stream per seed
         streams[name] = read_stream(cfg, fns, generator, f"{source}: dataset.{name}")
     return streams
@@ -31,11 +33,16 @@ def read_stream(cfg, fns, generator, where):
                     **cfg["data_generating_function_args"])
     elif kind == "file":
         data = read_file(fns[cfg["file_reader"]], resolve_path(cfg["data_path"]), cfg["file_reader_args"], where)
+    elif kind == "folder" and not cfg["in_memory"]:
+        files = folder_files(resolve_path(cfg["data_path"]), where)
+        data = FileStream(files, fns[cfg["file_reader"]], cfg["file_reader_args"], where)
     elif kind == "folder":
         data = read_folder(cfg, fns[cfg["file_reader"]], where)
     else:
         data = read_h5(resolve_path(cfg["data_path"]), cfg["h5_key"], where)
     data = select(data, cfg["n_inputs"], cfg["randomize_inputs"], generator, where)
+    if isinstance(data, FileStream):
+        return data
     if cfg["data_read_postprocessing_fn"]:
         data = call(fns[cfg["data_read_postprocessing_fn"]], where, data, **cfg["data_read_postprocessing_fn_args"])
     return data.contiguous()
@@ -52,16 +59,22 @@ def call(fn, where, *args, **kwargs):
 def read_file(reader, path, args, where):
     try:
         return call(reader, where, path, **args)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
         raise UserError(f"{where}: {reader.__name__} could not read {path}: {e}") from None
 
 
-def read_folder(cfg, reader, where):
-    """Every file (not hidden) in the folder, through the reader, stacked in name order."""
-    folder = resolve_path(cfg["data_path"])
+def folder_files(folder, where):
+    """The files of a folder stream: every one not hidden, in name order."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"{where}.data_path: no files in {folder}")
+    return files
+
+
+def read_folder(cfg, reader, where):
+    """Every file of the folder through the reader, stacked."""
+    folder = resolve_path(cfg["data_path"])
+    files = folder_files(folder, where)
     items = [read_file(reader, p, cfg["file_reader_args"], where)
              for p in tqdm(files, desc=f"reading {folder.name}", leave=False, disable=len(files) < 100)]
     per_sample = 1 if cfg["multiple_samples_per_file"] else 0  # dims of a file's tensor that are not a sample's
@@ -77,10 +90,13 @@ def read_h5(path, key, where):
         import h5py
     except ImportError:
         raise UserError(f"{where}.data_read_type: h5 needs the h5py package (pip install h5py)") from None
-    with h5py.File(path, "r") as f:
-        if key not in f:
-            raise UserError(f"{where}.h5_key: no dataset {key!r} in {path}; it has: {', '.join(f.keys())}")
-        return torch.from_numpy(f[key][...])
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise UserError(f"{where}.h5_key: no dataset {key!r} in {path}; it has: {', '.join(f.keys())}")
+            return torch.from_numpy(f[key][...])
+    except OSError as e:
+        raise UserError(f"{where}: could not read {path} as HDF5: {e}") from None
 
 
 def select(data, n_inputs, randomize, generator, where):
@@ -90,6 +106,58 @@ def select(data, n_inputs, randomize, generator, where):
     if n_inputs > len(data):
         raise UserError(f"{where}.n_inputs: {n_inputs} asked for, but the data has only {len(data)} samples")
     if randomize:
-        return data[torch.randperm(len(data), generator=generator)[:n_inputs].sort().values]
-    return data[:n_inputs]
+        chosen = torch.randperm(len(data), generator=generator)[:n_inputs].sort().values
+    else:
+        chosen = torch.arange(n_inputs)
+    return data.select(chosen) if isinstance(data, FileStream) else data[chosen]
 
+
+class FileStream:
+    """A folder stream left on disk (`in_memory: false`): indexing it with a tensor of sample
+    indices reads those files, one sample each, and stacks them. For data larger than memory;
+    loader worker processes then do the reading in parallel with training."""
+
+    def __init__(self, files, reader, args, where):
+        self.files, self.reader, self.args, self.where = files, reader, args, where
+        self._sample_shape = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        indices = torch.as_tensor(index).tolist()
+        samples = [read_file(self.reader, self.files[i], self.args, self.where) for i in indices]
+        for sample, i in zip(samples, indices):
+            if sample.shape != self.sample_shape:
+                raise UserError(f"{self.where}: {self.files[i]} gives a sample of shape {list(sample.shape)}, but "
+                                f"{self.files[0]} one of {list(self.sample_shape)}; resize them in the file_reader")
+        return torch.stack(samples)
+
+    @property
+    def sample_shape(self):
+        if self._sample_shape is None:  # read once, from the first file
+            self._sample_shape = read_file(self.reader, self.files[0], self.args, self.where).shape
+        return self._sample_shape
+
+    @property
+    def shape(self):
+        return torch.Size([len(self), *self.sample_shape])
+
+    def select(self, index):
+        """The stream of the files at `index` (still on disk)."""
+        return FileStream([self.files[i] for i in index.tolist()], self.reader, self.args, self.where)
+
+
+
+def split_indices(n, validation_fraction, seed, where):
+    """(training, validation) sample indices, each sorted: round(n * validation_fraction) of the n
+    samples, drawn at random from `seed`, are held out. Validation is None without a split."""
+    everything = torch.arange(n)
+    if not validation_fraction:
+        return everything, None
+    n_validation = round(n * validation_fraction)
+    if not 0 < n_validation < n:
+        raise UserError(f"{where}.validation_fraction: {validation_fraction} of {n} samples leaves "
+                        f"{n_validation} for validation and {n - n_validation} for training; both need at least one")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_validation:].sort().values, order[:n_validation].sort().values

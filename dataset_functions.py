@@ -5,24 +5,58 @@ Four kinds, each named by a key of a data stream in the config:
   (or one sample, for the folder read type without multiple_samples_per_file).
 - data_generating_function(n_samples, generator, **args) -> tensor of n_samples samples.
 - data_read_postprocessing_fn(data, **args) -> tensor: applied once to the whole stream.
-- data_batch_transform(batch, generator, **args) -> tensor: applied to every batch; draw any
-  randomness from `generator` so runs stay reproducible.
+- batch transform(batch, generator, **args) -> tensor (its first parameter named `batch`):
+  applied to every training batch, named by a stream's data_batch_transform or by an entry of
+  dataset.batch_transforms. Draw all randomness from `generator`, and let how much you draw
+  depend on the batch size alone (one flip per sample, say): an entry that lists several
+  streams gives each the same generator state, so sample i of each is flipped, cropped or
+  shifted alike.
 """
 import numpy as np
 import torch
 import torchvision.io
+from torchvision.transforms.v2 import functional as TF
 
 
 # ---- file readers ----
 def read_npy(path, dtype="float32"):
     """A .npy array as a tensor."""
-    return torch.from_numpy(np.load(path).astype(dtype))
+    array = np.load(path)
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ValueError("it is a .npz archive of several arrays; read it with read_npz and its key")
+    return torch.from_numpy(array.astype(dtype))
 
 
-def read_image(path, grayscale=False):
-    """A PNG/JPEG image as a float tensor [C, H, W] in [0, 1]."""
+def read_npz(path, key, dtype="float32"):
+    """The array named `key` in a .npz archive (np.savez or np.savez_compressed) as a tensor."""
+    archive = np.load(path)
+    if isinstance(archive, np.ndarray):
+        raise ValueError("it is a single .npy array; read it with read_npy")
+    with archive:
+        if key not in archive.files:
+            raise ValueError(f"no array {key!r} in it; it has: {', '.join(archive.files)}")
+        return torch.from_numpy(archive[key].astype(dtype))
+
+
+def read_image(path, grayscale=False, size=None, crop=None, dtype="float32"):
+    """A PNG, JPEG, WebP or GIF image as a tensor [C, H, W]: 1 channel if grayscale, else 3
+    (RGB; alpha and palettes are converted). `size` resizes it first (an int: the shorter side,
+    keeping the aspect ratio; [h, w]: exactly), then `crop` cuts out the centre ([h, w] or an
+    int for a square). Float values are in [0, 1]; dtype uint8 keeps 8-bit images' bytes (4x
+    less memory than float32; 16-bit PNGs are scaled down to it).
+    """
+    # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; while they exist
+    # they need no extra package, and this reader is the one place to change when they go.
     mode = torchvision.io.ImageReadMode.GRAY if grayscale else torchvision.io.ImageReadMode.RGB
-    return torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=mode).float() / 255
+    image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), mode=mode)
+    if size is not None:
+        image = TF.resize(image, size, antialias=True)
+    if crop is not None:
+        image = TF.center_crop(image, crop)
+    if dtype == "uint8":
+        return TF.to_dtype(image, torch.uint8, scale=True)  # a no-op for 8-bit images
+    return image.to(getattr(torch, dtype)) / torch.iinfo(image.dtype).max  # 255, or 65535 for 16-bit PNGs
 
 
 # ---- data generating functions ----
@@ -48,11 +82,27 @@ def shapes(n_samples, generator, size=32, max_shapes=3):
     triangles of random size, position and brightness on a dark background, later ones on top.
 
     The U-Net example's clean images (shipped as data/unet_gan/shapes_32x32.npy, seed 0, 1024
-    samples, float16); its noisy inputs are the same images through add_fixed_noise.
+    samples, float16); its noisy inputs are the same images through add_gaussian_noise.
+    """
+    return _draw_shapes(n_samples, generator, size, max_shapes)[0]
+
+
+SHAPE_KINDS = ("circle", "square", "triangle")  # what _draw_shapes' kind numbers 0, 1, 2 stand for
+
+
+def _draw_shapes(n_samples, generator, size, max_shapes, radius=(0.12, 0.3), inside=False):
+    """(images [n, 1, size, size] in [-1, 1], kinds [n, max_shapes]): the drawing behind shapes().
+
+    kinds[i, j] is the SHAPE_KINDS index of image i's j-th shape, or -1 where that shape was left
+    out (the first is always drawn). radius is the range of a shape's size as fractions of
+    `size`; with inside, a shape's centre keeps at least its radius from the border, so that the
+    shape is whole (a circle or square entirely; a triangle's tips may graze the edge). The
+    defaults are shapes' own, and draw exactly the same random numbers in the same order.
     """
     grid = torch.arange(size, dtype=torch.float32) + 0.5
     ys, xs = grid.view(1, size, 1), grid.view(1, 1, size)
     images = torch.full((n_samples, size, size), -1.0)
+    kinds = []
 
     def uniform(low, high):
         return low + (high - low) * torch.rand(n_samples, 1, 1, generator=generator)
@@ -60,14 +110,18 @@ def shapes(n_samples, generator, size=32, max_shapes=3):
     for i in range(max_shapes):
         kind = torch.randint(0, 3, (n_samples, 1, 1), generator=generator)
         present = torch.rand(n_samples, 1, 1, generator=generator) < (1.0 if i == 0 else 0.6)
-        radius = uniform(0.12, 0.3) * size
-        dy, dx = ys - uniform(0, size), xs - uniform(0, size)
-        circle = dy ** 2 + dx ** 2 <= radius ** 2
-        square = torch.maximum(dy.abs(), dx.abs()) <= 0.8 * radius
-        triangle = (dy <= 0.7 * radius) & (dx.abs() <= 0.6 * (dy + radius))  # apex up, at dy = -radius
+        r = uniform(radius[0], radius[1]) * size
+        if inside:
+            dy, dx = ys - uniform(r, size - r), xs - uniform(r, size - r)
+        else:
+            dy, dx = ys - uniform(0, size), xs - uniform(0, size)
+        circle = dy ** 2 + dx ** 2 <= r ** 2
+        square = torch.maximum(dy.abs(), dx.abs()) <= 0.8 * r
+        triangle = (dy <= 0.7 * r) & (dx.abs() <= 0.6 * (dy + r))  # apex up, at dy = -r
         mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)) & present
         images = torch.where(mask, uniform(-0.4, 1.0), images)
-    return images.unsqueeze(1)
+        kinds.append(torch.where(present, kind, -1).view(n_samples))
+    return images.unsqueeze(1), torch.stack(kinds, 1)
 
 
 # ---- postprocessing ----
@@ -91,6 +145,36 @@ def random_flip(batch, generator, horizontal=True, vertical=False):
             flip = torch.rand(batch.shape[0], generator=generator) < 0.5
             batch = torch.where(flip.view(-1, *[1] * (batch.dim() - 1)), batch.flip(dim), batch)
     return batch
+
+
+def random_crop(batch, generator, size):
+    """A size x size window (or [h, w]) at a random position in each sample of [N, ..., H, W]."""
+    h, w = (size, size) if isinstance(size, int) else size
+    height, width = batch.shape[-2:]
+    if h > height or w > width:
+        raise ValueError(f"crop size {[h, w]} is larger than the samples' {[height, width]}")
+    n = batch.shape[0]
+    top = torch.randint(0, height - h + 1, (n, 1), generator=generator) + torch.arange(h)
+    left = torch.randint(0, width - w + 1, (n, 1), generator=generator) + torch.arange(w)
+    # Gather rows, then columns, per sample: one indexing op for the whole batch.
+    lead = [1] * (batch.dim() - 3)
+    rows = top.view(n, *lead, h, 1).expand(*batch.shape[:-2], h, width)
+    batch = batch.gather(-2, rows)
+    cols = left.view(n, *lead, 1, w).expand(*batch.shape[:-1], w)
+    return batch.gather(-1, cols)
+
+
+def normalize(batch, generator, mean, std):
+    """(x - mean) / std per channel (dim 1); mean and std are numbers or one per channel."""
+    shape = (1, -1, *[1] * (batch.dim() - 2))
+    mean = torch.as_tensor(mean, dtype=batch.dtype).reshape(shape)
+    std = torch.as_tensor(std, dtype=batch.dtype).reshape(shape)
+    return (batch - mean) / std
+
+
+def to_float(batch, generator, scale=255.0):
+    """uint8 samples (read_image with dtype uint8) as float32 in [0, 1]."""
+    return batch.float() / scale
 
 
 def add_gaussian_noise(batch, generator, std=0.05):

@@ -37,6 +37,11 @@ def unknown_name(name, table, what, valid=None):
     return f"unknown {what}{did_you_mean(name, table)}; valid: {valid or ', '.join(sorted(table))}"
 
 
+def kwargs_text(kwargs):
+    """{"a": 1} as "a=1", for messages that show a call."""
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def public_functions(module):
     """The functions a user may name from `module`: defined there, not starting with '_'."""
     return {name: obj for name, obj in vars(module).items()

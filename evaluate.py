@@ -2,23 +2,29 @@
 
     python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml
 
-Writes results/<model>/<save_folder_name>/<checkpoint>_samples.png (outputs next to the data:
-generated beside real samples for a GAN; input, output and target for paired data) and
-<checkpoint>_metrics.json, and prints the metrics.
+Writes to results/<model>/<save_folder_name>/, for the split evaluated (validation, training or
+all): <checkpoint>_<split>_metrics.json, <checkpoint>_<split>_samples.png (outputs next to the
+data: generated beside real samples for a GAN; input, output and target for paired data; inputs
+titled with their predicted and true class for a classifier) and, for a classifier,
+<checkpoint>_<split>_confusion.png; and prints the metrics.
 """
 import json
 import math
+import sys
 
 import matplotlib
 import torch
 from torchvision.utils import make_grid
+import yaml
 from tqdm import tqdm
 
 from checkpoint import atomic_write
-from cli import add_training_cfg, check_data_fits_model, load_trained_run, make_parser, split_overrides
+from cli import (add_training_cfg, check_batches_fit_model, check_data_fits_model, load_trained_run, make_parser,
+                 split_overrides, targets_are_paired)
 from config import EVALUATION, load_config, results_dir
-from dataset_base import load_streams
-from errors import run_main
+from dataset import FixedBatches, build_dataset
+from dataset_base import load_streams, split_indices
+from errors import UserError, run_main
 from train_base import select_device
 
 matplotlib.use("Agg")
@@ -33,27 +39,69 @@ def main(argv):
     args = parser.parse_args(argv)
     eval_sets, train_sets = split_overrides(args.overrides, "evaluation")
     ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
-    cfg, model, path, _ = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
+    cfg, model, path, state = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
                                            f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
+    adversarial = cfg["adversarial"]["enable_adversarial_training"]
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
-    check_data_fits_model(streams, model, args.training_cfg)
-    inputs, targets = model.split_batch({k: v[:ev["n_samples"]] for k, v in streams.items()})
+    check_data_fits_model(streams, model, adversarial, args.training_cfg)
+    data, split = evaluation_data(streams, split_settings(cfg, state), ev["data_split"], args.training_cfg,
+                                  f"{args.evaluation_cfg}: evaluation.data_split")
+    check_batches_fit_model({split: data}, model, args.training_cfg)
+    inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], ev["batch_size"], cfg["dataset"]["split_seed"]))
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
-    # Targets belong to inputs one by one when the flow says so, or when there is no GAN.
-    adversarial = cfg["adversarial"]["enable_adversarial_training"]
-    paired = model.paired_targets or not adversarial
+    paired = targets_are_paired(model, adversarial)
     metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
-    metrics["checkpoint"] = str(path)
-    out_dir = results_dir(cfg)
+    metrics |= {"checkpoint": str(path), "data_split": split}
+    out = results_dir(cfg) / f"{path.stem}_{split}"  # the files of this checkpoint and split
     text = json.dumps(metrics, indent=2).encode()
-    atomic_write(out_dir / f"{path.stem}_metrics.json", lambda f: f.write(text))
+    atomic_write(out.with_name(f"{out.name}_metrics.json"), lambda f: f.write(text))
     print(json.dumps(metrics, indent=2))
     if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
-        image = out_dir / f"{path.stem}_samples.png"
+        image = out.with_name(f"{out.name}_samples.png")
         save_sample_grid(inputs if paired else None, outputs, targets, image, ev["grid_nrow"], title=path.name)
         print(f"saved {image}")
+    if is_classification(outputs, targets):
+        names = class_names(model, outputs.shape[1])
+        confusion = out.with_name(f"{out.name}_confusion.png")
+        save_confusion_matrix(metrics["confusion_matrix"], names, confusion,
+                              title=f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)")
+        print(f"saved {confusion}")
+        if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
+            image = out.with_name(f"{out.name}_samples.png")
+            save_labelled_inputs(inputs, outputs.argmax(1), targets, names, image, ev["grid_nrow"], title=path.name)
+            print(f"saved {image}")
+
+
+def split_settings(cfg, state):
+    """The dataset section, with the validation split the checkpoint's run trained with (which a
+    --set at training time may have changed from the file's)."""
+    saved = yaml.safe_load(state["config"]).get("dataset", {}) if isinstance(state.get("config"), str) else {}
+    split = {k: saved[k] for k in ("validation_fraction", "split_seed") if k in saved}
+    if any(cfg["dataset"][k] != v for k, v in split.items()):
+        print(f"note: evaluating with the split the checkpoint was trained with: {split}", file=sys.stderr)
+    return cfg["dataset"] | split
+
+
+def evaluation_data(streams, dataset_cfg, split, source, where):
+    """(the dataset of the samples to evaluate, with the transforms marked in_evaluation, and
+    the split's name): by default the samples the run held out, if it did."""
+    n = len(streams[dataset_cfg["data_len_key"]])
+    training, validation = split_indices(n, dataset_cfg["validation_fraction"], dataset_cfg["split_seed"],
+                                         f"{source}: dataset")
+    split = split or ("validation" if validation is not None else "all")
+    if split == "validation" and validation is None:
+        raise UserError(f"{where}: validation, but the run holds no samples out ({source}: "
+                        "dataset.validation_fraction is 0); use training or all")
+    indices = {"training": training, "validation": validation, "all": torch.arange(n)}[split]
+    return build_dataset(streams, dataset_cfg, indices, False, f"{source}: dataset"), split
+
+
+def first_samples(data, n, batch_size, seed):
+    """The dataset's first n samples as one batch, made batch by batch as validation makes them."""
+    batches = [data.__getitems__(item) for item in FixedBatches(min(n, len(data)), batch_size, seed)]
+    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
 
 
 @torch.no_grad()
@@ -70,6 +118,8 @@ def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial
     for generated samples."""
     metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
                "output_min": outputs.min().item(), "output_max": outputs.max().item()}
+    if is_classification(outputs, targets):  # class scores [N, C] against class labels [N]
+        return metrics | classification_metrics(outputs, targets, class_names(model, outputs.shape[1]))
     if targets is None or targets.shape[1:] != outputs.shape[1:]:
         return metrics
     targets = targets.float()
@@ -101,6 +151,85 @@ def pairwise_metrics(outputs, targets):
     peak = (targets.max() - targets.min()).item()
     psnr = 10 * math.log10(peak ** 2 / mse) if mse > 0 and peak > 0 else float("inf")
     return {"l1": torch.mean((outputs - targets).abs()).item(), "mse": mse, "psnr_db": psnr}
+
+
+def is_classification(outputs, targets):
+    """Whether the outputs are class scores (logits, [N, C]) and the targets integer class labels
+    ([N]), as for a classifier trained with cross_entropy_loss."""
+    return (targets is not None and outputs.dim() == 2 and targets.dim() == 1 and len(targets) == len(outputs)
+            and not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool)
+
+
+def class_names(model, n_classes):
+    """The flow's `class_names` if it defines one name per class, else the class indices as text."""
+    names = getattr(model, "class_names", None)
+    return [str(n) for n in names] if names is not None and len(names) == n_classes else [str(i) for i in range(n_classes)]
+
+
+def classification_metrics(outputs, targets, names):
+    """Accuracy (the share of samples whose highest score is their label's), the same per class
+    (null for a class with no samples here), how many samples each class has, and the confusion
+    matrix: row = true class, column = predicted class, each entry a count of samples."""
+    n_classes = outputs.shape[1]
+    targets = targets.long()
+    if targets.min() < 0 or targets.max() >= n_classes:
+        raise UserError(f"the targets are class labels from {targets.min().item()} to {targets.max().item()}, but "
+                        f"the model gives {n_classes} class scores per sample (labels must be 0 to {n_classes - 1})")
+    predicted = outputs.argmax(1)
+    confusion = torch.bincount(targets * n_classes + predicted, minlength=n_classes ** 2).view(n_classes, n_classes)
+    counts, hits = confusion.sum(1).tolist(), confusion.diagonal().tolist()
+    return {"accuracy": (predicted == targets).double().mean().item(), "n_classes": n_classes,
+            "accuracy_per_class": {name: hit / count if count else None for name, hit, count in zip(names, hits, counts)},
+            "class_counts": dict(zip(names, counts)),
+            "confusion_matrix": confusion.tolist()}
+
+
+def save_confusion_matrix(confusion, names, path, title):
+    """The confusion matrix as a heat map: rows are true classes, columns predicted ones; each
+    cell shows its count, coloured by its share of the row (so that classes of different sizes
+    compare)."""
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    side = 1.0 + 0.7 * len(names)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side + 0.8))
+    shown = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for row in range(len(names)):
+        for col in range(len(names)):
+            ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center",
+                    color="white" if shares[row, col] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def save_labelled_inputs(inputs, predicted, targets, names, path, nrow, title):
+    """Up to nrow x nrow input images, each titled predicted/true class, the misclassified ones
+    first and in red; all on one colour scale."""
+    order = torch.cat([torch.nonzero(predicted != targets).flatten(), torch.nonzero(predicted == targets).flatten()])
+    order = order[:nrow * nrow]
+    low, high = inputs[order].min().item(), inputs[order].max().item()
+    rows = math.ceil(len(order) / nrow)
+    fig, axes = plt.subplots(rows, nrow, figsize=(1.3 * nrow, 1.45 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order.tolist()):
+        image = (inputs[i].float() - low) / max(high - low, 1e-12)
+        wrong = predicted[i] != targets[i]
+        if image.shape[0] == 1:
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{names[predicted[i]]}/{names[targets[i]]}", fontsize=7, color="red" if wrong else "black")
+    fig.suptitle(f"{title}\npredicted/true class; mistakes first, in red", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
 
 
 def save_sample_grid(inputs, outputs, targets, path, nrow, title):

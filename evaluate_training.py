@@ -73,8 +73,10 @@ def read_run(cfg, path):
     saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else cfg
     name = f"{saved['saving']['save_folder_name']} (lr {saved['training']['learning_rate']:g})"
     rows = [r for r in read_metrics(path.parent / "metrics.jsonl") if r["step"] <= state.get("step", 0)]
-    lrs = {key.split("/")[0]: [r[key] for r in rows] for key in (rows[0] if rows else {}) if key.endswith("/lr")}
-    return {"run": name, "label": f"{name}, {path.stem}", "path": path, "epoch": state.get("epoch"), "losses": state["loss_history"], "lrs": lrs}
+    lr_keys = {key for r in rows for key in r if key.endswith("/lr")}
+    lrs = {key.split("/")[0]: [r[key] for r in rows if key in r] for key in sorted(lr_keys)}
+    return {"run": name, "label": f"{name}, {path.stem}", "path": path, "epoch": state.get("epoch"),
+            "losses": state["loss_history"], "validation": state.get("validation_history") or {"step": []}, "lrs": lrs}
 
 
 def moving_average(values, window):
@@ -91,14 +93,16 @@ def shown_terms(terms):
 
 
 def print_table(runs, window):
-    print(f"{'checkpoint':<48} {'network':<14} {'term':<12} {'steps':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
-          f"run   (moving averages over {window} steps)")
+    print(f"{'checkpoint':<48} {'network':<14} {'term':<16} {'steps':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
+          f"run   (training: moving averages over {window} steps; val: per epoch)")
     for run in runs:
         for net, terms in run["losses"].items():
-            for term, values in shown_terms(terms).items():
-                smooth = moving_average(values, window)
-                print(f"{run['path'].name:<48} {net:<14} {term:<12} {len(values):>6} {smooth[-1]:>10.4f} "
-                      f"{np.nanmin(smooth):>10.4f} {run['epoch']:>6}  {run['run']}")
+            rows = [(term, len(values), moving_average(values, window)) for term, values in shown_terms(terms).items()]
+            rows += [(f"val {term}", len(values), np.asarray(values, dtype=float))
+                     for term, values in shown_terms(run["validation"].get(net, {})).items()]
+            for term, steps, values in rows:
+                print(f"{run['path'].name:<48} {net:<14} {term:<16} {steps:>6} {values[-1]:>10.4f} "
+                      f"{np.nanmin(values):>10.4f} {run['epoch']:>6}  {run['run']}")
 
 
 def plot(runs, window, out):
@@ -113,6 +117,10 @@ def plot(runs, window, out):
                 smooth = moving_average(values, window)
                 steps = np.arange(len(values) - len(smooth) + 1, len(values) + 1)
                 ax.plot(steps, smooth, label=term if len(runs) == 1 else f"{run['label']}: {term}", linewidth=1.2)
+            validation = run["validation"]
+            for term, values in shown_terms(validation.get(net, {})).items():
+                label = f"validation {term}" if len(runs) == 1 else f"{run['label']}: validation {term}"
+                ax.plot(validation["step"], values, "o--", label=label, linewidth=1, markersize=4)
         log_scale_if_wide(ax)
         ax.set(title=f"{net} loss (moving average, {window} steps)", xlabel="step", ylabel="loss")
     if with_lr:

@@ -89,6 +89,13 @@ def weighted_reconstruction_loss(network, outputs, targets, fake_scores=None, re
     return _reconstruction_terms(outputs, targets, l1_weight, l2_weight)
 
 
+def cross_entropy_loss(network, outputs, targets, fake_scores=None, real_scores=None, *, label_smoothing=0.0):
+    """Classification without a discriminator: cross-entropy between the outputs, raw class
+    scores (logits, [N, C]; the softmax is applied here), and the targets, class indices (int64,
+    [N]). label_smoothing in [0, 1) aims at a mix of the true class and a uniform spread."""
+    return {"cross_entropy": F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)}
+
+
 def _reconstruction_terms(outputs, targets, l1_weight, l2_weight):
     terms = {}
     if l1_weight:

@@ -7,11 +7,11 @@ import torch.distributed as dist
 import yaml
 
 from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint, timestamp
-from cli import add_training_cfg, check_data_fits_model, load_weights, make_parser
+from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, load_weights, make_parser
 from config import checkpoint_dir, config_changes, load_training_config, to_yaml
-from dataset import build_dataset, make_loader
-from dataset_base import load_streams
-from errors import run_main
+from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
+from dataset_base import load_streams, split_indices
+from errors import UserError, run_main
 from model_base import build_model
 from train_base import Trainer, seed_everything, setup_placement
 
@@ -33,17 +33,12 @@ def train(cfg, placement, source):
     seed = cfg["training"]["seed"]
     seed_everything(seed)
     model = build_model(cfg["model"])
-    streams = load_streams(cfg["dataset"], seed, source)
-    check_data_fits_model(streams, model, source)
-    # Each process draws its own batch-transform randomness (noise, flips) under DDP.
-    dataset = build_dataset(streams, cfg["dataset"], seed + placement.rank)
-    loader = make_loader(dataset, cfg["training"]["batch_size"], seed, num_replicas=placement.world_size,
-                         rank=placement.rank)
+    loader, validation_loader = make_loaders(cfg, model, placement, source)
     path = resume_path(cfg, source)
     resume = load_checkpoint(path) if path else None
     if resume:
         load_weights(model, resume, path)
-    trainer = Trainer(cfg, model, loader, placement, resume)
+    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader)
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
@@ -56,12 +51,36 @@ def train(cfg, placement, source):
                   f"same config as {path.name}")
             for note in trainer.notes:
                 print(note)
+        held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
         print(f"{'resuming from ' + str(path) if path else 'training from scratch'}; "
-              f"{len(dataset)} samples, {len(loader)} steps per epoch, device {placement.device}"
+              f"{len(loader.dataset)} training samples{held_out}, {len(loader)} steps per epoch, device {placement.device}"
               f"{f' x {placement.world_size} processes' if placement.world_size > 1 else ''}")
         snapshot = to_yaml(cfg).encode()
         atomic_write(trainer.folder / f"training_cfg_{timestamp()}.yaml", lambda f: f.write(snapshot))
     trainer.fit()
+
+
+def make_loaders(cfg, model, placement, source):
+    """The training loader, and the validation loader (None without a split), checked against the model."""
+    data, seed, batch_size = cfg["dataset"], cfg["training"]["seed"], cfg["training"]["batch_size"]
+    where = f"{source}: dataset"
+    streams = load_streams(data, seed, source)
+    check_data_fits_model(streams, model, cfg["adversarial"]["enable_adversarial_training"], source)
+    train_indices, validation_indices = split_indices(len(streams[data["data_len_key"]]), data["validation_fraction"],
+                                                      data["split_seed"], where)
+    training = build_dataset(streams, data, train_indices, True, where)
+    validation = build_dataset(streams, data, validation_indices, False, where) if validation_indices is not None else None
+    check_batches_fit_model({"training": training, "validation": validation}, model, source)
+    if validation is not None and len(validation) < placement.world_size:
+        raise UserError(f"{where}.validation_fraction: {len(validation)} validation samples for "
+                        f"{placement.world_size} processes; every process needs at least one")
+    loading = loading_settings(data, training, placement.device.type == "cuda", placement.world_size, where)
+    world, rank = placement.world_size, placement.rank
+    loader = make_loader(training, EpochBatches(len(training), batch_size, seed, True, world, rank), **loading)
+    if validation is None:
+        return loader, None
+    return loader, make_loader(validation, FixedBatches(len(validation), batch_size, data["split_seed"], world, rank),
+                               **loading)
 
 
 def resume_path(cfg, source):

@@ -1,9 +1,10 @@
 """The training loop behind train.py: device and DDP setup, optimizers, the adversarial
 schedule, progress, checkpoints and resume.
 
-`Trainer` receives a validated config, a built model and a data loader, and owns everything
-that changes while training (weights, optimizer and scheduler state, epoch, step, loss
-history, RNG). Its state is what a checkpoint holds, so resuming restores all of it.
+`Trainer` receives a validated config, a built model and data loaders (training, and validation
+when the dataset holds samples out), and owns everything that changes while training (weights,
+optimizer and scheduler state, epoch, step, loss history, RNG). Its state is what a checkpoint
+holds, so resuming restores all of it.
 """
 import inspect
 import json
@@ -24,7 +25,7 @@ from tqdm import tqdm
 import loss
 from checkpoint import atomic_write, checkpoint_name, list_checkpoints, remove_partial_writes, save_checkpoint
 from config import checkpoint_dir, to_yaml, torch_optimizers, torch_schedulers
-from errors import UserError, public_functions
+from errors import UserError, kwargs_text, public_functions
 
 
 def seed_everything(seed):
@@ -116,11 +117,7 @@ def make_scheduler(optimizer, s, steps_per_epoch, n_epochs, where):
     try:
         return cls(optimizer, **args)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}.scheduler_args: {name}({_kwargs_text(args)}) failed: {e}") from None
-
-
-def _kwargs_text(kwargs):
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UserError(f"{where}.scheduler_args: {name}({kwargs_text(args)}) failed: {e}") from None
 
 
 class NonFiniteLoss(Exception):
@@ -143,7 +140,9 @@ def read_metrics(path):
 
 class MetricsLog:
     """metrics.jsonl beside the checkpoints: one JSON object per step with its epoch, step, every
-    loss term and the learning rate of each network ("generator/l1", "generator/lr", ...).
+    loss term and the learning rate of each network ("generator/l1", "generator/lr", ...), the
+    share of time spent waiting for data ("data_wait", per log_interval steps), and
+    with a validation split one per epoch of validation losses ("validation/generator/l1", ...).
     Read it with e.g. pandas.read_json(path, lines=True)."""
 
     def __init__(self, path, last_step):
@@ -163,9 +162,10 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, cfg, model, loader, placement, resume_state=None):
+    def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None):
         train, adv = cfg["training"], cfg["adversarial"]
         self.cfg, self.model, self.loader, self.placement = cfg, model.to(placement.device), loader, placement
+        self.validation_loader = validation_loader
         self.source = cfg["config_path"]
         self.adversarial = adv["enable_adversarial_training"]
         self.loss_fn = public_functions(loss)[cfg["loss"]["loss_fn"]]
@@ -195,6 +195,7 @@ class Trainer:
         self.epoch, self.step = 0, 0  # completed epochs, steps
         self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
         self.loss_history = {net: {} for net in self.networks}
+        self.validation_history = {"step": [], **{net: {} for net in self.networks}}  # one value per epoch
         self.stop_signal = None
         if resume_state is not None:
             self.load_state(resume_state)
@@ -205,10 +206,7 @@ class Trainer:
     # ---- one step ----
     def train_step(self, batch):
         """Update the network(s) on one batch; returns ({network: loss terms}, {network: lr})."""
-        device = self.placement.device
-        inputs, targets = self.model.split_batch(batch)
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True) if targets is not None else None
+        inputs, targets = self.to_device(batch)
         lrs = {net: opt.param_groups[0]["lr"] for net, opt in self.optimizers.items()}
         if not self.adversarial:
             terms = {"generator": self.update("generator", self.model(inputs), inputs, targets)}
@@ -226,21 +224,15 @@ class Trainer:
                 self.schedulers[net].step()
         return terms, lrs
 
+    def to_device(self, batch):
+        """The batch's (inputs, targets) on this process's device."""
+        inputs, targets = self.model.split_batch(batch)
+        device = self.placement.device
+        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True) if targets is not None else None
+
     def update(self, net, outputs, inputs, targets):
         """One optimizer step of `net`; returns its loss terms (detached) plus their total."""
-        fake_scores = real_scores = None
-        extra = {}
-        if self.adversarial:
-            if net == "discriminator":
-                outputs = outputs.detach()
-                real_scores = self.model.discriminate(targets, inputs)
-            fake_scores = self.model.discriminate(outputs, inputs)
-            if self.loss_wants_discriminator:
-                extra["discriminator"] = lambda samples: self.model.discriminate(samples, inputs)
-        terms = self.loss_fn(net, outputs, targets, fake_scores, real_scores, **self.loss_args, **extra)
-        if not terms:
-            raise UserError(f"{self.source}: loss.loss_fn {self.loss_fn.__name__} returned no loss terms for the "
-                            f"{net}; check loss.loss_args (all weights zero?)")
+        terms = self.loss_terms(net, outputs, inputs, targets)
         total = sum(terms.values())
         optimizer = self.optimizers[net]
         optimizer.zero_grad(set_to_none=True)
@@ -254,6 +246,24 @@ class Trainer:
         else:
             optimizer.step()
         return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def loss_terms(self, net, outputs, inputs, targets):
+        """The loss function's terms for `net` on one batch (scoring with the discriminator in
+        adversarial training; the discriminator's terms see the outputs detached)."""
+        fake_scores = real_scores = None
+        extra = {}
+        if self.adversarial:
+            if net == "discriminator":
+                outputs = outputs.detach()
+                real_scores = self.model.discriminate(targets, inputs)
+            fake_scores = self.model.discriminate(outputs, inputs)
+            if self.loss_wants_discriminator:
+                extra["discriminator"] = lambda samples: self.model.discriminate(samples, inputs)
+        terms = self.loss_fn(net, outputs, targets, fake_scores, real_scores, **self.loss_args, **extra)
+        if not terms:
+            raise UserError(f"{self.source}: loss.loss_fn {self.loss_fn.__name__} returned no loss terms for the "
+                            f"{net}; check loss.loss_args (all weights zero?)")
+        return terms
 
     def nonfinite(self, net, terms):
         """A NaN or inf loss (on any DDP process): stop, or skip this update, as configured."""
@@ -285,7 +295,8 @@ class Trainer:
                 if not self.run_epoch(epoch, bar):
                     break
                 self.epoch = epoch
-                self.step_epoch_schedules(steps_per_epoch)
+                validation = self.validate(bar) if self.validation_loader is not None else None
+                self.step_epoch_schedules(steps_per_epoch, validation)
                 if epoch % self.save_every == 0 or epoch == self.n_epochs:
                     last = self.save()
         except NonFiniteLoss as e:
@@ -316,7 +327,7 @@ class Trainer:
 
     def run_epoch(self, epoch, bar):
         """Train one epoch (the rest of it, when resuming part way); False if a stop was requested."""
-        self.loader.sampler.set_epoch(epoch, skip=self.batches_done * self.loader.batch_size)
+        self.loader.batch_sampler.set_epoch(epoch, skip=self.batches_done)
         pending, waited, since = [], 0.0, time.perf_counter()
         batches = iter(self.loader)
         while True:
@@ -346,14 +357,49 @@ class Trainer:
         self.batches_done = 0
         return True
 
-    def step_epoch_schedules(self, steps_per_epoch):
+    def step_epoch_schedules(self, steps_per_epoch, validation=None):
+        """Advance the per-epoch schedules; ReduceLROnPlateau follows the validation loss when
+        there is one, else the epoch's mean training loss."""
         for net, scheduler in self.schedulers.items():
             if self.schedule_every_step[net]:
                 continue
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(self.epoch_mean_loss(net, steps_per_epoch))
+                scheduler.step(validation[net]["total"] if validation else self.epoch_mean_loss(net, steps_per_epoch))
             else:
                 scheduler.step()
+
+    def validate(self, bar):
+        """Each network's mean loss terms over the held-out samples (of every process), in eval
+        mode; kept in validation_history and metrics.jsonl, and shown."""
+        self.model.eval()
+        sums, count = {}, 0
+        # No autograd, unless a loss term penalises the discriminator's gradient (WGAN-GP, R1).
+        with torch.set_grad_enabled(self.loss_wants_discriminator):
+            for batch in self.validation_loader:
+                inputs, targets = self.to_device(batch)
+                outputs = self.model(inputs)
+                for net in self.networks:
+                    terms = self.loss_terms(net, outputs, inputs, targets)
+                    for name, value in {"total": sum(terms.values()), **terms}.items():
+                        sums[net, name] = sums.get((net, name), 0) + value.detach() * len(inputs)
+                count += len(inputs)
+        self.model.train()
+        totals = torch.stack([*sums.values(), torch.tensor(float(count), device=self.placement.device)])
+        if self.placement.world_size > 1:
+            dist.all_reduce(totals)
+        means = (totals[:-1] / totals[-1]).tolist()
+        result = {net: {} for net in self.networks}
+        for (net, name), mean in zip(sums, means):
+            result[net][name] = mean
+            self.validation_history[net].setdefault(name, []).append(mean)
+        self.validation_history["step"].append(self.step)
+        if self.metrics is not None:
+            self.metrics.write([{"epoch": self.epoch, "step": self.step,
+                                 **{f"validation/{net}/{name}": v for (net, name), v in zip(sums, means)}}])
+        if self.placement.is_main:
+            bar.write(f"epoch {self.epoch}: validation loss " + ", ".join(
+                f"{net} {terms['total']:.4f}" for net, terms in result.items()))
+        return result
 
     def epoch_mean_loss(self, net, steps_per_epoch):
         """The mean total loss of `net` over the epoch just trained (over all DDP processes)."""
@@ -368,7 +414,8 @@ class Trainer:
         """Move pending per-step losses to loss_history and metrics.jsonl (one device sync per
         log_interval steps), and show the latest losses and the share of time spent waiting for data."""
         first_step = self.step - len(pending) + 1
-        rows = [{"epoch": epoch, "step": first_step + i} for i in range(len(pending))]
+        # data_wait: the share of these steps' time spent waiting for the loader (same for each).
+        rows = [{"epoch": epoch, "step": first_step + i, "data_wait": round(data_share, 4)} for i in range(len(pending))]
         for net in pending[0][0]:
             names = list(pending[0][0][net])
             values = torch.stack([torch.stack([terms[net][k] for k in names]) for terms, _ in pending]).cpu().tolist()
@@ -403,7 +450,7 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- checkpoints ----
-    def state(self, early_stop, batch_transform_states):
+    def state(self, early_stop):
         return {
             "model_state_dict": self.model.state_dict(),
             "optimizer_state_dict": self.optimizers["generator"].state_dict(),
@@ -416,21 +463,18 @@ class Trainer:
             "early_stop": early_stop,
             "skipped_updates": self.skipped_updates,
             "loss_history": self.loss_history,
+            "validation_history": self.validation_history,
+            "world_size": self.placement.world_size,
             "config": to_yaml(self.cfg),
             "architecture": self.model.architecture_text,
-            "rng_state": rng_state(batch_transform_states),
+            "rng_state": rng_state(),
         }
 
     def save(self, early_stop=False):
-        """Every process calls this (each adds its batch-transform RNG state); rank 0 writes the file."""
-        own = self.loader.dataset.generator.get_state()
-        transforms = [own]
-        if self.placement.world_size > 1:
-            transforms = [None] * self.placement.world_size
-            dist.all_gather_object(transforms, own)
+        """Rank 0 writes the checkpoint (every process holds the same weights)."""
         if not self.placement.is_main:
             return None
-        state = self.state(early_stop, transforms)
+        state = self.state(early_stop)
         path = save_checkpoint(self.folder / checkpoint_name(self.save_prefix, self.epoch, early_stop), state)
         if self.keep_last:  # only once the new one is safely on disk
             for old in self.own_checkpoints()[:-self.keep_last]:
@@ -460,12 +504,14 @@ class Trainer:
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
                 self.loss_history[net] = history
-        saved_world = len(state["rng_state"]["batch_transforms"])
+        if "validation_history" in state:
+            self.validation_history = state["validation_history"]
+        saved_world = state.get("world_size") or len(state["rng_state"]["batch_transforms"])  # or an older file's
         if saved_world != self.placement.world_size:
             raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint was written by "
                             f"{saved_world} process(es), this run has {self.placement.world_size}; resume with "
                             f"--nproc_per_node={saved_world} (or start a new run from its weights)")
-        set_rng_state(state["rng_state"], self.loader, self.placement.rank)
+        set_rng_state(state["rng_state"])
 
 
     def load_schedule(self, net, section, saved_cfg, optimizer_state, scheduler_state):
@@ -536,9 +582,9 @@ def average_gradients(params, world_size, flag=None):
     return flag
 
 
-def rng_state(batch_transform_states):
-    """Every random number generator that affects training, in weights_only-loadable form. The
-    batch transforms' generator differs between DDP processes: one state per process."""
+def rng_state():
+    """The global random number generators, in weights_only-loadable form. (Batch transforms
+    draw from seeds fixed by the batch, see dataset.py: they need no state.)"""
     np_state = np.random.get_state()
     return {
         "python": list(random.getstate()[1]),
@@ -546,11 +592,10 @@ def rng_state(batch_transform_states):
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "batch_transforms": batch_transform_states,
     }
 
 
-def set_rng_state(state, loader, rank):
+def set_rng_state(state):
     random.setstate((3, tuple(state["python"]), None))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
@@ -558,4 +603,3 @@ def set_rng_state(state, loader, rank):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    loader.dataset.generator.set_state(state["batch_transforms"][rank])

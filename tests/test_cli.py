@@ -19,9 +19,8 @@ import yaml
 from tqdm import tqdm
 
 import config
-import dataset as dataset_mod
-import dataset_base
 import model_base
+import train
 import train_base
 from conftest import (ARCH_YAML, CHECKPOINTS, EVAL_CFG, FLOW_PY, MULTIGPU_CFG, SRC, TIMEOUT, TRAIN_CFG, TRAIN_EVAL_CFG,
                       checkpoints, run, script_env)
@@ -159,7 +158,7 @@ def test_evaluate(trained):
     run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)
     out = repo / "results/example_model/example_run"
     stem = by_epoch(folder)[2].stem  # `latest`
-    samples, metrics_path = out / f"{stem}_samples.png", out / f"{stem}_metrics.json"
+    samples, metrics_path = out / f"{stem}_all_samples.png", out / f"{stem}_all_metrics.json"  # no split: all
     assert samples.read_bytes()[:8] == PNG_MAGIC
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_samples"] == 64
@@ -353,13 +352,13 @@ def test_unet_example_evaluates_and_traces(unet_trained):
     stem = by_epoch(folder)[1].stem
     run(repo, "evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *sets("evaluation.n_samples=8"))
     out = repo / "results/unet_gan/denoise_run"
-    metrics = json.loads((out / f"{stem}_metrics.json").read_text())
+    metrics = json.loads((out / f"{stem}_validation_metrics.json").read_text())  # its held-out images
     assert metrics["n_samples"] == 8 and "discriminator_score_generated" in metrics
     # paired data: output vs target and, for reference, the noisy input vs target
     assert metrics["l1"] >= 0 and metrics["mse"] >= 0 and math.isfinite(metrics["psnr_db"])
     assert 10 < metrics["input_psnr_db"] < 14  # noise of std 0.5 on data in [-1, 1]: about 12 dB
     assert "output_to_nearest_target" not in metrics
-    assert (out / f"{stem}_samples.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / f"{stem}_validation_samples.png").read_bytes()[:8] == PNG_MAGIC
     run(repo, "evaluate_training.py", "-te", UNET_TRAIN_EVAL_CFG)
     assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC
     run(repo, "jit_trace_model.py", "-t", UNET_CFG, "-c", "latest", "-i", "2", "1", "32", "32")
@@ -434,11 +433,10 @@ def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
     seed = cfg["training"]["seed"]
     train_base.seed_everything(seed)
     model = model_base.build_model(cfg["model"])
-    streams = dataset_base.load_streams(cfg["dataset"], seed, MULTIGPU_CFG)
-    data = dataset_mod.build_dataset(streams, cfg["dataset"], seed)
     # One process reads the union of the two shards (a one-replica DistributedSampler order).
-    loader = dataset_mod.make_loader(data, 2 * DDP_BATCH, seed)
-    trainer = train_base.Trainer(cfg, model, loader, train_base.Placement(torch.device("cpu")))
+    placement = train_base.Placement(torch.device("cpu"))
+    loader, _ = train.make_loaders(cfg, model, placement, MULTIGPU_CFG)
+    trainer = train_base.Trainer(cfg, model, loader, placement)
     assert trainer.run_epoch(1, tqdm(disable=True))  # in memory only: nothing is saved
     ddp = load(by_epoch(folder)[1])["model_state_dict"]
     start = load(by_epoch(folder)[0])["model_state_dict"]

@@ -51,7 +51,7 @@ def test_training_config_data_loads(path):
     per-sample shape the architecture expects."""
     cfg = config.load_training_config(path)
     streams = dataset_base.load_streams(cfg["dataset"], cfg["training"]["seed"], str(path))
-    assert set(streams) == set(cfg["dataset"]) - {"data_len_key"}
+    assert set(streams) == set(config.stream_configs(cfg["dataset"]))
     assert all(len(s) > 0 for s in streams.values())
     model = model_base.build_model(cfg["model"])
     assert tuple(streams[model.input_key].shape[1:]) == model.input_size

@@ -25,9 +25,9 @@ import yaml
 import checkpoint
 import config
 import dataset as dataset_mod
-import dataset_base
 import loss
 import model_base
+import train
 import train_base
 from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, script_env
 from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
@@ -80,10 +80,10 @@ def assert_user_error(proc, repo, folder_name, expected):
 
 
 def sample_order(epoch, seed=0):
-    """The order in which train.py reads the 512 samples in `epoch` (its EpochSampler)."""
-    sampler = dataset_mod.EpochSampler(range(512), seed)
-    sampler.set_epoch(epoch)
-    return list(sampler)
+    """The order in which train.py reads the 512 samples in `epoch` (its EpochBatches)."""
+    batches = dataset_mod.EpochBatches(512, 32, seed)
+    batches.set_epoch(epoch)
+    return torch.cat([positions for _, positions in batches]).tolist()
 
 
 def lr_sequence(scheduler_cls, n_steps, lr=0.001, **args):
@@ -226,9 +226,9 @@ def test_kill_during_saves_never_leaves_an_unloadable_checkpoint(tmp_path):
     (folder / f".{checkpoint.checkpoint_name('m', 3)}.abc123.tmp").write_bytes(b"partial")
     cfg = config.load_training_config(SRC / TRAIN_CFG, ["saving.save_filename_prefix=m"])
     model = model_base.build_model(cfg["model"])
-    streams = dataset_base.load_streams(cfg["dataset"], 0, TRAIN_CFG)
-    loader = dataset_mod.make_loader(dataset_mod.build_dataset(streams, cfg["dataset"], 0), 32, 0)
-    trainer = train_base.Trainer(cfg, model, loader, train_base.Placement(torch.device("cpu")))
+    placement = train_base.Placement(torch.device("cpu"))
+    loader, _ = train.make_loaders(cfg, model, placement, TRAIN_CFG)
+    trainer = train_base.Trainer(cfg, model, loader, placement)
     trainer.folder = folder  # (the config's own folder is in the source tree)
     trainer.remove_partial_saves()
     assert sorted(folder.iterdir()) == sorted(found)
@@ -496,7 +496,7 @@ def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
     assert column(r.rows, "step") == list(range(1, 2 * STEPS + 1))
     assert column(r.rows, "epoch") == [1] * STEPS + [2] * STEPS
     history = load(r.ckpts[2])["loss_history"]
-    keys = {"epoch", "step", "generator/lr", "discriminator/lr"}
+    keys = {"epoch", "step", "data_wait", "generator/lr", "discriminator/lr"}
     for net, terms in history.items():
         assert "total" in terms
         for term, values in terms.items():
@@ -504,6 +504,7 @@ def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
             assert column(r.rows, f"{net}/{term}") == values, (net, term)
     assert keys >= {"generator/g_adv", "discriminator/d_real", "discriminator/d_fake"}
     assert all(row.keys() == keys for row in r.rows)
+    assert all(0 <= row["data_wait"] <= 1 for row in r.rows)
 
 
 def test_metrics_after_resume_by_file_name_has_each_step_once(training_runs, resumed_runs):
