@@ -10,6 +10,7 @@ commands work the same from any directory.
 """
 import inspect
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -272,7 +273,8 @@ def parse_yaml(text, source, what="config"):
 
 
 def apply_overrides(raw, overrides, source):
-    """Apply `--set a.b.c=value` overrides (value parsed as YAML) to the raw config dict."""
+    """Apply `--set a.b.c=value` overrides (value parsed as YAML) to the raw config dict; a list
+    entry is set by its index, `--set dataset.batch_transforms[1].args.std=0.2`."""
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -281,16 +283,39 @@ def apply_overrides(raw, overrides, source):
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise UserError(f"--set {item!r}: value is not valid YAML: {e}") from None
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:  # a section left out or written as null
-                node[part] = {}
-            child = node[part]
-            if not isinstance(child, dict):
-                raise UserError(f"{source}: --set {key}: '{part}' is not a section")
-            node = child
-        node[parts[-1]] = value
+        node, path = raw, override_path(key, source)
+        for step, following in zip(path, path[1:]):
+            if isinstance(node, dict) and node.get(step) is None and isinstance(following, str):
+                node[step] = {}  # a section left out or written as null
+            node = child(node, step, key, source)
+        if isinstance(path[-1], int):
+            child(node, path[-1], key, source)  # the entry must exist
+        elif not isinstance(node, dict):
+            raise UserError(f"{source}: --set {key}: the part before '{path[-1]}' is not a section")
+        node[path[-1]] = value
     return raw
+
+
+def override_path(key, source):
+    """'a.b[1].c' as ['a', 'b', 1, 'c']."""
+    path = []
+    for part in key.split("."):
+        match = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+        if not match:
+            raise UserError(f"{source}: --set {key}: '{part}' is not a key name, optionally followed by [index]")
+        path += [match[1], *(int(i) for i in re.findall(r"\d+", match[2]))]
+    return path
+
+
+def child(node, step, key, source):
+    """node[step] for one step of an override's path, or a user error saying why not."""
+    if isinstance(step, int):
+        if not isinstance(node, list) or step >= len(node):
+            size = f"a list of {len(node)} entr{'y' if len(node) == 1 else 'ies'}" if isinstance(node, list) else "not a list"
+            raise UserError(f"{source}: --set {key}: no entry [{step}] ({size})")
+    elif not isinstance(node, dict):
+        raise UserError(f"{source}: --set {key}: '{step}' is inside something that is not a section")
+    return node[step]
 
 
 def type_ok(value, types):

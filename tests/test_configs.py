@@ -191,6 +191,22 @@ def test_apply_overrides_on_raw_dict():
     assert out == {"a": {"b": "x", "c": [1, 2]}, "d": {"e": {"f": 2.5}}}
 
 
+def test_override_sets_a_list_entry_by_index():
+    """--set reaches into lists, e.g. one of dataset.batch_transforms, and the result is validated."""
+    unet = SRC / "configs/unet_gan/unet_gan_training_cfg.yaml"
+    cfg = config.load_training_config(unet, overrides=["dataset.batch_transforms[1].args.std=0.2",
+                                                       "dataset.batch_transforms[0].in_evaluation=true"])
+    noise, flip = cfg["dataset"]["batch_transforms"][1], cfg["dataset"]["batch_transforms"][0]
+    assert noise["args"] == {"std": 0.2} and noise["transform"] == "add_gaussian_noise"
+    assert flip["in_evaluation"] is True and flip["args"] == {"horizontal": True, "vertical": True}
+    with pytest.raises(UserError, match=r"--set dataset\.batch_transforms\[2\]\.args\.std: no entry \[2\] \(a list of 2 entries\)"):
+        config.load_training_config(unet, overrides=["dataset.batch_transforms[2].args.std=0.2"])
+    with pytest.raises(UserError, match=r"no entry \[0\] \(not a list\)"):
+        config.load_training_config(unet, overrides=["training.n_epochs[0]=1"])
+    with pytest.raises(UserError, match=r"dataset\.batch_transforms\[1\]\.args\.sd: not an argument"):
+        config.load_training_config(unet, overrides=["dataset.batch_transforms[1].args.sd=0.2"])
+
+
 @pytest.mark.parametrize("item", ["training.n_epochs", "=3", "training.n_epochs=[1,",
                                   "training.n_epochs.deeper=1"])
 def test_malformed_override_is_user_error(item):
