@@ -80,8 +80,10 @@ def check_data_fits_model(streams, model, adversarial, source):
 
 def check_batches_fit_model(datasets, model, source):
     """A first batch of each dataset ({split: dataset}), through its batch transforms, holds
-    inputs of the shape the architecture expects (a crop changes it, and validation may crop
-    differently from training)."""
+    inputs of the shape the architecture expects (a crop changes it), and every split's batches
+    hold what the first split's do: validation skips the training-only transforms, which must
+    not be the ones that make the data fit the model (a crop, a conversion to float)."""
+    first = None
     for split, data in datasets.items():
         if data is None:
             continue
@@ -92,6 +94,17 @@ def check_batches_fit_model(datasets, model, source):
             how = "" if read == shape else f" after its batch transforms (read: {list(read)})"
             raise UserError(f"{source}: dataset.{model.input_key}: {split} samples have shape {list(shape)}{how}, but "
                             f"the architecture {model.architecture_path} expects input_size {list(model.input_size)}")
+        kinds = {name: (x.dtype, tuple(x.shape[1:])) for name, x in batch.items()}
+        if first is None:
+            first = split, kinds
+            continue
+        for name, kind in kinds.items():
+            if kind != first[1][name]:
+                raise UserError(
+                    f"{source}: dataset.{name}: {split} samples are {kind[0]} of shape {list(kind[1])}, {first[0]} "
+                    f"samples {first[1][name][0]} of shape {list(first[1][name][1])}; {split} batches get only the "
+                    "batch_transforms entries with in_evaluation: true (not the streams' own data_batch_transform), "
+                    "so mark the ones the model needs")
 
 
 def load_weights(model, state, path):

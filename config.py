@@ -315,6 +315,8 @@ def child(node, step, key, source):
             raise UserError(f"{source}: --set {key}: no entry [{step}] ({size})")
     elif not isinstance(node, dict):
         raise UserError(f"{source}: --set {key}: '{step}' is inside something that is not a section")
+    elif step not in node:
+        raise UserError(f"{source}: --set {key}: the config has no '{step}' to take an entry of")
     return node[step]
 
 
@@ -482,7 +484,8 @@ def check_stream(s, where, errors):
             errors.append(f"{where}.in_memory: false needs one sample per file (multiple_samples_per_file: false)")
         if s["data_read_postprocessing_fn"]:
             errors.append(f"{where}.data_read_postprocessing_fn: transforms the whole stream in memory, which "
-                          "in_memory: false does not hold; use a data_batch_transform instead")
+                          "in_memory: false does not hold; use an entry of dataset.batch_transforms with "
+                          "in_evaluation: true instead")
     fns = dataset_fns()
     for fn_key, passed in STREAM_FUNCTIONS.items():
         args_key = f"{fn_key}_args"

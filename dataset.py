@@ -8,7 +8,6 @@ a batch, and a run resumed part way through an epoch draws what the uninterrupte
 """
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -88,7 +87,7 @@ class Transform:
         # v2 transforms draw from torch's global generator: give them one seeded from the batch's
         # seed, and leave the global one as it was (dropout and initialisation use it).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed the GPUs too)
             outs = []
             for i in range(len(batch[self.streams[0]])):
                 out = self.fn(*[as_image(batch[name][i]) for name in self.streams])
@@ -123,9 +122,18 @@ def build_dataset(streams, dataset_cfg, indices, training, where):
 
 
 def batch_seed(key):
-    """The seed of a batch's random transforms, from its key (made only for batches that have
-    transforms: the cost is then small next to theirs)."""
-    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
+    """The seed of a batch's random transforms: the ints of its key mixed by splitmix64's
+    finaliser (a few microseconds, and the same on every Python and numpy version)."""
+    seed = 0
+    for word in key if isinstance(key, tuple) else (key,):
+        seed = (seed ^ word) + 0x9E3779B97F4A7C15 & MASK_64
+        seed = (seed ^ seed >> 30) * 0xBF58476D1CE4E5B9 & MASK_64
+        seed = (seed ^ seed >> 27) * 0x94D049BB133111EB & MASK_64
+        seed ^= seed >> 31
+    return seed >> 1  # torch seeds are below 2**63
+
+
+MASK_64 = 2**64 - 1
 
 
 class EpochBatches:
@@ -142,7 +150,8 @@ class EpochBatches:
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip=0):
-        """Start `epoch`, leaving out its first `skip` batches (those a resumed run trained on)."""
+        """Start `epoch`, leaving out its first `skip` batches (those a resumed run trained on;
+        len() stays the whole epoch's)."""
         self.epoch, self.skip = epoch, skip
 
     def order(self):
@@ -162,7 +171,7 @@ class EpochBatches:
             yield (self.seed, self.rank, self.epoch, b), positions[b * self.batch_size:(b + 1) * self.batch_size]
 
     def __len__(self):
-        return -(-self.num_samples // self.batch_size) - self.skip
+        return -(-self.num_samples // self.batch_size)
 
 
 class FixedBatches:

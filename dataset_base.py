@@ -6,6 +6,8 @@ A training config's `dataset` section names one or more streams (e.g. `gen_input
 for a folder with `in_memory: false`, into a FileStream that reads its files batch by batch.
 The functions that do the reading are named in the config and live in dataset_functions.py.
 """
+import zipfile
+
 import torch
 from tqdm import tqdm
 
@@ -20,11 +22,11 @@ def load_streams(dataset_cfg, seed, source):
     streams = {}
     for i, (name, cfg) in enumerate(stream_configs(dataset_cfg).items()):
         generator = torch.Generator().manual_seed(seed + 1000 * (i + 1))  # one stream per seed
-        streams[name] = read_stream(cfg, fns, generator, f"{source}: dataset.{name}")
+        streams[name] = read_stream(cfg, fns, generator, dataset_cfg["split_seed"], f"{source}: dataset.{name}")
     return streams
 
 
-def read_stream(cfg, fns, generator, where):
+def read_stream(cfg, fns, generator, choice_seed, where):
     kind = cfg["data_read_type"]
     if kind == "function":
         if cfg["n_inputs"] is None:
@@ -40,7 +42,7 @@ def read_stream(cfg, fns, generator, where):
         data = read_folder(cfg, fns[cfg["file_reader"]], where)
     else:
         data = read_h5(resolve_path(cfg["data_path"]), cfg["h5_key"], where)
-    data = select(data, cfg["n_inputs"], cfg["randomize_inputs"], generator, where)
+    data = select(data, cfg["n_inputs"], cfg["randomize_inputs"], choice_seed, where)
     if isinstance(data, FileStream):
         return data
     if cfg["data_read_postprocessing_fn"]:
@@ -59,7 +61,8 @@ def call(fn, where, *args, **kwargs):
 def read_file(reader, path, args, where):
     try:
         return call(reader, where, path, **args)
-    except (OSError, ValueError, RuntimeError, EOFError) as e:
+    # (TypeError: e.g. an array of Python objects, which torch cannot hold)
+    except (OSError, ValueError, RuntimeError, EOFError, TypeError, zipfile.BadZipFile) as e:
         raise UserError(f"{where}: {reader.__name__} could not read {path}: {e}") from None
 
 
@@ -99,14 +102,16 @@ def read_h5(path, key, where):
         raise UserError(f"{where}: could not read {path} as HDF5: {e}") from None
 
 
-def select(data, n_inputs, randomize, generator, where):
-    """The first n_inputs samples, or n_inputs drawn at random (seeded) when randomize is set."""
+def select(data, n_inputs, randomize, seed, where):
+    """The first n_inputs samples, or n_inputs drawn at random when randomize is set. The draw
+    depends only on `seed` (dataset.split_seed) and the stream's length, so streams paired by
+    index keep the same samples, and runs with other training seeds the same data."""
     if n_inputs is None or n_inputs == len(data):
         return data
     if n_inputs > len(data):
         raise UserError(f"{where}.n_inputs: {n_inputs} asked for, but the data has only {len(data)} samples")
     if randomize:
-        chosen = torch.randperm(len(data), generator=generator)[:n_inputs].sort().values
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_inputs].sort().values
     else:
         chosen = torch.arange(n_inputs)
     return data.select(chosen) if isinstance(data, FileStream) else data[chosen]

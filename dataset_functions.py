@@ -25,7 +25,7 @@ def read_npy(path, dtype="float32"):
     if not isinstance(array, np.ndarray):
         array.close()
         raise ValueError("it is a .npz archive of several arrays; read it with read_npz and its key")
-    return torch.from_numpy(array.astype(dtype))
+    return torch.from_numpy(array).to(torch_dtype(dtype))
 
 
 def read_npz(path, key, dtype="float32"):
@@ -36,7 +36,7 @@ def read_npz(path, key, dtype="float32"):
     with archive:
         if key not in archive.files:
             raise ValueError(f"no array {key!r} in it; it has: {', '.join(archive.files)}")
-        return torch.from_numpy(archive[key].astype(dtype))
+        return torch.from_numpy(archive[key]).to(torch_dtype(dtype))
 
 
 def read_image(path, grayscale=False, size=None, crop=None, dtype="float32"):
@@ -56,7 +56,15 @@ def read_image(path, grayscale=False, size=None, crop=None, dtype="float32"):
         image = TF.center_crop(image, crop)
     if dtype == "uint8":
         return TF.to_dtype(image, torch.uint8, scale=True)  # a no-op for 8-bit images
-    return image.to(getattr(torch, dtype)) / torch.iinfo(image.dtype).max  # 255, or 65535 for 16-bit PNGs
+    return image.to(torch_dtype(dtype)) / torch.iinfo(image.dtype).max  # 255, or 65535 for 16-bit PNGs
+
+
+def torch_dtype(name):
+    """torch's dtype of a name such as float32 or int64 (a reader's `dtype` argument)."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype; e.g. float32, float16, uint8, int64")
+    return dtype
 
 
 # ---- data generating functions ----

@@ -10,12 +10,10 @@ titled with their predicted and true class for a classifier) and, for a classifi
 """
 import json
 import math
-import sys
 
 import matplotlib
 import torch
 from torchvision.utils import make_grid
-import yaml
 from tqdm import tqdm
 
 from checkpoint import atomic_write
@@ -45,10 +43,10 @@ def main(argv):
     adversarial = cfg["adversarial"]["enable_adversarial_training"]
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
     check_data_fits_model(streams, model, adversarial, args.training_cfg)
-    data, split = evaluation_data(streams, split_settings(cfg, state), ev["data_split"], args.training_cfg,
-                                  f"{args.evaluation_cfg}: evaluation.data_split")
+    data, split, batches = evaluation_data(streams, cfg["dataset"], state, ev["data_split"], args.training_cfg,
+                                           f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
-    inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], ev["batch_size"], cfg["dataset"]["split_seed"]))
+    inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], batches))
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     paired = targets_are_paired(model, adversarial)
@@ -74,34 +72,36 @@ def main(argv):
             print(f"saved {image}")
 
 
-def split_settings(cfg, state):
-    """The dataset section, with the validation split the checkpoint's run trained with (which a
-    --set at training time may have changed from the file's)."""
-    saved = yaml.safe_load(state["config"]).get("dataset", {}) if isinstance(state.get("config"), str) else {}
-    split = {k: saved[k] for k in ("validation_fraction", "split_seed") if k in saved}
-    if any(cfg["dataset"][k] != v for k, v in split.items()):
-        print(f"note: evaluating with the split the checkpoint was trained with: {split}", file=sys.stderr)
-    return cfg["dataset"] | split
-
-
-def evaluation_data(streams, dataset_cfg, split, source, where):
-    """(the dataset of the samples to evaluate, with the transforms marked in_evaluation, and
-    the split's name): by default the samples the run held out, if it did."""
+def evaluation_data(streams, dataset_cfg, state, split, source, where):
+    """(the dataset of the samples to evaluate, with the transforms marked in_evaluation; the
+    split's name; the batches to make it in). By default the samples the checkpoint's run held
+    out, split as that run split them (its `split` record), made in the batches its validation
+    used, so that evaluate.py sees the inputs the validation loss saw."""
     n = len(streams[dataset_cfg["data_len_key"]])
-    training, validation = split_indices(n, dataset_cfg["validation_fraction"], dataset_cfg["split_seed"],
-                                         f"{source}: dataset")
-    split = split or ("validation" if validation is not None else "all")
-    if split == "validation" and validation is None:
-        raise UserError(f"{where}: validation, but the run holds no samples out ({source}: "
-                        "dataset.validation_fraction is 0); use training or all")
+    # a checkpoint from before validation splits held nothing out
+    run = state.get("split") or {"n_samples": n, "validation_fraction": 0.0, "split_seed": 0, "batch_size": 64}
+    split = split or ("validation" if run["validation_fraction"] else "all")
+    if split == "validation" and not run["validation_fraction"]:
+        raise UserError(f"{where}: validation, but the run held no samples out (its dataset.validation_fraction "
+                        "was 0); use training or all")
+    if split != "all" and run["n_samples"] != n:
+        raise UserError(f"{where}: {split}, but the run split {run['n_samples']} samples and {source}: dataset now "
+                        f"gives {n}, so its held-out samples cannot be told apart; use all, or the run's data")
+    training, validation = split_indices(n, run["validation_fraction"], run["split_seed"], f"{source}: dataset")
     indices = {"training": training, "validation": validation, "all": torch.arange(n)}[split]
-    return build_dataset(streams, dataset_cfg, indices, False, f"{source}: dataset"), split
+    batches = FixedBatches(len(indices), run["batch_size"], run["split_seed"])
+    return build_dataset(streams, dataset_cfg, indices, False, f"{source}: dataset"), split, batches
 
 
-def first_samples(data, n, batch_size, seed):
-    """The dataset's first n samples as one batch, made batch by batch as validation makes them."""
-    batches = [data.__getitems__(item) for item in FixedBatches(min(n, len(data)), batch_size, seed)]
-    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+def first_samples(data, n, batches):
+    """The dataset's first n samples as one batch."""
+    made, count = [], 0
+    for item in batches:
+        if count >= n:
+            break
+        made.append(data.__getitems__(item))
+        count += len(item[1])
+    return {name: torch.cat([b[name] for b in made])[:n] for name in made[0]}
 
 
 @torch.no_grad()

@@ -93,12 +93,12 @@ def shown_terms(terms):
 
 
 def print_table(runs, window):
-    print(f"{'checkpoint':<48} {'network':<14} {'term':<16} {'steps':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
-          f"run   (training: moving averages over {window} steps; val: per epoch)")
+    print(f"{'checkpoint':<48} {'network':<14} {'term':<16} {'values':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
+          f"run   (training terms: one value per step, moving averages over {window}; val: one per epoch)")
     for run in runs:
         for net, terms in run["losses"].items():
             rows = [(term, len(values), moving_average(values, window)) for term, values in shown_terms(terms).items()]
-            rows += [(f"val {term}", len(values), np.asarray(values, dtype=float))
+            rows += [(f"val/{term}", len(values), np.asarray(values, dtype=float))
                      for term, values in shown_terms(run["validation"].get(net, {})).items()]
             for term, steps, values in rows:
                 print(f"{run['path'].name:<48} {net:<14} {term:<16} {steps:>6} {values[-1]:>10.4f} "

@@ -371,10 +371,13 @@ class Trainer:
     def validate(self, bar):
         """Each network's mean loss terms over the held-out samples (of every process), in eval
         mode; kept in validation_history and metrics.jsonl, and shown."""
+        self.share_buffers()
         self.model.eval()
         sums, count = {}, 0
-        # No autograd, unless a loss term penalises the discriminator's gradient (WGAN-GP, R1).
-        with torch.set_grad_enabled(self.loss_wants_discriminator):
+        # No autograd, unless a loss term penalises the discriminator's gradient (WGAN-GP, R1);
+        # and the random numbers such a penalty draws do not shift training's.
+        devices = [self.placement.device] if self.placement.device.type == "cuda" else []
+        with torch.set_grad_enabled(self.loss_wants_discriminator), torch.random.fork_rng(devices):
             for batch in self.validation_loader:
                 inputs, targets = self.to_device(batch)
                 outputs = self.model(inputs)
@@ -464,14 +467,31 @@ class Trainer:
             "skipped_updates": self.skipped_updates,
             "loss_history": self.loss_history,
             "validation_history": self.validation_history,
+            "split": self.split_record(),
             "world_size": self.placement.world_size,
             "config": to_yaml(self.cfg),
             "architecture": self.model.architecture_text,
             "rng_state": rng_state(),
         }
 
+    def split_record(self):
+        """How the run split its samples, for evaluate.py to find the held-out ones again."""
+        data = self.cfg["dataset"]
+        return {"n_samples": len(self.loader.dataset.streams[data["data_len_key"]]),
+                "validation_fraction": data["validation_fraction"], "split_seed": data["split_seed"],
+                "batch_size": self.cfg["training"]["batch_size"]}  # of the validation batches
+
+    def share_buffers(self):
+        """Rank 0's buffers (BatchNorm running statistics) to every process. Gradients are
+        averaged, so the weights agree, but each process updates buffers from its own shard:
+        validation and checkpoints use one set, as DDP's broadcast_buffers does."""
+        if self.placement.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
     def save(self, early_stop=False):
-        """Rank 0 writes the checkpoint (every process holds the same weights)."""
+        """Every process calls this; rank 0 writes the checkpoint."""
+        self.share_buffers()
         if not self.placement.is_main:
             return None
         state = self.state(early_stop)

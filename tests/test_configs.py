@@ -203,6 +203,9 @@ def test_override_sets_a_list_entry_by_index():
         config.load_training_config(unet, overrides=["dataset.batch_transforms[2].args.std=0.2"])
     with pytest.raises(UserError, match=r"no entry \[0\] \(not a list\)"):
         config.load_training_config(unet, overrides=["training.n_epochs[0]=1"])
+    with pytest.raises(UserError, match=r"--set dataset\.batch_transforms\[0\]\.args\.std: the config has no "
+                                        r"'batch_transforms'"):
+        config.load_training_config(EXAMPLE, overrides=["dataset.batch_transforms[0].args.std=0.2"])
     with pytest.raises(UserError, match=r"dataset\.batch_transforms\[1\]\.args\.sd: not an argument"):
         config.load_training_config(unet, overrides=["dataset.batch_transforms[1].args.sd=0.2"])
 

@@ -387,16 +387,24 @@ def test_n_inputs_takes_the_first_samples(npy):
     assert torch.equal(out, torch.from_numpy(data[:6]).float())
 
 
-def test_randomize_inputs_is_seeded(npy):
+def test_randomize_inputs_is_seeded_by_split_seed_alike_for_paired_streams(npy):
+    """A random choice of n_inputs samples is fixed by dataset.split_seed, not training.seed, and
+    is the same for streams of equal length: inputs and their targets stay paired."""
     path, data = npy
-    cfg = {"s": file_stream(path, n_inputs=6, randomize_inputs=True)}
-    picks = {seed: load(cfg, seed)["s"] for seed in (0, 1, 2)}
-    rows = {seed: [int(x[0, 0, 0].item()) // 18 for x in out] for seed, out in picks.items()}  # sample index
-    assert torch.equal(load(cfg, 0)["s"], picks[0])                       # same seed, same subset
+    streams = {name: file_stream(path, n_inputs=6, randomize_inputs=True) for name in ("inputs", "targets")}
+
+    def pick(split_seed, training_seed=0):
+        cfg = streams_cfg(streams, split_seed=split_seed)
+        return dataset_base.load_streams(cfg, training_seed, "test config")
+
+    picks = {seed: pick(seed) for seed in (0, 1, 2)}
+    rows = {seed: [int(x[0, 0, 0].item()) // 18 for x in out["inputs"]] for seed, out in picks.items()}  # sample index
     for seed, idx in rows.items():
         assert len(set(idx)) == 6 and all(0 <= i < 20 for i in idx)       # 6 distinct samples of the data
-        assert torch.equal(picks[seed], torch.from_numpy(data[idx]).float())
-    assert len({tuple(idx) for idx in rows.values()}) > 1                 # other seeds, other subsets
+        assert torch.equal(picks[seed]["inputs"], torch.from_numpy(data[idx]).float())
+        assert torch.equal(picks[seed]["targets"], picks[seed]["inputs"])  # the same samples for both
+    assert torch.equal(pick(1, training_seed=7)["inputs"], picks[1]["inputs"])  # the training seed plays no part
+    assert len({tuple(idx) for idx in rows.values()}) > 1                 # other split seeds, other subsets
     assert rows[0] != list(range(6)) or rows[1] != list(range(6))         # not just the first ones
 
 
@@ -534,7 +542,7 @@ def test_resumed_epoch_skips_the_batches_already_trained_and_draws_the_same_augm
     sampler.set_epoch(4)
     full = list(dataset.make_loader(ds, sampler))
     sampler.set_epoch(4, skip=2)  # two batches trained before the interruption
-    assert len(sampler) == 2
+    assert len(sampler) == 4  # the whole epoch's, as the progress bar and schedules count it
     resumed = list(dataset.make_loader(ds, sampler))
     assert len(resumed) == 2
     for a, b in zip(resumed, full[2:]):
@@ -814,9 +822,21 @@ def test_evaluate_scores_the_samples_training_held_out(unet_model):
     cfg = unet_cfg()
     _, validation = train.make_loaders(cfg, unet_model, CPU, "unet.yaml")
     streams = validation.dataset.streams
-    data, split = evaluate.evaluation_data(streams, cfg["dataset"], None, "unet.yaml", "eval.yaml: evaluation.data_split")
+    record = {"n_samples": 64, "validation_fraction": 0.1, "split_seed": 0, "batch_size": 8}
+    data, split, batches = evaluate.evaluation_data(streams, cfg["dataset"], {"split": record}, None, "unet.yaml",
+                                                    "eval.yaml: evaluation.data_split")
     assert split == "validation" and torch.equal(data.indices, validation.dataset.indices)
     assert [t.name for t in data.transforms] == ["add_gaussian_noise"]
+    # the inputs validation saw, noise included
+    made = evaluate.first_samples(data, 5, batches)
+    seen = next(iter(validation))
+    assert all(torch.equal(made[name], seen[name][:5]) for name in seen)
+    # a checkpoint whose run split another number of samples cannot say which are held out
+    with pytest.raises(UserError, match=r"eval\.yaml: evaluation\.data_split: validation, but the run split 100"):
+        evaluate.evaluation_data(streams, cfg["dataset"], {"split": {**record, "n_samples": 100}}, None, "unet.yaml",
+                                 "eval.yaml: evaluation.data_split")
+    # one from before validation splits held nothing out
+    assert evaluate.evaluation_data(streams, cfg["dataset"], {}, None, "unet.yaml", "eval.yaml")[1] == "all"
 
 
 # ---- config errors -----------------------------------------------------------------------------
@@ -1075,3 +1095,17 @@ def test_in_memory_false_is_only_for_folders_of_single_samples(pngs, stream, key
     raw = {**lazy_stream(folder), **stream}
     with pytest.raises(UserError, match=rf"dataset\.s\.{key}:"):
         streams_cfg({"s": raw})
+
+
+def test_validation_batches_unlike_training_ones_are_a_user_error():
+    """A stream's own data_batch_transform runs in training only: if it is what turns bytes into
+    floats, validation would feed the model bytes; that is caught before training starts."""
+    cfg = streams_cfg({"images": dict(ANY_STREAM, data_batch_transform="to_float")}, validation_fraction=0.5)
+    streams = {"images": torch.zeros(4, 1, 2, 2, dtype=torch.uint8)}
+    model = types.SimpleNamespace(input_key="images", input_size=(1, 2, 2), architecture_path="arch.yaml")
+    built = {split: dataset.build_dataset(streams, cfg, torch.arange(2), split == "training", "cfg.yaml: dataset")
+             for split in ("training", "validation")}
+    with pytest.raises(UserError, match=r"cfg\.yaml: dataset\.images: validation samples are torch\.uint8 .* training "
+                                        r"samples torch\.float32 .*in_evaluation: true"):
+        cli.check_batches_fit_model(built, model, "cfg.yaml")
+    cli.check_batches_fit_model({"training": built["training"]}, model, "cfg.yaml")  # alone, training's are fine

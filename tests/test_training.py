@@ -79,8 +79,9 @@ def assert_user_error(proc, repo, folder_name, expected):
     assert not (repo / "results/example_model" / folder_name).exists(), f"results of {folder_name} were written"
 
 
-def sample_order(epoch, seed=0):
+def sample_order(epoch):
     """The order in which train.py reads the 512 samples in `epoch` (its EpochBatches)."""
+    seed = config.load_training_config(SRC / TRAIN_CFG)["training"]["seed"]
     batches = dataset_mod.EpochBatches(512, 32, seed)
     batches.set_epoch(epoch)
     return torch.cat([positions for _, positions in batches]).tolist()
