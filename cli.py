@@ -36,9 +36,11 @@ def split_overrides(overrides, section):
     return own, [item for item in overrides if item not in own]
 
 
-def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
+def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=(), use_ema=True):
     """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict). The model
-    is built from the architecture stored in the checkpoint, which is what its weights fit."""
+    is built from the architecture stored in the checkpoint, which is what its weights fit. With
+    `use_ema`, a checkpoint's moving average of the generator's weights (training.ema_decay)
+    replaces the generator's own."""
     cfg = load_training_config(training_cfg_path, overrides)
     path = resolve_checkpoint(checkpoint_spec, checkpoint_dir(cfg), where)
     state = load_checkpoint(path)
@@ -54,6 +56,10 @@ def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=()):
         with architecture_text_for(on_disk, saved):
             model = build_model(cfg["model"])
     load_weights(model, state, path)
+    if use_ema and state.get("ema_state_dict"):
+        model.components_of("generator").load_state_dict(state["ema_state_dict"])
+        print(f"using the moving average of the generator's weights in {path.name} (training.ema_decay)",
+              file=sys.stderr)
     return cfg, model, path, state
 
 

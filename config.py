@@ -172,6 +172,17 @@ TRAINING = {
         "scheduler_interval": Key("epoch", str, check=one_of("epoch", "step"),
                                   doc="advance the schedule after every epoch or after every step"),
         "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates and metrics.jsonl writes"),
+        "precision": Key("fp32", str, check=one_of("fp32", "bf16", "fp16"),
+                         doc="fp32, or mixed precision with torch.amp: bf16, or fp16 with a gradient scaler per network"),
+        "grad_clip_norm": Key(None, float, check=lambda v: None if v > 0 else "must be > 0",
+                              doc="clip the generator's gradient norm to this (null: no clipping)"),
+        "compile": Key(False, bool, doc="torch.compile every submodel (checkpoints keep plain state_dict keys)"),
+        "compile_args": Key({}, dict, doc="torch.compile's arguments, e.g. {mode: max-autotune} or {backend: aot_eager}"),
+        "channels_last": Key(False, bool, doc="4-d weights and inputs in channels_last memory format (faster convolutions "
+                                              "on recent GPUs with mixed precision)"),
+        "ema_decay": Key(None, float, check=lambda v: None if 0 < v < 1 else "must be in (0, 1), e.g. 0.999",
+                         doc="keep an exponential moving average of the generator's weights, which evaluate.py "
+                             "and jit_trace_model.py then use (null: none)"),
         "on_nonfinite_loss": Key("stop", str, check=one_of("stop", "skip", "ignore"),
                                  doc="a NaN/inf loss: stop training, skip the update, or do not check (saves a sync per update)"),
     },
@@ -190,6 +201,8 @@ TRAINING = {
         "train_disc_first": Key(True, bool),
         "n_gen_iterations": Key(1, int, check=at_least(1)),
         "n_disc_iterations": Key(1, int, check=at_least(1)),
+        "grad_clip_norm": Key(None, float, check=lambda v: None if v > 0 else "must be > 0",
+                              doc="clip the discriminator's gradient norm to this (null: no clipping; not copied from training)"),
     },
     "model": {
         "architecture_cfg_path": Key(REQUIRED, str, check=existing_path),
@@ -227,6 +240,7 @@ EVALUATION = {
         "batch_size": Key(64, int, check=at_least(1)),
         "gpus": Key([], list, check=gpu_list),
         "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
+        "use_ema": Key(True, bool, doc="evaluate the generator's EMA weights when the checkpoint has them"),
         "data_split": Key(None, str, check=one_of("validation", "training", "all"),
                           doc="the samples to evaluate; null: validation if the run holds samples out, else all"),
     },
@@ -551,6 +565,8 @@ def load_training_config(path, overrides=None):
     for key in copied:
         adv[key] = _copy(train[key])
     check_schedule(cfg, "training", errors)
+    if isinstance(train["compile_args"], dict):
+        check_function_args(torch.compile, train["compile_args"], "training.compile_args", errors, passed=1)
     if adv["enable_adversarial_training"]:
         check_schedule(cfg, "adversarial", errors, copied)
     raise_if(errors, path)

@@ -38,7 +38,8 @@ def main(argv):
     eval_sets, train_sets = split_overrides(args.overrides, "evaluation")
     ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
     cfg, model, path, state = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
-                                           f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets)
+                                               f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets,
+                                               use_ema=ev["use_ema"])
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
     adversarial = cfg["adversarial"]["enable_adversarial_training"]
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)

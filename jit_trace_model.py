@@ -39,13 +39,16 @@ def main(argv):
                         help="time N forward passes of the eager model and of the artifact (median, p90)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
+    parser.add_argument("--no_ema", action="store_true",
+                        help="export the generator's own weights, not their moving average (training.ema_decay)")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.input_size):
         raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: every size must be >= 1")
     if args.benchmark < 0:
         raise UserError(f"--benchmark {args.benchmark}: give a number of runs >= 1 (or leave it out)")
     device = benchmark_device(args.device)
-    cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides)
+    cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides,
+                                           use_ema=not args.no_ema)
     model.eval()
     expected = (args.input_size[0], *model.input_size)
     if tuple(args.input_size) != expected:

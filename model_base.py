@@ -196,6 +196,11 @@ class PyNet(nn.Module):
     def has_discriminator(self):
         return "discriminator" in self.adv_types.values()
 
+    def components_of(self, adv_type):
+        """The components of one kind (generator or discriminator) as one module, sharing their
+        weights: what an EMA of the generator averages, and what its saved weights load into."""
+        return nn.ModuleDict({name: comp for name, comp in self.model_components.items() if self.adv_types[name] == adv_type})
+
     def parameters_of(self, adv_type):
         return [p for name, comp in self.model_components.items()
                 if self.adv_types[name] == adv_type for p in comp.parameters()]

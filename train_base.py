@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import loss
@@ -182,6 +183,20 @@ class Trainer:
                 self.optimizers[net] = make_optimizer(self.params[net], s, where)
                 self.schedulers[net] = make_scheduler(self.optimizers[net], s, len(loader), train["n_epochs"], where)
                 self.schedule_every_step[net] = s["scheduler_interval"] == "step"
+        self.clip = {"generator": train["grad_clip_norm"], "discriminator": adv["grad_clip_norm"]}
+        # Mixed precision: forward passes and losses under autocast; with fp16 a scaler per
+        # network keeps small gradients from flushing to zero (bf16 has fp32's range: none needed).
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train["precision"]]
+        self.scalers = {net: torch.amp.GradScaler(placement.device.type) for net in self.networks} \
+            if train["precision"] == "fp16" else {}
+        self.channels_last = train["channels_last"]
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.generator_part = model.components_of("generator")
+        self.ema = None if train["ema_decay"] is None else AveragedModel(
+            self.generator_part, multi_avg_fn=get_ema_multi_avg_fn(train["ema_decay"]), use_buffers=True)
+        if train["compile"]:  # in place, after the EMA's copy: the modules and their state_dict keys stay as they are
+            compile_submodels(model, train["compile_args"], f"{self.source}: training.compile_args")
         self.on_nonfinite = train["on_nonfinite_loss"]
         self.skipped_updates = 0
         self.keep_last = cfg["saving"]["keep_last"]
@@ -209,13 +224,13 @@ class Trainer:
         inputs, targets = self.to_device(batch)
         lrs = {net: opt.param_groups[0]["lr"] for net, opt in self.optimizers.items()}
         if not self.adversarial:
-            terms = {"generator": self.update("generator", self.model(inputs), inputs, targets)}
+            terms = {"generator": self.update("generator", self.forward(inputs), inputs, targets)}
         else:
             terms, outputs = {}, None
             for net in self.update_order:
                 for _ in range(self.iterations[net]):
                     if outputs is None:  # generated once per generator state, shared by both networks
-                        outputs = self.model(inputs)
+                        outputs = self.forward(inputs)
                     terms[net] = self.update(net, outputs, inputs, targets)
                     if net == "generator":
                         outputs = None
@@ -224,19 +239,33 @@ class Trainer:
                 self.schedulers[net].step()
         return terms, lrs
 
+    def autocast(self):
+        """The precision context of forward passes and losses (a no-op for fp32)."""
+        return torch.autocast(self.placement.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def forward(self, inputs):
+        with self.autocast():
+            return self.model(inputs)
+
     def to_device(self, batch):
         """The batch's (inputs, targets) on this process's device."""
         inputs, targets = self.model.split_batch(batch)
         device = self.placement.device
-        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True) if targets is not None else None
+        inputs = inputs.to(device, non_blocking=True)
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets.to(device, non_blocking=True) if targets is not None else None
 
     def update(self, net, outputs, inputs, targets):
         """One optimizer step of `net`; returns its loss terms (detached) plus their total."""
-        terms = self.loss_terms(net, outputs, inputs, targets)
-        total = sum(terms.values())
-        optimizer = self.optimizers[net]
+        with self.autocast():
+            terms = self.loss_terms(net, outputs, inputs, targets)
+            total = sum(terms.values())
+        optimizer, scaler = self.optimizers[net], self.scalers.get(net)
         optimizer.zero_grad(set_to_none=True)
-        total.backward(inputs=self.params[net])  # the generator's loss needs no discriminator gradients
+        # the generator's loss needs no discriminator gradients
+        (scaler.scale(total) if scaler else total).backward(inputs=self.params[net])
         bad = None if self.on_nonfinite == "ignore" else ~torch.isfinite(total.detach())
         if self.placement.world_size > 1:
             bad = average_gradients(self.params[net], self.placement.world_size, bad)
@@ -244,8 +273,24 @@ class Trainer:
             self.nonfinite(net, terms)
             optimizer.zero_grad(set_to_none=True)
         else:
+            self.step_optimizer(net, optimizer, scaler)
+            if net == "generator" and self.ema is not None:
+                self.ema.update_parameters(self.generator_part)
+        # (float: under autocast some terms come out in half precision)
+        return {"total": total.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
+
+    def step_optimizer(self, net, optimizer, scaler):
+        """Clip the (unscaled) gradients if asked, then step; an fp16 scaler skips a step whose
+        gradients overflowed and lowers its scale."""
+        if self.clip[net]:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params[net], self.clip[net])
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
             optimizer.step()
-        return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     def loss_terms(self, net, outputs, inputs, targets):
         """The loss function's terms for `net` on one batch (scoring with the discriminator in
@@ -377,14 +422,14 @@ class Trainer:
         # No autograd, unless a loss term penalises the discriminator's gradient (WGAN-GP, R1);
         # and the random numbers such a penalty draws do not shift training's.
         devices = [self.placement.device] if self.placement.device.type == "cuda" else []
-        with torch.set_grad_enabled(self.loss_wants_discriminator), torch.random.fork_rng(devices):
+        with torch.set_grad_enabled(self.loss_wants_discriminator), torch.random.fork_rng(devices), self.autocast():
             for batch in self.validation_loader:
                 inputs, targets = self.to_device(batch)
                 outputs = self.model(inputs)
                 for net in self.networks:
                     terms = self.loss_terms(net, outputs, inputs, targets)
                     for name, value in {"total": sum(terms.values()), **terms}.items():
-                        sums[net, name] = sums.get((net, name), 0) + value.detach() * len(inputs)
+                        sums[net, name] = sums.get((net, name), 0) + value.detach().float() * len(inputs)
                 count += len(inputs)
         self.model.train()
         totals = torch.stack([*sums.values(), torch.tensor(float(count), device=self.placement.device)])
@@ -465,6 +510,10 @@ class Trainer:
             "batches_done_in_epoch": self.batches_done,
             "early_stop": early_stop,
             "skipped_updates": self.skipped_updates,
+            "scaler_state_dicts": {net: scaler.state_dict() for net, scaler in self.scalers.items()},
+            # the generator's averaged weights, keyed as in model.components_of("generator")
+            "ema_state_dict": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
             "loss_history": self.loss_history,
             "validation_history": self.validation_history,
             "split": self.split_record(),
@@ -521,6 +570,12 @@ class Trainer:
                 self.load_schedule(net, section, saved_cfg, state[f"{prefix}optimizer_state_dict"],
                                    state[f"{prefix}scheduler_state_dict"])
         self.skipped_updates = state.get("skipped_updates", 0)
+        if self.ema is not None and state.get("ema_state_dict"):  # (else the average starts afresh)
+            self.ema.module.load_state_dict(state["ema_state_dict"])
+            self.ema.n_averaged.fill_(state["ema_updates"])
+        for net, scaler_state in state.get("scaler_state_dicts", {}).items():
+            if net in self.scalers:  # (a run switched to fp16 starts its scalers afresh)
+                self.scalers[net].load_state_dict(scaler_state)
         for net, history in state["loss_history"].items():
             if net in self.loss_history:
                 self.loss_history[net] = history
@@ -577,6 +632,17 @@ class Trainer:
 # The settings that shape a network's learning-rate schedule.
 SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
                  "learning_rate_gamma"]
+
+
+def compile_submodels(model, args, where):
+    """torch.compile each submodel's forward in place (nn.Module.compile): the flow between
+    submodels stays eager Python, and the weights keep their names."""
+    for component in model.model_components.values():
+        for submodel in component.values():
+            try:
+                submodel.compile(**args)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"{where}: torch.compile({kwargs_text(args)}) failed: {e}") from None
 
 
 def fills_total_length(s):

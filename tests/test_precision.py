@@ -1,0 +1,139 @@
+"""Mixed precision, gradient clipping and the generator's EMA, in-process on the toy GAN (a
+few steps each): bf16 trains on the CPU, fp16's gradient scalers survive a resume, clipping
+bounds the gradient norm, and the moving average is saved and used by evaluate.py and
+jit_trace_model.py (through cli.load_trained_run) unless asked not to."""
+import math
+
+import pytest
+import torch
+
+import cli
+import config
+import model_base
+import train
+import train_base
+from conftest import SRC, TRAIN_CFG
+
+CPU = train_base.Placement(torch.device("cpu"))
+
+
+def toy_trainer(tmp_path, *overrides, resume=None):
+    """The toy GAN on 64 real images in batches of 16 (4 steps an epoch), saving into tmp_path."""
+    cfg = config.load_training_config(SRC / TRAIN_CFG, ["dataset.real_images.n_inputs=64", "training.batch_size=16",
+                                                         "training.n_epochs=1", *overrides])
+    train_base.seed_everything(0)
+    model = model_base.build_model(cfg["model"])
+    loader, _ = train.make_loaders(cfg, model, CPU, TRAIN_CFG)
+    if resume is not None:
+        cli.load_weights(model, resume, "checkpoint")
+    trainer = train_base.Trainer(cfg, model, loader, CPU, resume)
+    trainer.folder = tmp_path / "run"  # (the config's own folder is in the source tree)
+    return trainer
+
+
+def finite_history(trainer):
+    return all(math.isfinite(v) for terms in trainer.loss_history.values() for values in terms.values() for v in values)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu(tmp_path, precision):
+    trainer = toy_trainer(tmp_path, f"training.precision={precision}")
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert finite_history(trainer) and len(trainer.loss_history["generator"]["total"]) == 4
+    end = trainer.model.state_dict()
+    assert all(v.dtype == start[k].dtype for k, v in end.items())  # the weights stay fp32; only the math is mixed
+    assert any(not torch.equal(start[k], v) for k, v in end.items() if v.is_floating_point())
+    assert bool(trainer.scalers) == (precision == "fp16")  # bf16 has fp32's range: no scaler
+
+
+def test_fp16_scalers_survive_a_resume(tmp_path):
+    first = toy_trainer(tmp_path, "training.precision=fp16")
+    last = first.fit()
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert set(saved["scaler_state_dicts"]) == {"generator", "discriminator"}
+    fresh = torch.amp.GradScaler("cpu").state_dict()
+    assert all(state != fresh for state in saved["scaler_state_dicts"].values())  # 4 steps counted towards growth
+    resumed = toy_trainer(tmp_path, "training.precision=fp16", "training.n_epochs=2", resume=saved)
+    for net, scaler in resumed.scalers.items():
+        assert scaler.state_dict() == first.scalers[net].state_dict()
+        assert scaler.get_scale() == first.scalers[net].get_scale()
+
+
+def test_gradient_clipping_bounds_each_networks_gradient_norm(tmp_path):
+    trainer = toy_trainer(tmp_path, "training.grad_clip_norm=0.001", "adversarial.grad_clip_norm=0.002")
+    batch = next(iter(trainer.loader))
+    trainer.train_step(batch)  # the gradients of the last update of each network stay until the next
+    for net, clip in (("generator", 0.001), ("discriminator", 0.002)):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params[net]]))
+        assert norm <= clip * (1 + 1e-4), (net, norm)
+    unclipped = toy_trainer(tmp_path)
+    unclipped.train_step(next(iter(unclipped.loader)))
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in unclipped.params["generator"]])) > 0.001
+
+
+def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
+    decay = 0.5
+    trainer = toy_trainer(tmp_path, f"training.ema_decay={decay}")
+    generator = trainer.model.components_of("generator")
+    # the average of the weights after each generator update, by hand
+    expected = None
+
+    def watch(net, optimizer, scaler, step=trainer.step_optimizer):
+        nonlocal expected
+        step(net, optimizer, scaler)
+        if net == "generator":
+            now = {k: v.detach().clone().float() for k, v in generator.state_dict().items()}
+            expected = now if expected is None else {k: decay * expected[k] + (1 - decay) * now[k] for k in now}
+    trainer.step_optimizer = watch
+    last = trainer.fit()
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["ema_updates"] == 4
+    for key, value in saved["ema_state_dict"].items():
+        if value.is_floating_point():
+            assert torch.allclose(value, expected[key], atol=1e-6), key
+    assert any(not torch.equal(saved["ema_state_dict"][k], v) for k, v in generator.state_dict().items()
+               if v.is_floating_point())  # the average is not the last weights
+
+    # evaluate.py and jit_trace_model.py load the average unless asked not to
+    overrides = [f"saving.save_folder_name={tmp_path}"]  # an absolute folder, unused: the checkpoint is given by path
+    _, with_ema, _, _ = cli.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides)
+    _, raw, _, _ = cli.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides, use_ema=False)
+    for key, value in with_ema.components_of("generator").state_dict().items():
+        assert torch.equal(value, saved["ema_state_dict"][key])
+        assert torch.equal(raw.components_of("generator").state_dict()[key],
+                           saved["model_state_dict"][f"model_components.{key}"])
+
+    resumed = toy_trainer(tmp_path, f"training.ema_decay={decay}", "training.n_epochs=2", resume=saved)
+    assert int(resumed.ema.n_averaged) == 4
+    for key, value in resumed.ema.module.state_dict().items():
+        assert torch.equal(value, saved["ema_state_dict"][key])
+
+
+def test_compiled_submodels_train_and_save_plain_weights(tmp_path):
+    """training.compile compiles each submodel in place: training runs, and the checkpoint's keys
+    are the uncompiled model's, so it loads into one. (aot_eager: the compile path without
+    inductor's C++ build, which would take minutes here.)"""
+    trainer = toy_trainer(tmp_path, "training.compile=true", "training.compile_args={backend: aot_eager}")
+    submodels = [sub for component in trainer.model.model_components.values() for sub in component.values()]
+    assert all(sub._compiled_call_impl is not None for sub in submodels)  # nn.Module.compile's mark
+    torch._dynamo.reset()
+    last = trainer.fit()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(submodels)  # they did run compiled
+    assert finite_history(trainer)
+    saved = torch.load(last, map_location="cpu", weights_only=True)["model_state_dict"]
+    plain = model_base.build_model(config.load_training_config(SRC / TRAIN_CFG)["model"])
+    assert list(saved) == list(plain.state_dict())
+    plain.load_state_dict(saved)
+
+
+def test_channels_last_trains(tmp_path):
+    trainer = toy_trainer(tmp_path, "training.channels_last=true")
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in trainer.model.parameters())
+    trainer.fit()
+    assert finite_history(trainer)
+
+
+def test_compile_args_are_checked_against_torch_compile():
+    with pytest.raises(config.UserError, match=r"training\.compile_args\.mod: not an argument of compile.*did you mean 'mode'"):
+        config.load_training_config(SRC / TRAIN_CFG, ["training.compile_args={mod: max-autotune}"])
