@@ -178,6 +178,8 @@ TRAINING = {
                               doc="clip the generator's gradient norm to this (null: no clipping)"),
         "compile": Key(False, bool, doc="torch.compile every submodel (checkpoints keep plain state_dict keys)"),
         "compile_args": Key({}, dict, doc="torch.compile's arguments, e.g. {mode: max-autotune} or {backend: aot_eager}"),
+        "sync_batchnorm": Key(False, bool, doc="under DDP, BatchNorm layers share their batch statistics across "
+                                               "processes (torch.nn.SyncBatchNorm; GPUs only)"),
         "channels_last": Key(False, bool, doc="4-d weights and inputs in channels_last memory format (faster convolutions "
                                               "on recent GPUs with mixed precision)"),
         "ema_decay": Key(None, float, check=lambda v: None if 0 < v < 1 else "must be in (0, 1), e.g. 0.999",

@@ -165,9 +165,11 @@ class MetricsLog:
 class Trainer:
     def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None):
         train, adv = cfg["training"], cfg["adversarial"]
-        self.cfg, self.model, self.loader, self.placement = cfg, model.to(placement.device), loader, placement
-        self.validation_loader = validation_loader
         self.source = cfg["config_path"]
+        self.cfg, self.model, self.loader, self.placement = cfg, model, loader, placement
+        self.validation_loader = validation_loader
+        prepare_model(model, train, placement, self.source)  # before any optimizer holds its parameters
+        self.channels_last = train["channels_last"]
         self.adversarial = adv["enable_adversarial_training"]
         self.loss_fn = public_functions(loss)[cfg["loss"]["loss_fn"]]
         self.loss_args = cfg["loss"]["loss_args"]
@@ -189,9 +191,6 @@ class Trainer:
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train["precision"]]
         self.scalers = {net: torch.amp.GradScaler(placement.device.type) for net in self.networks} \
             if train["precision"] == "fp16" else {}
-        self.channels_last = train["channels_last"]
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.generator_part = model.components_of("generator")
         self.ema = None if train["ema_decay"] is None else AveragedModel(
             self.generator_part, multi_avg_fn=get_ema_multi_avg_fn(train["ema_decay"]), use_buffers=True)
@@ -632,6 +631,20 @@ class Trainer:
 # The settings that shape a network's learning-rate schedule.
 SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
                  "learning_rate_gamma"]
+
+
+def prepare_model(model, train, placement, source):
+    """Move the model to its device, with the BatchNorm kind and memory format the config asks for."""
+    model.to(placement.device)
+    if train["sync_batchnorm"] and placement.world_size > 1:
+        if placement.device.type != "cuda":
+            raise UserError(f"{source}: training.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; "
+                            "set it to false for CPU processes")
+        # in place: the components keep their modules, and the weights their names
+        for name, component in model.model_components.items():
+            model.model_components[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(component)
+    if train["channels_last"]:
+        model.to(memory_format=torch.channels_last)
 
 
 def compile_submodels(model, args, where):

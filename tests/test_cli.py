@@ -5,6 +5,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -421,6 +422,27 @@ def test_ddp_trains_and_saves(ddp_run):
     for net in ("generator", "discriminator"):
         assert all(len(v) == steps for v in state["loss_history"][net].values())
     assert len(list(folder.glob("*.yaml"))) == 1  # one snapshot: only rank 0 writes
+
+
+def test_two_nodes_over_loopback_rendezvous_train_as_one_run(repo):
+    """torchrun on two "nodes" of one process each, meeting through a c10d rendezvous on this
+    machine, trains one run: each process reads half the data, rank 0 alone saves."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes", "train.py", "-t", MULTIGPU_CFG,
+           *sets(*DDP_SETS, "saving.save_folder_name=two_nodes")]
+    nodes = [subprocess.Popen(cmd, cwd=repo, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    assert sum("trained to epoch 1" in out for out, _ in outputs) == 1  # rank 0's node alone reports
+    ckpts = by_epoch(repo / CHECKPOINTS / "two_nodes")
+    assert sorted(ckpts) == [0, 1]
+    history = load(ckpts[1])["loss_history"]
+    assert all(len(v) == 512 // (2 * DDP_BATCH) for terms in history.values() for v in terms.values())
 
 
 def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):

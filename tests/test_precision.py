@@ -137,3 +137,12 @@ def test_channels_last_trains(tmp_path):
 def test_compile_args_are_checked_against_torch_compile():
     with pytest.raises(config.UserError, match=r"training\.compile_args\.mod: not an argument of compile.*did you mean 'mode'"):
         config.load_training_config(SRC / TRAIN_CFG, ["training.compile_args={mod: max-autotune}"])
+
+
+def test_sync_batchnorm_is_refused_for_cpu_processes():
+    """torch's SyncBatchNorm needs GPUs: several CPU processes asking for it get a user error."""
+    cfg = config.load_training_config(SRC / TRAIN_CFG, ["training.sync_batchnorm=true"])
+    model = model_base.build_model(cfg["model"])
+    two_cpu_processes = train_base.Placement(torch.device("cpu"), rank=0, world_size=2)
+    with pytest.raises(config.UserError, match=r"training\.sync_batchnorm: .*GPUs only"):
+        train_base.prepare_model(model, cfg["training"], two_cpu_processes, "cfg.yaml")
