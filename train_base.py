@@ -7,6 +7,7 @@ optimizer and scheduler state, epoch, step, loss history, RNG). Its state is wha
 holds, so resuming restores all of it.
 """
 import inspect
+import itertools
 import json
 import os
 import random
@@ -178,12 +179,15 @@ class Trainer:
         self.loss_wants_discriminator = "discriminator" in inspect.signature(self.loss_fn).parameters
         self.networks = ["generator", "discriminator"] if self.adversarial else ["generator"]
         self.params = {net: model.parameters_of(net) for net in self.networks}
+        self.accumulate = train["grad_accumulation_steps"]  # loader batches per optimizer step
+        self.steps_per_epoch = -(-len(loader) // self.accumulate)
         self.optimizers, self.schedulers, self.schedule_every_step = {}, {}, {}
         for net, section in (("generator", "training"), ("discriminator", "adversarial")):
             if net in self.networks:
                 s, where = cfg[section], f"{self.source}: {section}"
                 self.optimizers[net] = make_optimizer(self.params[net], s, where)
-                self.schedulers[net] = make_scheduler(self.optimizers[net], s, len(loader), train["n_epochs"], where)
+                self.schedulers[net] = make_scheduler(self.optimizers[net], s, self.steps_per_epoch, train["n_epochs"],
+                                                      where)
                 self.schedule_every_step[net] = s["scheduler_interval"] == "step"
         self.clip = {"generator": train["grad_clip_norm"], "discriminator": adv["grad_clip_norm"]}
         # Mixed precision: forward passes and losses under autocast; with fp16 a scaler per
@@ -218,21 +222,25 @@ class Trainer:
                 dist.broadcast(tensor, 0)  # every process starts from rank 0's weights
 
     # ---- one step ----
-    def train_step(self, batch):
-        """Update the network(s) on one batch; returns ({network: loss terms}, {network: lr})."""
-        inputs, targets = self.to_device(batch)
+    def train_step(self, batches):
+        """Update the network(s) once (each n_*_iterations times in adversarial training) on a
+        batch, or on a list of micro-batches whose gradients are summed
+        (training.grad_accumulation_steps). Returns ({network: loss terms, averaged over the
+        micro-batches}, {network: lr})."""
+        micro = [self.to_device(b) for b in (batches if isinstance(batches, list) else [batches])]
         lrs = {net: opt.param_groups[0]["lr"] for net, opt in self.optimizers.items()}
-        if not self.adversarial:
-            terms = {"generator": self.update("generator", self.forward(inputs), inputs, targets)}
-        else:
-            terms, outputs = {}, None
-            for net in self.update_order:
-                for _ in range(self.iterations[net]):
-                    if outputs is None:  # generated once per generator state, shared by both networks
-                        outputs = self.forward(inputs)
-                    terms[net] = self.update(net, outputs, inputs, targets)
-                    if net == "generator":
-                        outputs = None
+        # One batch: the generator's outputs are made once per generator state and shared by
+        # both networks' updates. Several: each update makes its own, one micro-batch at a time,
+        # so that only one micro-batch's activations are held at once.
+        share = len(micro) == 1
+        terms, outputs = {}, None
+        for net in self.update_order if self.adversarial else ["generator"]:
+            for _ in range(self.iterations[net] if self.adversarial else 1):
+                if share and outputs is None:
+                    outputs = [self.forward(micro[0][0])]
+                terms[net] = self.update(net, micro, outputs if share else None)
+                if net == "generator":
+                    outputs = None
         for net, every_step in self.schedule_every_step.items():
             if every_step:
                 self.schedulers[net].step()
@@ -256,27 +264,41 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, targets.to(device, non_blocking=True) if targets is not None else None
 
-    def update(self, net, outputs, inputs, targets):
-        """One optimizer step of `net`; returns its loss terms (detached) plus their total."""
-        with self.autocast():
-            terms = self.loss_terms(net, outputs, inputs, targets)
-            total = sum(terms.values())
+    def update(self, net, micro, outputs=None):
+        """One optimizer step of `net` with the gradients summed over the micro-batches `micro`
+        ([(inputs, targets)], each loss divided by their number, so that k micro-batches of b
+        samples step as one batch of k * b would). `outputs`: the generator's outputs for them,
+        if already made. Returns the loss terms, averaged, plus their total (detached, float)."""
         optimizer, scaler = self.optimizers[net], self.scalers.get(net)
         optimizer.zero_grad(set_to_none=True)
-        # the generator's loss needs no discriminator gradients
-        (scaler.scale(total) if scaler else total).backward(inputs=self.params[net])
-        bad = None if self.on_nonfinite == "ignore" else ~torch.isfinite(total.detach())
+        sums, bad = {}, None
+        for i, (inputs, targets) in enumerate(micro):
+            if outputs is not None:
+                out = outputs[i]
+            else:
+                with torch.set_grad_enabled(net == "generator"):  # the discriminator's terms detach it
+                    out = self.forward(inputs)
+            with self.autocast():
+                terms = self.loss_terms(net, out, inputs, targets)
+                total = sum(terms.values())
+            share = total / len(micro)
+            # the generator's loss needs no discriminator gradients
+            (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
+            for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
+                sums[name] = sums.get(name, 0) + value.detach().float() / len(micro)
+            if self.on_nonfinite != "ignore":
+                finite = torch.isfinite(total.detach())
+                bad = ~finite if bad is None else bad | ~finite
         if self.placement.world_size > 1:
             bad = average_gradients(self.params[net], self.placement.world_size, bad)
         if bad is not None and bad.item():  # one host sync per update; `ignore` saves it
-            self.nonfinite(net, terms)
+            self.nonfinite(net, sums)
             optimizer.zero_grad(set_to_none=True)
         else:
             self.step_optimizer(net, optimizer, scaler)
             if net == "generator" and self.ema is not None:
                 self.ema.update_parameters(self.generator_part)
-        # (float: under autocast some terms come out in half precision)
-        return {"total": total.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
+        return sums
 
     def step_optimizer(self, net, optimizer, scaler):
         """Clip the (unscaled) gradients if asked, then step; an fp16 scaler skips a step whose
@@ -326,7 +348,7 @@ class Trainer:
         A non-finite loss (on_nonfinite_loss: stop) ends training without saving, exit status 3."""
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         main = self.placement.is_main
-        steps_per_epoch = len(self.loader)
+        steps_per_epoch = self.steps_per_epoch
         bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.step, disable=not main, dynamic_ncols=True,
                    unit="step")
         if main:
@@ -371,17 +393,17 @@ class Trainer:
 
     def run_epoch(self, epoch, bar):
         """Train one epoch (the rest of it, when resuming part way); False if a stop was requested."""
-        self.loader.batch_sampler.set_epoch(epoch, skip=self.batches_done)
+        self.loader.batch_sampler.set_epoch(epoch, skip=self.batches_done * self.accumulate)
         pending, waited, since = [], 0.0, time.perf_counter()
         batches = iter(self.loader)
         while True:
             start = time.perf_counter()
-            batch = next(batches, None)
+            group = list(itertools.islice(batches, self.accumulate))  # one step's batches
             waited += time.perf_counter() - start
-            if batch is None:
+            if not group:
                 break
             try:
-                pending.append(self.train_step(batch))
+                pending.append(self.train_step(group if self.accumulate > 1 else group[0]))
             except NonFiniteLoss:
                 if pending:  # keep the good steps before it in loss_history and metrics.jsonl
                     self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
@@ -612,7 +634,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = s["learning_rate"]
         where = f"{self.source}: {section}"
-        self.schedulers[net] = make_scheduler(optimizer, s, len(self.loader), self.n_epochs, where)
+        self.schedulers[net] = make_scheduler(optimizer, s, self.steps_per_epoch, self.n_epochs, where)
         done = self.step if self.schedule_every_step[net] else self.epoch
         with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
             warnings.simplefilter("ignore")

@@ -1,7 +1,8 @@
-"""Mixed precision, gradient clipping and the generator's EMA, in-process on the toy GAN (a
-few steps each): bf16 trains on the CPU, fp16's gradient scalers survive a resume, clipping
-bounds the gradient norm, and the moving average is saved and used by evaluate.py and
-jit_trace_model.py (through cli.load_trained_run) unless asked not to."""
+"""Training options, in-process on the toy GAN (a few steps each): mixed precision (bf16 trains
+on the CPU, fp16's gradient scalers survive a resume), gradient clipping and accumulation, the
+generator's EMA (saved, resumed, and used by evaluate.py and jit_trace_model.py through
+cli.load_trained_run unless asked not to), torch.compile and channels_last, SyncBatchNorm's
+refusal on CPUs."""
 import math
 
 import pytest
@@ -146,3 +147,26 @@ def test_sync_batchnorm_is_refused_for_cpu_processes():
     two_cpu_processes = train_base.Placement(torch.device("cpu"), rank=0, world_size=2)
     with pytest.raises(config.UserError, match=r"training\.sync_batchnorm: .*GPUs only"):
         train_base.prepare_model(model, cfg["training"], two_cpu_processes, "cfg.yaml")
+
+
+def test_accumulating_two_half_batches_steps_as_one_whole_batch(tmp_path):
+    """grad_accumulation_steps k with batches of b: each optimizer step sums k micro-batches'
+    gradients, as one batch of k * b would give (the toy has no BatchNorm; no random transforms)."""
+    plain = ["dataset.real_images.data_batch_transform=null", "dataset.gen_inputs.data_batch_transform=null"]
+    whole = toy_trainer(tmp_path, *plain, "training.batch_size=32")
+    halves = toy_trainer(tmp_path, *plain, "training.batch_size=16", "training.grad_accumulation_steps=2")
+    assert whole.steps_per_epoch == halves.steps_per_epoch == 2
+    for trainer in (whole, halves):
+        trainer.loader.batch_sampler.set_epoch(1)
+    batch, (first, second) = next(iter(whole.loader)), list(halves.loader)[:2]
+    assert torch.equal(torch.cat([first["real_images"], second["real_images"]]), batch["real_images"])
+    terms_whole, _ = whole.train_step(batch)
+    terms_halves, _ = halves.train_step([first, second])
+    for key, value in whole.model.state_dict().items():
+        assert torch.allclose(value, halves.model.state_dict()[key], atol=1e-6), key
+    for net, terms in terms_whole.items():
+        for name, value in terms.items():
+            assert torch.allclose(value, terms_halves[net][name], atol=1e-6), (net, name)
+
+    halves.fit()  # the loop groups the loader's batches: 4 batches of 16 make 2 steps
+    assert halves.step == 2 and len(halves.loss_history["generator"]["total"]) == 2
