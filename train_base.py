@@ -281,11 +281,14 @@ class Trainer:
             with self.autocast():
                 terms = self.loss_terms(net, out, inputs, targets)
                 total = sum(terms.values())
-            share = total / len(micro)
+            share = total / len(micro) if len(micro) > 1 else total
             # the generator's loss needs no discriminator gradients
             (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
             for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
-                sums[name] = sums.get(name, 0) + value.detach().float() / len(micro)
+                value = value.detach().float()
+                if len(micro) > 1:
+                    value = value / len(micro)
+                sums[name] = sums[name] + value if name in sums else value
             if self.on_nonfinite != "ignore":
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
