@@ -1,10 +1,11 @@
 """The training loop behind train.py: device and DDP setup, optimizers, the adversarial
-schedule, progress, checkpoints and resume.
+schedule, mixed precision, gradient accumulation and clipping, the generator's EMA, validation,
+progress, checkpoints and resume.
 
 `Trainer` receives a validated config, a built model and data loaders (training, and validation
 when the dataset holds samples out), and owns everything that changes while training (weights,
-optimizer and scheduler state, epoch, step, loss history, RNG). Its state is what a checkpoint
-holds, so resuming restores all of it.
+optimizer, scheduler and gradient-scaler state, the EMA, epoch, step, loss history, RNG). Its
+state is what a checkpoint holds, so resuming restores all of it.
 """
 import contextlib
 import functools
