@@ -272,13 +272,15 @@ class Trainer:
 
     def update(self, net, micro, outputs=None):
         """One optimizer step of `net` with the gradients summed over the micro-batches `micro`
-        ([(inputs, targets)], each loss divided by their number, so that k micro-batches of b
-        samples step as one batch of k * b would). `outputs`: the generator's outputs for them,
-        if already made. Returns the loss terms, averaged, plus their total (detached, float)."""
+        ([(inputs, targets)], each loss weighted by its share of their samples, so that they step
+        as one batch of all of them would). `outputs`: the generator's outputs for them, if already
+        made. Returns the loss terms, averaged, plus their total (detached, float)."""
         optimizer, scaler = self.optimizers[net], self.scalers.get(net)
         optimizer.zero_grad(set_to_none=True)
         sums, bad = {}, None
+        n_samples = sum(len(inputs) for inputs, _ in micro)
         for i, (inputs, targets) in enumerate(micro):
+            weight = len(inputs) / n_samples  # a short last batch of the epoch counts for its samples
             if outputs is not None:
                 out = outputs[i]
             else:
@@ -287,13 +289,13 @@ class Trainer:
             with self.autocast():
                 terms = self.loss_terms(net, out, inputs, targets)
                 total = functools.reduce(operator.add, terms.values())  # (sum() would add a 0 first)
-            share = total / len(micro) if len(micro) > 1 else total
+            share = total * weight if len(micro) > 1 else total
             # the generator's loss needs no discriminator gradients
             (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
             for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
                 value = value.detach().float()
                 if len(micro) > 1:
-                    value = value / len(micro)
+                    value = value * weight
                 sums[name] = sums[name] + value if name in sums else value
             if self.on_nonfinite != "ignore":
                 finite = torch.isfinite(total.detach())
@@ -358,8 +360,8 @@ class Trainer:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         main = self.placement.is_main
         steps_per_epoch = self.steps_per_epoch
-        bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.step, disable=not main, dynamic_ncols=True,
-                   unit="step")
+        bar = tqdm(total=self.n_epochs * steps_per_epoch, initial=self.epoch * steps_per_epoch + self.batches_done,
+                   disable=not main, dynamic_ncols=True, unit="step")
         if main:
             self.remove_partial_saves()
             self.metrics = MetricsLog(self.folder / "metrics.jsonl", self.step)
@@ -595,6 +597,11 @@ class Trainer:
     def load_state(self, state):
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
         saved_cfg = yaml.safe_load(state["config"])
+        saved_k = saved_cfg["training"].get("grad_accumulation_steps", 1)
+        if self.batches_done and saved_k != self.accumulate:
+            raise UserError(f"{self.source}: training.grad_accumulation_steps: the checkpoint stopped part way through "
+                            f"an epoch with {saved_k} batches per step, which says where to go on from; resume with "
+                            f"--set training.grad_accumulation_steps={saved_k} (or from a checkpoint at an epoch's end)")
         for net, section, prefix in (("generator", "training", ""), ("discriminator", "adversarial", "disc_")):
             if net in self.networks and state.get(f"{prefix}optimizer_state_dict"):
                 self.load_schedule(net, section, saved_cfg, state[f"{prefix}optimizer_state_dict"],
@@ -636,6 +643,9 @@ class Trainer:
         before = {f"{section}.{k}": saved.get(k) for k in SCHEDULE_KEYS}
         if fills_total_length(s):  # the schedule's length is the run's
             now["training.n_epochs"], before["training.n_epochs"] = self.n_epochs, saved_cfg["training"]["n_epochs"]
+        if self.schedule_every_step[net]:  # it counts optimizer steps, which batches per step decides
+            now["training.grad_accumulation_steps"] = self.accumulate
+            before["training.grad_accumulation_steps"] = saved_cfg["training"].get("grad_accumulation_steps", 1)
         changed = [key for key in now if now[key] != before[key]]
         if not changed:
             self.schedulers[net].load_state_dict(scheduler_state)
@@ -644,7 +654,7 @@ class Trainer:
             group["lr"] = group["initial_lr"] = s["learning_rate"]
         where = f"{self.source}: {section}"
         self.schedulers[net] = make_scheduler(optimizer, s, self.steps_per_epoch, self.n_epochs, where)
-        done = self.step if self.schedule_every_step[net] else self.epoch
+        done = self.epoch * self.steps_per_epoch + self.batches_done if self.schedule_every_step[net] else self.epoch
         with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
             warnings.simplefilter("ignore")
             for _ in range(done):
@@ -685,7 +695,7 @@ def compile_submodels(model, args, where):
         for submodel in component.values():
             try:
                 submodel.compile(**args)
-            except (TypeError, ValueError, RuntimeError) as e:
+            except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # (torch checks some values by assert)
                 raise UserError(f"{where}: torch.compile({kwargs_text(args)}) failed: {e}") from None
 
 

@@ -170,3 +170,37 @@ def test_accumulating_two_half_batches_steps_as_one_whole_batch(tmp_path):
 
     halves.fit()  # the loop groups the loader's batches: 4 batches of 16 make 2 steps
     assert halves.step == 2 and len(halves.loss_history["generator"]["total"]) == 2
+
+
+def test_a_short_last_batch_counts_for_its_samples_when_accumulating(tmp_path):
+    """24 samples: one batch of 24, or 16 + 8 accumulated, step alike (the 8 weigh a third)."""
+    plain = ["dataset.real_images.data_batch_transform=null", "dataset.gen_inputs.data_batch_transform=null",
+             "dataset.real_images.n_inputs=24"]
+    whole = toy_trainer(tmp_path, *plain, "training.batch_size=24")
+    parts = toy_trainer(tmp_path, *plain, "training.batch_size=16", "training.grad_accumulation_steps=2")
+    for trainer in (whole, parts):
+        trainer.loader.batch_sampler.set_epoch(1)
+    whole.train_step(next(iter(whole.loader)))
+    parts.train_step(list(parts.loader))
+    for key, value in whole.model.state_dict().items():
+        assert torch.allclose(value, parts.model.state_dict()[key], atol=1e-6), key
+
+
+def test_resuming_with_other_accumulation(tmp_path):
+    """At an epoch's end a run may change grad_accumulation_steps: a schedule that counts steps is
+    rebuilt for the new number of steps; part way through an epoch it is a user error."""
+    one_cycle = ["training.scheduler=OneCycleLR", "training.scheduler_args={max_lr: 0.001}",
+                 "training.scheduler_interval=step", "adversarial.scheduler=StepLR", "adversarial.scheduler_args={}",
+                 "adversarial.scheduler_interval=epoch", "training.n_epochs=2"]
+    first = toy_trainer(tmp_path, *one_cycle, "training.grad_accumulation_steps=2")
+    first.n_epochs = 1  # stop after epoch 1 of the 2 the schedule spans
+    saved = torch.load(first.fit(), map_location="cpu", weights_only=True)
+    resumed = toy_trainer(tmp_path, *one_cycle, resume=saved)
+    assert any("training.grad_accumulation_steps changed" in note for note in resumed.notes), resumed.notes
+    assert resumed.schedulers["generator"].total_steps == 2 * 4  # 2 epochs of 4 steps now
+    resumed.fit()  # runs to the end of the schedule without stepping past it
+    assert resumed.step == saved["step"] + 4
+
+    saved["batches_done_in_epoch"] = 1  # as if stopped after a step of epoch 2
+    with pytest.raises(config.UserError, match=r"training\.grad_accumulation_steps: .*--set training\.grad_accumulation_steps=2"):
+        toy_trainer(tmp_path, *one_cycle, resume=saved)
