@@ -54,7 +54,7 @@ def train(cfg, placement, source):
         held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
         print(f"{'resuming from ' + str(path) if path else 'training from scratch'}; "
               f"{len(loader.dataset)} training samples{held_out}, {trainer.steps_per_epoch} steps per epoch, device {placement.device}"
-              f"{f' x {placement.world_size} processes' if placement.world_size > 1 else ''}")
+              f"{f' x {placement.world_size} DDP process(es)' if placement.distributed else ''}")
         snapshot = to_yaml(cfg).encode()
         atomic_write(trainer.folder / f"training_cfg_{timestamp()}.yaml", lambda f: f.write(snapshot))
     trainer.fit()

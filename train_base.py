@@ -1,6 +1,6 @@
-"""The training loop behind train.py: device and DDP setup, optimizers, the adversarial
-schedule, mixed precision, gradient accumulation and clipping, the generator's EMA, validation,
-progress, checkpoints and resume.
+"""The training loop behind train.py: device and DDP setup (a DistributedDataParallel wrapper
+per network, see NetworkLoss), optimizers, the adversarial schedule, mixed precision, gradient
+accumulation and clipping, the generator's EMA, validation, progress, checkpoints and resume.
 
 `Trainer` receives a validated config, a built model and data loaders (training, and validation
 when the dataset holds samples out), and owns everything that changes while training (weights,
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -45,10 +46,12 @@ def seed_everything(seed):
 
 @dataclass
 class Placement:
-    """Where this process trains: its device, and its rank among world_size processes."""
+    """Where this process trains: its device, and its rank among world_size processes;
+    `distributed` once it has joined a process group (under torchrun, even as the only process)."""
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    distributed: bool = False
 
     @property
     def is_main(self):
@@ -80,9 +83,12 @@ def setup_placement(gpus, source):
     device = select_device(gpus, where, local_rank)  # the GPU this process owns
     if gpus:
         torch.cuda.set_device(device)
-    if world_size > 1:
+    # Under torchrun a single process joins a process group too, so that --nproc_per_node=1
+    # rehearses a multi-GPU run: NCCL, the DDP wrappers and all.
+    distributed = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if distributed:
         dist.init_process_group("nccl" if gpus else "gloo", device_id=device if gpus else None)
-    return Placement(device, rank, world_size)
+    return Placement(device, rank, world_size, distributed)
 
 
 def check_training_setup(model, adversarial, loss_fn, source):
@@ -221,9 +227,11 @@ class Trainer:
         self.stop_signal = None
         if resume_state is not None:
             self.load_state(resume_state)
-        if placement.world_size > 1:
-            for tensor in self.model.state_dict().values():
-                dist.broadcast(tensor, 0)  # every process starts from rank 0's weights
+        # Under DDP each trained network gets its own wrapper (which also starts every process
+        # from rank 0's weights): see NetworkLoss.
+        self.ddp = {net: wrap_for_ddp(model.components_of(net)) for net in self.networks} \
+            if placement.distributed else {}
+        self.gradients_checked = {net: False for net in self.ddp}
 
     # ---- one step ----
     def train_step(self, batches):
@@ -274,24 +282,24 @@ class Trainer:
         """One optimizer step of `net` with the gradients summed over the micro-batches `micro`
         ([(inputs, targets)], each loss weighted by its share of their samples, so that they step
         as one batch of all of them would). `outputs`: the generator's outputs for them, if already
-        made. Returns the loss terms, averaged, plus their total (detached, float)."""
-        optimizer, scaler = self.optimizers[net], self.scalers.get(net)
+        made. Under DDP the gradients are averaged over the processes during the last
+        micro-batch's backward pass. Returns the loss terms, averaged, plus their total
+        (detached, float)."""
+        optimizer, scaler, ddp = self.optimizers[net], self.scalers.get(net), self.ddp.get(net)
         optimizer.zero_grad(set_to_none=True)
         sums, bad = {}, None
         n_samples = sum(len(inputs) for inputs, _ in micro)
         for i, (inputs, targets) in enumerate(micro):
             weight = len(inputs) / n_samples  # a short last batch of the epoch counts for its samples
-            if outputs is not None:
-                out = outputs[i]
-            else:
-                with torch.set_grad_enabled(net == "generator"):  # the discriminator's terms detach it
-                    out = self.forward(inputs)
-            with self.autocast():
-                terms = self.loss_terms(net, out, inputs, targets)
-                total = functools.reduce(operator.add, terms.values())  # (sum() would add a 0 first)
-            share = total * weight if len(micro) > 1 else total
-            # the generator's loss needs no discriminator gradients
-            (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
+            out = outputs[i] if outputs is not None else None
+            # DDP all-reduces once per step: not after the micro-batches before the last.
+            local = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
+            with local:
+                args = (net, inputs, targets, out)
+                total, terms = ddp(self.micro_loss, *args) if ddp is not None else self.micro_loss(*args)
+                share = total * weight if len(micro) > 1 else total
+                # the generator's loss needs no discriminator gradients
+                (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
             for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
                 value = value.detach().float()
                 if len(micro) > 1:
@@ -300,29 +308,57 @@ class Trainer:
             if self.on_nonfinite != "ignore":
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
-        if self.placement.world_size > 1:
-            bad = average_gradients(self.params[net], self.placement.world_size, bad)
+        if bad is not None and ddp is not None:  # a NaN on any process skips the step on all
+            bad = bad.float()
+            dist.all_reduce(bad)
         if bad is not None and bad.item():  # one host sync per update; `ignore` saves it
             self.nonfinite(net, sums)
             optimizer.zero_grad(set_to_none=True)
-        else:
-            self.step_optimizer(net, optimizer, scaler)
-            if net == "generator" and self.ema is not None:
-                self.ema.update_parameters(self.generator_part)
+            return sums
+        if ddp is not None and not self.gradients_checked[net]:
+            self.check_every_parameter_trained(net)
+        stepped = self.step_optimizer(net, optimizer, scaler)
+        if stepped and net == "generator" and self.ema is not None:  # (not after a step fp16 skipped)
+            self.ema.update_parameters(self.generator_part)
         return sums
 
+    def check_every_parameter_trained(self, net):
+        """Under DDP each of the network's parameters must get a gradient in every update: DDP
+        reduces them in buckets and would fail at the next step, with a message naming neither
+        the parameters nor the file to fix. Checked after the network's first update."""
+        unused = [name for name, p in self.model.components_of(net).named_parameters()
+                  if p.requires_grad and p.grad is None]
+        if unused:
+            shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            raise UserError(f"{self.source}: model.model_flow_path: under DDP every parameter of the {net} must take "
+                            f"part in its loss, but {shown} got no gradient; call each of the {net}'s submodels "
+                            f"in the flow's forward, or drop unused ones from {self.model.architecture_path}")
+        self.gradients_checked[net] = True
+
+    def micro_loss(self, net, inputs, targets, outputs=None):
+        """The total loss of `net` on one micro-batch, and its terms; the generator runs first
+        unless its `outputs` are given (without autograd for the discriminator's loss)."""
+        if outputs is None:
+            with torch.set_grad_enabled(net == "generator"):  # the discriminator's terms detach it
+                outputs = self.forward(inputs)
+        with self.autocast():
+            terms = self.loss_terms(net, outputs, inputs, targets)
+            return functools.reduce(operator.add, terms.values()), terms  # (sum() would add a 0 first)
+
     def step_optimizer(self, net, optimizer, scaler):
-        """Clip the (unscaled) gradients if asked, then step; an fp16 scaler skips a step whose
-        gradients overflowed and lowers its scale."""
+        """Clip the (unscaled) gradients if asked, then step. An fp16 scaler skips a step whose
+        gradients overflowed, and lowers its scale; returned is whether the weights changed."""
         if self.clip[net]:
             if scaler:
                 scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.params[net], self.clip[net])
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
+        if not scaler:
             optimizer.step()
+            return True
+        scale = scaler.get_scale()  # (a host sync, as scaler.step's own check of the gradients is)
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale() >= scale  # update() lowers the scale exactly when it skipped the step
 
     def loss_terms(self, net, outputs, inputs, targets):
         """The loss function's terms for `net` on one batch (scoring with the discriminator in
@@ -705,21 +741,31 @@ def fills_total_length(s):
         s["scheduler_args"].get("total_steps") is None and s["scheduler_args"].get("epochs") is None
 
 
-def average_gradients(params, world_size, flag=None):
-    """All-reduce the gradients of `params` in one flat buffer and average them (DDP). A boolean
-    `flag` (this process's loss is not finite) rides along in the same all-reduce; returned is
-    whether any process raised it."""
-    grads = [p.grad for p in params if p.grad is not None]
-    extra = [flag.reshape(1).to(grads[0].dtype)] if flag is not None else []
-    flat = torch.cat([g.reshape(-1) for g in grads] + extra)
-    dist.all_reduce(flat)
-    if flag is not None:
-        flag = flat[-1] > 0
-        flat = flat[:-1]
-    flat /= world_size
-    for grad, synced in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(synced.view_as(grad))
-    return flag
+class NetworkLoss(torch.nn.Module):
+    """What DDP wraps for one network: that network's components, and a forward that runs the
+    loss function it is handed. DDP's gradient hooks then cover exactly this network's
+    parameters, whatever else the loss runs: the discriminator scoring the generator's samples,
+    or the generator making them without autograd for the discriminator's update, never enters
+    the other network's reduction. Every parameter of the network being trained gets a gradient,
+    so DDP needs no find_unused_parameters search. The checkpoint saves the model itself, so
+    its keys carry no "module." prefix."""
+
+    def __init__(self, components):
+        super().__init__()
+        self.components = components
+
+    def forward(self, loss_fn, *args):
+        return loss_fn(*args)
+
+
+def wrap_for_ddp(components):
+    """DDP over one network's components. Buffers are not synchronised at every forward pass:
+    Trainer.share_buffers hands rank 0's to all before a validation pass or a save, the only
+    places where running statistics are read."""
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    # (torch 2.14 renamed broadcast_buffers, which now warns; both start from rank 0's buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return DistributedDataParallel(NetworkLoss(components), **{no_sync: False})
 
 
 def rng_state():

@@ -445,27 +445,68 @@ def test_two_nodes_over_loopback_rendezvous_train_as_one_run(repo):
     assert all(len(v) == 512 // (2 * DDP_BATCH) for terms in history.values() for v in terms.values())
 
 
+def one_process_weights(*overrides):
+    """The weights after one epoch of one process, trained in this process (nothing is saved),
+    on the multi-GPU config on the CPU with `overrides`."""
+    cfg = config.load_training_config(SRC / MULTIGPU_CFG, overrides=list(overrides))
+    train_base.seed_everything(cfg["training"]["seed"])
+    model = model_base.build_model(cfg["model"])
+    # One process reads the union of the two shards (a one-replica DistributedSampler order).
+    placement = train_base.Placement(torch.device("cpu"))
+    loader, _ = train.make_loaders(cfg, model, placement, MULTIGPU_CFG)
+    trainer = train_base.Trainer(cfg, model, loader, placement)
+    assert trainer.run_epoch(1, tqdm(disable=True))
+    return model.state_dict()
+
+
+def assert_trained_alike(folder, weights):
+    ddp = load(by_epoch(folder)[1])["model_state_dict"]
+    start = load(by_epoch(folder)[0])["model_state_dict"]
+    assert not same_weights(start, ddp, atol=1e-4)  # the DDP run did train
+    assert same_weights(ddp, weights, atol=1e-5)
+
+
 def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
     """Two processes with batch b must train exactly like one with batch 2b on the same samples
     (gradients averaged over the same 2b samples). DistributedSampler's order is a seeded
     permutation split between the ranks, so one process reading the same permutation in steps of
     2b sees, at each step, the union of the two ranks' batches."""
     _, folder = ddp_run
-    one_process = [s for s in DDP_SETS if not s.startswith("training.batch_size")] + [
+    whole_batch = [s for s in DDP_SETS if not s.startswith("training.batch_size")] + [
         f"training.batch_size={2 * DDP_BATCH}"]
-    cfg = config.load_training_config(SRC / MULTIGPU_CFG, overrides=one_process)
-    seed = cfg["training"]["seed"]
-    train_base.seed_everything(seed)
-    model = model_base.build_model(cfg["model"])
-    # One process reads the union of the two shards (a one-replica DistributedSampler order).
-    placement = train_base.Placement(torch.device("cpu"))
-    loader, _ = train.make_loaders(cfg, model, placement, MULTIGPU_CFG)
-    trainer = train_base.Trainer(cfg, model, loader, placement)
-    assert trainer.run_epoch(1, tqdm(disable=True))  # in memory only: nothing is saved
-    ddp = load(by_epoch(folder)[1])["model_state_dict"]
-    start = load(by_epoch(folder)[0])["model_state_dict"]
-    assert not same_weights(start, ddp, atol=1e-4)  # the DDP run did train
-    assert same_weights(ddp, model.state_dict(), atol=1e-5)
+    assert_trained_alike(folder, one_process_weights(*whole_batch))
+
+
+def test_ddp_with_accumulation_and_a_gradient_penalty_matches_one_process(repo):
+    """The same with what strains DDP most: each process sums two half batches per step (DDP's
+    no_sync on the first), and the discriminator's loss holds R1, a penalty on its input
+    gradient (a double backward inside the DDP-wrapped loss)."""
+    strained = [*DDP_SETS, "loss.loss_fn=bce_gan_loss", "loss.loss_args={r1_weight: 1.0}",
+                "saving.save_folder_name=ddp_r1_accumulated"]
+    run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py", "-t",
+        MULTIGPU_CFG, *sets(*strained, f"training.batch_size={DDP_BATCH // 2}", "training.grad_accumulation_steps=2"))
+    whole_batch = [*strained, f"training.batch_size={2 * DDP_BATCH}"]
+    assert_trained_alike(repo / CHECKPOINTS / "ddp_r1_accumulated", one_process_weights(*whole_batch))
+
+
+def test_ddp_names_generator_parameters_the_flow_leaves_unused(repo, tmp_path):
+    """DDP needs a gradient for every parameter of the network it trains; a flow that skips a
+    submodel is stopped after the first step with the parameters' names, not DDP's error at the
+    second."""
+    flow = tmp_path / "skips_gen_dec.py"
+    flow.write_text("import torch\nfrom model_base import PyNet\n\n\nclass SkipsDecoder(PyNet):\n"
+                    "    target_key = 'real_images'\n\n"
+                    "    def forward(self, inputs):\n"
+                    "        code = self.model_components['generator']['gen_cnn'](inputs, {})\n"
+                    "        return torch.tanh(code[:, :16].reshape(-1, 1, 4, 4))\n\n"
+                    "    def discriminate(self, images, inputs=None):\n"
+                    "        return self.model_components['discriminator']['disc_cnn'](images)\n")
+    proc = run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py",
+               "-t", MULTIGPU_CFG, *sets(*DDP_SETS, f"model.model_flow_path={flow}",
+                                         "saving.save_folder_name=ddp_unused"), check=False)
+    assert proc.returncode != 0
+    assert "model.model_flow_path: under DDP every parameter of the generator must take part in its loss" in proc.stderr
+    assert "generator.gen_dec." in proc.stderr and "got no gradient" in proc.stderr
 
 
 # ---- resume -------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 import cli
 import config
@@ -18,16 +20,16 @@ from conftest import SRC, TRAIN_CFG
 CPU = train_base.Placement(torch.device("cpu"))
 
 
-def toy_trainer(tmp_path, *overrides, resume=None):
+def toy_trainer(tmp_path, *overrides, resume=None, placement=CPU):
     """The toy GAN on 64 real images in batches of 16 (4 steps an epoch), saving into tmp_path."""
     cfg = config.load_training_config(SRC / TRAIN_CFG, ["dataset.real_images.n_inputs=64", "training.batch_size=16",
                                                          "training.n_epochs=1", *overrides])
     train_base.seed_everything(0)
     model = model_base.build_model(cfg["model"])
-    loader, _ = train.make_loaders(cfg, model, CPU, TRAIN_CFG)
+    loader, _ = train.make_loaders(cfg, model, placement, TRAIN_CFG)
     if resume is not None:
         cli.load_weights(model, resume, "checkpoint")
-    trainer = train_base.Trainer(cfg, model, loader, CPU, resume)
+    trainer = train_base.Trainer(cfg, model, loader, placement, resume)
     trainer.folder = tmp_path / "run"  # (the config's own folder is in the source tree)
     return trainer
 
@@ -82,10 +84,11 @@ def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
 
     def watch(net, optimizer, scaler, step=trainer.step_optimizer):
         nonlocal expected
-        step(net, optimizer, scaler)
+        stepped = step(net, optimizer, scaler)
         if net == "generator":
             now = {k: v.detach().clone().float() for k, v in generator.state_dict().items()}
             expected = now if expected is None else {k: decay * expected[k] + (1 - decay) * now[k] for k in now}
+        return stepped
     trainer.step_optimizer = watch
     last = trainer.fit()
     saved = torch.load(last, map_location="cpu", weights_only=True)
@@ -109,6 +112,24 @@ def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
     assert int(resumed.ema.n_averaged) == 4
     for key, value in resumed.ema.module.state_dict().items():
         assert torch.equal(value, saved["ema_state_dict"][key])
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_weights_and_ema_alone(tmp_path):
+    trainer = toy_trainer(tmp_path, "training.precision=fp16", "training.ema_decay=0.5")
+    generator = trainer.model.components_of("generator")
+    # (the default first scale, 2**16, may overflow at once, as it is meant to: this one will not)
+    scaler = trainer.scalers["generator"] = torch.amp.GradScaler("cpu", init_scale=1.0)
+    batches = iter(trainer.loader)
+    trainer.train_step(next(batches))
+    assert int(trainer.ema.n_averaged) == 1
+    weights = {k: v.clone() for k, v in generator.state_dict().items()}
+    average = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    scaler.update(new_scale=1e38)  # the scaled gradients overflow
+    trainer.train_step(next(batches))
+    assert scaler.get_scale() < 1e38  # the scaler saw the overflow and skipped the step
+    assert all(torch.equal(v, weights[k]) for k, v in generator.state_dict().items())
+    assert int(trainer.ema.n_averaged) == 1
+    assert all(torch.equal(v, average[k]) for k, v in trainer.ema.module.state_dict().items())
 
 
 def test_compiled_submodels_train_and_save_plain_weights(tmp_path):
@@ -138,6 +159,24 @@ def test_channels_last_trains(tmp_path):
 def test_compile_args_are_checked_against_torch_compile():
     with pytest.raises(config.UserError, match=r"training\.compile_args\.mod: not an argument of compile.*did you mean 'mode'"):
         config.load_training_config(SRC / TRAIN_CFG, ["training.compile_args={mod: max-autotune}"])
+
+
+def test_one_process_under_torchrun_trains_through_ddp_as_without(tmp_path):
+    """torchrun --nproc_per_node=1 joins a process group (gloo here, NCCL on a GPU) and trains
+    through the DDP wrappers, accumulation included: the same weights as a plain run."""
+    overrides = ["training.grad_accumulation_steps=2", "loss.loss_fn=bce_gan_loss", "loss.loss_args={r1_weight: 1.0}"]
+    plain = toy_trainer(tmp_path, *overrides)
+    assert plain.run_epoch(1, tqdm(disable=True))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        one = train_base.Placement(torch.device("cpu"), distributed=True)
+        wrapped = toy_trainer(tmp_path, *overrides, placement=one)
+        assert set(wrapped.ddp) == {"generator", "discriminator"}
+        assert wrapped.run_epoch(1, tqdm(disable=True))
+    finally:
+        dist.destroy_process_group()
+    weights = plain.model.state_dict()
+    assert all(torch.allclose(v, weights[k], rtol=0, atol=1e-6) for k, v in wrapped.model.state_dict().items())
 
 
 def test_sync_batchnorm_is_refused_for_cpu_processes():

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script (about 5-8 minutes on one H100/H200):
+#
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]            # figures and logs go to OUT_DIR (default: gpu_checks/ in the repository)
+#   GPU_CHECKS_DEVICE=cpu bash benchmarks/gpu_checks.sh  # a rehearsal on the CPU (gloo, tiny benchmark)
+#
+# 1. benchmarks/bench_train_loop.py at the DCGAN of pytorch/examples (64x64 images, ngf = ndf = 64,
+#    batch 128): the pipeline's training step against the hand-written loop in fp32, bf16 and
+#    compiled, with whether bf16 and compile help.
+# 2. torchrun with one process on NCCL: the toy GAN through the DDP wrappers; then with fp16 (a
+#    gradient scaler per network), gradient accumulation and the R1 gradient penalty; then bf16
+#    with training.compile, channels_last and the generator's EMA.
+# 3. evaluate.py and jit_trace_model.py (TorchScript and torch.export, timed) on that last run.
+#
+# Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure.
+set -euo pipefail
+out=$(realpath -m "${1:-$(dirname "$0")/../gpu_checks}")  # (absolute: the scripts get it in --set)
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+if [[ ${GPU_CHECKS_DEVICE:-cuda} == cuda ]]; then
+    device=cuda gpus='[0]'
+    bench=(--device cuda --size 64 --width 64 --batch-size 128)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+else
+    device=cpu gpus='[]'
+    bench=(--quick --size 8 --width 8 --batch-size 4 --cases fp32)
+fi
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+train_cfg=configs/example_model/example_multigpu_training_cfg.yaml
+
+ddp_run() {  # ddp_run NAME [--set ...]: the multi-GPU example on one GPU, one process, two epochs
+    local name=$1; shift
+    torchrun --standalone --nnodes=1 --nproc_per_node=1 train.py -t "$train_cfg" \
+        --set "training.gpus=$gpus" --set training.n_epochs=2 --set saving.save_epoch_increment=1 \
+        --set "saving.save_folder_name=$out/$name" "$@" 2>&1 | tee "$out/$name.log"
+    grep -q "x 1 DDP process" "$out/$name.log" && grep -q "trained to epoch 2" "$out/$name.log"
+}
+
+echo "== 1. bench_train_loop.py"
+python benchmarks/bench_train_loop.py "${bench[@]}" --json "$out/bench_train_loop.json" 2>&1 \
+    | tee "$out/bench_train_loop.log"
+
+echo "== 2. torchrun, one process ($device)"
+ddp_run ddp_fp32
+ddp_run ddp_fp16_r1_accumulated --set training.precision=fp16 --set training.grad_accumulation_steps=2 \
+    --set loss.loss_fn=bce_gan_loss --set 'loss.loss_args={r1_weight: 1.0}'
+ddp_run ddp_bf16_compiled --set training.precision=bf16 --set training.compile=true \
+    --set training.channels_last=true --set training.ema_decay=0.99
+
+echo "== 3. evaluate.py and jit_trace_model.py on the last run"
+run_folder="$out/ddp_bf16_compiled"
+python evaluate.py -t "$train_cfg" -e configs/example_model/example_evaluation_cfg.yaml \
+    --set "saving.save_folder_name=$run_folder" --set "evaluation.gpus=$gpus" 2>&1 | tee "$out/evaluate.log"
+for format in torchscript export; do
+    python jit_trace_model.py -t "$train_cfg" --set "saving.save_folder_name=$run_folder" -c latest -i 1 1 4 4 \
+        --format "$format" --device "$device" --benchmark 200 2>&1 | tee "$out/jit_$format.log"
+done
+echo "all checks passed ($device); figures and logs in $out/"
