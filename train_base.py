@@ -227,10 +227,12 @@ class Trainer:
         self.stop_signal = None
         if resume_state is not None:
             self.load_state(resume_state)
-        # Under DDP each trained network gets its own wrapper (which also starts every process
-        # from rank 0's weights): see NetworkLoss.
+        # Under DDP each trained network gets its own wrapper (see NetworkLoss), which starts
+        # every process from rank 0's weights; and from rank 0's buffers, which older torch
+        # versions' wrappers leave alone.
         self.ddp = {net: wrap_for_ddp(model.components_of(net)) for net in self.networks} \
             if placement.distributed else {}
+        self.share_buffers()
         self.gradients_checked = {net: False for net in self.ddp}
 
     # ---- one step ----
@@ -244,13 +246,13 @@ class Trainer:
         # One batch: the generator's outputs are made once per generator state and shared by
         # both networks' updates. Several: each update makes its own, one micro-batch at a time,
         # so that only one micro-batch's activations are held at once.
-        share = len(micro) == 1
+        reuse = len(micro) == 1
         terms, outputs = {}, None
         for net in self.update_order if self.adversarial else ["generator"]:
             for _ in range(self.iterations[net] if self.adversarial else 1):
-                if share and outputs is None:
+                if reuse and outputs is None:
                     outputs = [self.forward(micro[0][0])]
-                terms[net] = self.update(net, micro, outputs if share else None)
+                terms[net] = self.update(net, micro, outputs if reuse else None)
                 if net == "generator":
                     outputs = None
         for net, every_step in self.schedule_every_step.items():
@@ -293,13 +295,13 @@ class Trainer:
             weight = len(inputs) / n_samples  # a short last batch of the epoch counts for its samples
             out = outputs[i] if outputs is not None else None
             # DDP all-reduces once per step: not after the micro-batches before the last.
-            local = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
-            with local:
+            reduce_later = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
+            with reduce_later:
                 args = (net, inputs, targets, out)
                 total, terms = ddp(self.micro_loss, *args) if ddp is not None else self.micro_loss(*args)
-                share = total * weight if len(micro) > 1 else total
+                part = total * weight if len(micro) > 1 else total
                 # the generator's loss needs no discriminator gradients
-                (scaler.scale(share) if scaler else share).backward(inputs=self.params[net])
+                (scaler.scale(part) if scaler else part).backward(inputs=self.params[net])
             for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
                 value = value.detach().float()
                 if len(micro) > 1:
@@ -308,15 +310,15 @@ class Trainer:
             if self.on_nonfinite != "ignore":
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
-        if bad is not None and ddp is not None:  # a NaN on any process skips the step on all
+        if ddp is not None and not self.gradients_checked[net]:  # (a NaN loss leaves gradients too)
+            self.check_every_parameter_trained(net)
+        if bad is not None and self.placement.world_size > 1:  # a NaN on any process skips the step on all
             bad = bad.float()
             dist.all_reduce(bad)
         if bad is not None and bad.item():  # one host sync per update; `ignore` saves it
             self.nonfinite(net, sums)
             optimizer.zero_grad(set_to_none=True)
             return sums
-        if ddp is not None and not self.gradients_checked[net]:
-            self.check_every_parameter_trained(net)
         stepped = self.step_optimizer(net, optimizer, scaler)
         if stepped and net == "generator" and self.ema is not None:  # (not after a step fp16 skipped)
             self.ema.update_parameters(self.generator_part)
@@ -330,9 +332,10 @@ class Trainer:
                   if p.requires_grad and p.grad is None]
         if unused:
             shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            method = "forward" if net == "generator" else "discriminate"
             raise UserError(f"{self.source}: model.model_flow_path: under DDP every parameter of the {net} must take "
                             f"part in its loss, but {shown} got no gradient; call each of the {net}'s submodels "
-                            f"in the flow's forward, or drop unused ones from {self.model.architecture_path}")
+                            f"in the flow's {method}, or drop unused ones from {self.model.architecture_path}")
         self.gradients_checked[net] = True
 
     def micro_loss(self, net, inputs, targets, outputs=None):
@@ -355,7 +358,7 @@ class Trainer:
         if not scaler:
             optimizer.step()
             return True
-        scale = scaler.get_scale()  # (a host sync, as scaler.step's own check of the gradients is)
+        scale = scaler.get_scale()  # (get_scale syncs with the device, as scaler.step's check of the gradients does)
         scaler.step(optimizer)
         scaler.update()
         return scaler.get_scale() >= scale  # update() lowers the scale exactly when it skipped the step
@@ -760,12 +763,12 @@ class NetworkLoss(torch.nn.Module):
 
 def wrap_for_ddp(components):
     """DDP over one network's components. Buffers are not synchronised at every forward pass:
-    Trainer.share_buffers hands rank 0's to all before a validation pass or a save, the only
-    places where running statistics are read."""
+    Trainer.share_buffers hands rank 0's to all before a validation pass or a save, where
+    running statistics are read. (Each process's EMA averages its own; rank 0's is saved.)"""
     parameters = inspect.signature(DistributedDataParallel).parameters
-    # (torch 2.14 renamed broadcast_buffers, which now warns; both start from rank 0's buffers)
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
-    return DistributedDataParallel(NetworkLoss(components), **{no_sync: False})
+    # torch 2.13 renamed broadcast_buffers (which now warns) to forward_sync_buffers
+    keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return DistributedDataParallel(NetworkLoss(components), **{keyword: False})
 
 
 def rng_state():

@@ -12,7 +12,8 @@
 #    with training.compile, channels_last and the generator's EMA.
 # 3. evaluate.py and jit_trace_model.py (TorchScript and torch.export, timed) on that last run.
 #
-# Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure.
+# Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure, or at a
+# step that hangs (a timeout on each: a stuck NCCL call must not eat a rented GPU's time).
 set -euo pipefail
 out=$(realpath -m "${1:-$(dirname "$0")/../gpu_checks}")  # (absolute: the scripts get it in --set)
 cd "$(dirname "$0")/.."
@@ -30,14 +31,14 @@ train_cfg=configs/example_model/example_multigpu_training_cfg.yaml
 
 ddp_run() {  # ddp_run NAME [--set ...]: the multi-GPU example on one GPU, one process, two epochs
     local name=$1; shift
-    torchrun --standalone --nnodes=1 --nproc_per_node=1 train.py -t "$train_cfg" \
+    timeout 300 torchrun --standalone --nnodes=1 --nproc_per_node=1 train.py -t "$train_cfg" \
         --set "training.gpus=$gpus" --set training.n_epochs=2 --set saving.save_epoch_increment=1 \
         --set "saving.save_folder_name=$out/$name" "$@" 2>&1 | tee "$out/$name.log"
     grep -q "x 1 DDP process" "$out/$name.log" && grep -q "trained to epoch 2" "$out/$name.log"
 }
 
 echo "== 1. bench_train_loop.py"
-python benchmarks/bench_train_loop.py "${bench[@]}" --json "$out/bench_train_loop.json" 2>&1 \
+timeout 420 python benchmarks/bench_train_loop.py "${bench[@]}" --json "$out/bench_train_loop.json" 2>&1 \
     | tee "$out/bench_train_loop.log"
 
 echo "== 2. torchrun, one process ($device)"

@@ -478,9 +478,10 @@ def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
 
 
 def test_ddp_with_accumulation_and_a_gradient_penalty_matches_one_process(repo):
-    """The same with what strains DDP most: each process sums two half batches per step (DDP's
-    no_sync on the first), and the discriminator's loss holds R1, a penalty on its input
-    gradient (a double backward inside the DDP-wrapped loss)."""
+    """The same with what strains DDP most: each process sums two half batches per step, and the
+    discriminator's loss holds R1, a penalty on its input gradient (a double backward inside the
+    DDP-wrapped loss). (That the sum is reduced once per step, not per batch, which gives the same
+    weights, is counted in test_training_options.py.)"""
     strained = [*DDP_SETS, "loss.loss_fn=bce_gan_loss", "loss.loss_args={r1_weight: 1.0}",
                 "saving.save_folder_name=ddp_r1_accumulated"]
     run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py", "-t",

@@ -1,13 +1,16 @@
 """Training options, in-process on the toy GAN (a few steps each): mixed precision (bf16 trains
 on the CPU, fp16's gradient scalers survive a resume), gradient clipping and accumulation, the
 generator's EMA (saved, resumed, and used by evaluate.py and jit_trace_model.py through
-cli.load_trained_run unless asked not to), torch.compile and channels_last, SyncBatchNorm's
-refusal on CPUs."""
+cli.load_trained_run unless asked not to, and left alone by steps fp16 skips), torch.compile and
+channels_last, SyncBatchNorm's refusal on CPUs, and DDP's wrappers in a one-process group (the
+runs of several processes are in test_cli.py)."""
 import math
+import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from tqdm import tqdm
 
 import cli
@@ -161,22 +164,53 @@ def test_compile_args_are_checked_against_torch_compile():
         config.load_training_config(SRC / TRAIN_CFG, ["training.compile_args={mod: max-autotune}"])
 
 
-def test_one_process_under_torchrun_trains_through_ddp_as_without(tmp_path):
-    """torchrun --nproc_per_node=1 joins a process group (gloo here, NCCL on a GPU) and trains
-    through the DDP wrappers, accumulation included: the same weights as a plain run."""
-    overrides = ["training.grad_accumulation_steps=2", "loss.loss_fn=bce_gan_loss", "loss.loss_args={r1_weight: 1.0}"]
+@pytest.fixture
+def process_group():
+    """A gloo process group of this process alone, as torchrun --nproc_per_node=1 makes."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_one_process_under_torchrun_trains_through_ddp_as_without(tmp_path, process_group, accumulate):
+    """A one-process DDP run trains through the wrappers (accumulating or sharing the
+    generator's outputs between the two updates), reducing each network's gradients once per
+    optimizer step, to the same weights as a plain run."""
+    overrides = [f"training.grad_accumulation_steps={accumulate}", "loss.loss_fn=bce_gan_loss",
+                 "loss.loss_args={r1_weight: 1.0}"]
     plain = toy_trainer(tmp_path, *overrides)
     assert plain.run_epoch(1, tqdm(disable=True))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        one = train_base.Placement(torch.device("cpu"), distributed=True)
-        wrapped = toy_trainer(tmp_path, *overrides, placement=one)
-        assert set(wrapped.ddp) == {"generator", "discriminator"}
-        assert wrapped.run_epoch(1, tqdm(disable=True))
-    finally:
-        dist.destroy_process_group()
+    wrapped = toy_trainer(tmp_path, *overrides, placement=train_base.Placement(torch.device("cpu"), distributed=True))
+    reductions = {}
+
+    def count(net):  # a comm hook: count each gradient bucket's all-reduce, then do it
+        def hook(state, bucket):
+            reductions[net] = reductions.get(net, 0) + 1
+            return allreduce_hook(None, bucket)
+        return hook
+    for net, ddp in wrapped.ddp.items():
+        ddp.register_comm_hook(None, count(net))
+    assert wrapped.run_epoch(1, tqdm(disable=True))
+    steps = 4 // accumulate
+    assert reductions == {"generator": steps, "discriminator": steps}  # (one bucket each: small networks)
+    assert all(wrapped.gradients_checked.values())
     weights = plain.model.state_dict()
     assert all(torch.allclose(v, weights[k], rtol=0, atol=1e-6) for k, v in wrapped.model.state_dict().items())
+
+
+def test_torchrun_with_one_process_joins_a_process_group(monkeypatch):
+    with socket.socket() as probe:  # a free port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    placement = train_base.setup_placement([], "config.yaml")
+    try:
+        assert placement.distributed and dist.is_initialized() and dist.get_backend() == "gloo"
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sync_batchnorm_is_refused_for_cpu_processes():
