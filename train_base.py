@@ -230,7 +230,7 @@ class Trainer:
         # Under DDP each trained network gets its own wrapper (see NetworkLoss), which starts
         # every process from rank 0's weights; and from rank 0's buffers, which older torch
         # versions' wrappers leave alone.
-        self.ddp = {net: wrap_for_ddp(model.components_of(net)) for net in self.networks} \
+        self.ddp = {net: wrap_for_ddp(NetworkLoss(model.components_of(net))) for net in self.networks} \
             if placement.distributed else {}
         self.share_buffers()
         self.gradients_checked = {net: False for net in self.ddp}
@@ -761,14 +761,14 @@ class NetworkLoss(torch.nn.Module):
         return loss_fn(*args)
 
 
-def wrap_for_ddp(components):
-    """DDP over one network's components. Buffers are not synchronised at every forward pass:
+def wrap_for_ddp(module):
+    """DDP over `module` (the Trainer's NetworkLoss of a network). Buffers are not synchronised at every forward pass:
     Trainer.share_buffers hands rank 0's to all before a validation pass or a save, where
     running statistics are read. (Each process's EMA averages its own; rank 0's is saved.)"""
     parameters = inspect.signature(DistributedDataParallel).parameters
     # torch 2.13 renamed broadcast_buffers (which now warns) to forward_sync_buffers
     keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
-    return DistributedDataParallel(NetworkLoss(components), **{keyword: False})
+    return DistributedDataParallel(module, **{keyword: False})
 
 
 def rng_state():

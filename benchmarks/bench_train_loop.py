@@ -6,6 +6,8 @@
                                                                # tiny steps: the Trainer's fixed cost shows
     python benchmarks/bench_train_loop.py --device cuda --size 64 --width 64   # pytorch/examples' DCGAN
     python benchmarks/bench_train_loop.py --json out.json      # also write every figure to out.json
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_train_loop.py --cases fp32
+                                                               # both sides under DDP, one process per GPU/CPU share
 
 The model is a DCGAN (pytorch/examples/dcgan: latent nz x 1 x 1 -> ConvTranspose2d / BatchNorm2d /
 ReLU stages -> Tanh image; image -> Conv2d / BatchNorm2d / LeakyReLU stages -> one logit), trained
@@ -58,6 +60,14 @@ a bf16 step on a CPU without bf16 instructions can take 20x an fp32 one). Printe
   same batch must give the same losses and weights (allclose), so that the two sides compute the
   same thing and the comparison is apples to apples.
 
+Under torchrun both sides train with DDP, each process on its own shard of the batches: the
+pipeline through the Trainer's wrapper per network, the hand loop the way one writes it by hand
+(the generator and the discriminator each in a DistributedDataParallel, the generator's loss
+scored by the discriminator's unwrapped module so that only the generator's gradients are
+reduced; neither side synchronises buffers at each forward pass). The processes agree on the
+steps of each block and warm up for exactly --warmup steps, so that their collectives pair up;
+rank 0 prints its timings.
+
 Timings are noisy on a shared machine: compare ratios measured in one run, not figures across runs;
 nothing here asserts a timing.
 """
@@ -65,6 +75,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -74,6 +85,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
@@ -81,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 from model_base import build_model  # noqa: E402
 from train import make_loaders  # noqa: E402
-from train_base import Placement, Trainer, seed_everything  # noqa: E402
+from train_base import Placement, Trainer, seed_everything, setup_placement, wrap_for_ddp  # noqa: E402
 
 NZ, NC = 100, 3  # latent size and image channels of pytorch/examples' DCGAN
 SEED = 0
@@ -217,9 +229,8 @@ def write_run(folder, args, n_samples):
 class PipelineSide:
     """Trainer.train_step of a model built as train.py builds it."""
 
-    def __init__(self, cfg_path, overrides, device, init_state):
+    def __init__(self, cfg_path, overrides, placement, init_state):
         cfg = config.load_training_config(cfg_path, overrides)
-        placement = Placement(device)
         self.model = build_model(cfg["model"])
         self.model.load_state_dict(init_state)
         loader, _ = make_loaders(cfg, self.model, placement, str(cfg_path))
@@ -234,7 +245,7 @@ class PipelineSide:
 class HandSide:
     """The DCGAN example's training step, written out."""
 
-    def __init__(self, pipeline_model, size, width, device, precision, compiled):
+    def __init__(self, pipeline_model, size, width, device, precision, compiled, distributed=False):
         self.G, self.D = Generator(size, width).to(device), Discriminator(size, width).to(device)
         copy_weights(pipeline_model.components_of("generator"), self.G)
         copy_weights(pipeline_model.components_of("discriminator"), self.D)
@@ -242,6 +253,10 @@ class HandSide:
         self.opt_g = torch.optim.Adam(self.g_params, lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.netG, self.netD = (torch.compile(self.G), torch.compile(self.D)) if compiled else (self.G, self.D)
+        # Under DDP the networks train through their wrappers; the generator's loss is scored by
+        # the bare discriminator, whose gradients it does not need.
+        self.trainG, self.trainD = (wrap_for_ddp(self.netG), wrap_for_ddp(self.netD)) if distributed else \
+            (self.netG, self.netD)
         self.device_type = torch.device(device).type
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
@@ -251,8 +266,8 @@ class HandSide:
     def step(self, batch):
         z, real = batch["gen_inputs"], batch["real_images"]
         with self.autocast():
-            fake = self.netG(z)
-            err_d = 0.5 * ((self.netD(real) - 1) ** 2).mean() + 0.5 * (self.netD(fake.detach()) ** 2).mean()
+            fake = self.trainG(z)
+            err_d = 0.5 * ((self.trainD(real) - 1) ** 2).mean() + 0.5 * (self.trainD(fake.detach()) ** 2).mean()
         self.opt_d.zero_grad(set_to_none=True)
         err_d.backward()
         self.opt_d.step()
@@ -279,9 +294,10 @@ def run_block(side, batches, n, device):
     return (time.perf_counter() - start) / n
 
 
-def warm_up(side, batches, n, block_s, device):
+def warm_up(side, batches, n, block_s, device, stop_early=True):
     """Run the first step (lazy initialisation, compiling) and up to n - 1 more, stopping early once
-    they take over 2 * block_s; returns (seconds of the first step, seconds of each later one)."""
+    they take over 2 * block_s (unless not `stop_early`: DDP processes must run the same steps);
+    returns (seconds of the first step, seconds of each later one)."""
     later = []
     for i in range(max(n, 2)):
         synchronize(device)
@@ -289,7 +305,7 @@ def warm_up(side, batches, n, block_s, device):
         side.step(batches[i % len(batches)])
         synchronize(device)
         later.append(time.perf_counter() - start)
-        if i >= 2 and sum(later[1:]) > 2 * block_s:
+        if stop_early and i >= 2 and sum(later[1:]) > 2 * block_s:
             break
     return later[0], later[1:]
 
@@ -311,12 +327,12 @@ def make_batches(loader, n_batches, device):
     return batches
 
 
-def sanity_check(cfg_path, device, init_state, batch, args):
+def sanity_check(cfg_path, placement, init_state, batch, args):
     """One fp32 step of fresh sides from the same weights on one batch: (the pipeline's losses, the
     hand loop's, the largest difference of their weights after the step, whether both are the same
     and the weights moved)."""
-    pipeline = PipelineSide(cfg_path, ["training.precision=fp32"], device, init_state)
-    hand = HandSide(pipeline.model, args.size, args.width, device, "fp32", False)
+    pipeline = PipelineSide(cfg_path, ["training.precision=fp32"], placement, init_state)
+    hand = HandSide(pipeline.model, args.size, args.width, placement.device, "fp32", False, placement.distributed)
     pipe_losses = [v.item() for v in pipeline.step(batch)]
     hand_losses = [v.item() for v in hand.step(batch)]
     model = pipeline.model
@@ -359,6 +375,22 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no GPU")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: one GPU (or a share of the CPU) per process
+        gpus = list(range(int(os.environ["LOCAL_WORLD_SIZE"]))) if device.type == "cuda" else []
+        placement = setup_placement(gpus, "benchmarks/bench_train_loop.py")
+        device = placement.device
+    else:
+        placement = Placement(device)
+    try:
+        run(args, placement)
+    finally:
+        if placement.distributed:
+            dist.destroy_process_group()
+
+
+def run(args, placement):
+    device = placement.device
+    say = print if placement.is_main else (lambda *_, **__: None)
     rounds = args.rounds or (5 if args.quick else 12)
     block_s = args.block_s or (0.25 if args.quick else 0.5)
     has_compile = "compile" in config.TRAINING["training"]
@@ -373,10 +405,12 @@ def main():
         cases = wanted
     n_batches = 4
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {device} ({where}); DCGAN {NC}x{args.size}x{args.size}, nz {NZ}, "
-          f"ngf = ndf = {args.width}, batch {args.batch_size}; {rounds} rounds, blocks of "
-          f"{f'{args.block} steps' if args.block else f'~{block_s} s'} per side; up to {args.warmup} warm-up steps; on_nonfinite_loss: {args.on_nonfinite}"
-          + (f"; cudnn.benchmark {args.cudnn_benchmark}" if device.type == "cuda" else ""))
+    if placement.distributed:
+        where += f"; DDP, {placement.world_size} processes, batch {args.batch_size} each"
+    say(f"torch {torch.__version__}, {device} ({where}); DCGAN {NC}x{args.size}x{args.size}, nz {NZ}, "
+        f"ngf = ndf = {args.width}, batch {args.batch_size}; {rounds} rounds, blocks of "
+        f"{f'{args.block} steps' if args.block else f'~{block_s} s'} per side; up to {args.warmup} warm-up steps; on_nonfinite_loss: {args.on_nonfinite}"
+        + (f"; cudnn.benchmark {args.cudnn_benchmark}" if device.type == "cuda" else ""))
     figures = {"torch": torch.__version__, "device": str(device), "device_name": where, "size": args.size,
                "width": args.width, "batch_size": args.batch_size, "rounds": rounds, "block_s": block_s,
                "block": args.block,
@@ -399,18 +433,22 @@ def main():
             precision = "bf16" if case.endswith("bf16") else "fp32"
             compiled = case.startswith("compile")
             overrides = [f"training.precision={precision}"] + (["training.compile=true"] if compiled else [])
-            pipeline = PipelineSide(cfg_path, overrides, device, init_state)
+            pipeline = PipelineSide(cfg_path, overrides, placement, init_state)
             if batches is None:
                 batches = make_batches(pipeline.loader, n_batches, device)
-            hand = HandSide(pipeline.model, args.size, args.width, device, precision, compiled)
+            hand = HandSide(pipeline.model, args.size, args.width, device, precision, compiled, placement.distributed)
             sides[case] = {"hand": hand, "pipeline": pipeline}
             for name, side in sides[case].items():
-                first, rest = warm_up(side, batches, args.warmup, block_s, device)
+                first, rest = warm_up(side, batches, args.warmup, block_s, device, stop_early=not placement.distributed)
                 warmup[case, name] = first, rest
             est = statistics.median([t for name in ("hand", "pipeline") for t in warmup[case, name][1]])
             steps[case] = args.block or max(1, round(block_s / est))
-            print(f"  {case:13} first step (compiling included): hand {warmup[case, 'hand'][0]:.1f} s, pipeline "
-                  f"{warmup[case, 'pipeline'][0]:.1f} s; then ~{est * 1e3:.0f} ms a step: {steps[case]} step(s) a block")
+            if placement.distributed:  # rank 0's count, so that every process runs the same steps
+                count = torch.tensor([steps[case]], device=device)
+                dist.broadcast(count, 0)
+                steps[case] = int(count.item())
+            say(f"  {case:13} first step (compiling included): hand {warmup[case, 'hand'][0]:.1f} s, pipeline "
+                f"{warmup[case, 'pipeline'][0]:.1f} s; then ~{est * 1e3:.0f} ms a step: {steps[case]} step(s) a block")
 
         times = {(case, name): [] for case in cases for name in ("hand", "pipeline")}
         start = time.perf_counter()
@@ -421,17 +459,17 @@ def main():
                     times[case, name].append(run_block(sides[case][name], batches, steps[case], device))
         timed_s = time.perf_counter() - start
 
-        print(f"\nsteps/s (median over rounds; one step = a discriminator and a generator update), pipeline/hand "
-              f"(median of per-round ratios, quartiles = the machine's noise); timing took {timed_s:.0f} s")
-        print(f"{'case':13} {'hand':>9} {'pipeline':>9} {'pipeline/hand':>14} {'quartiles':>13} {'extra ms/step':>14}  "
-              "target")
+        say(f"\nsteps/s (median over rounds; one step = a discriminator and a generator update), pipeline/hand "
+            f"(median of per-round ratios, quartiles = the machine's noise); timing took {timed_s:.0f} s")
+        say(f"{'case':13} {'hand':>9} {'pipeline':>9} {'pipeline/hand':>14} {'quartiles':>13} {'extra ms/step':>14}  "
+            "target")
         for case in cases:
             hand_t, pipe_t = times[case, "hand"], times[case, "pipeline"]
             ratios = [h / p for h, p in zip(hand_t, pipe_t)]
             ratio, (q1, q3) = statistics.median(ratios), quartiles(ratios)
             extra = statistics.median(p - h for h, p in zip(hand_t, pipe_t))
-            print(f"{case:13} {1 / statistics.median(hand_t):9.2f} {1 / statistics.median(pipe_t):9.2f} "
-                  f"{ratio:14.3f} {q1:6.3f}-{q3:<6.3f} {extra * 1e3:14.3f}  >= 0.95 {'ok' if ratio >= 0.95 else 'MISSED'}")
+            say(f"{case:13} {1 / statistics.median(hand_t):9.2f} {1 / statistics.median(pipe_t):9.2f} "
+                f"{ratio:14.3f} {q1:6.3f}-{q3:<6.3f} {extra * 1e3:14.3f}  >= 0.95 {'ok' if ratio >= 0.95 else 'MISSED'}")
             figures["cases"][case] = {
                 "hand_steps_per_s": 1 / statistics.median(hand_t), "pipeline_steps_per_s": 1 / statistics.median(pipe_t),
                 "pipeline_over_hand": ratio, "pipeline_over_hand_quartiles": [q1, q3],
@@ -441,9 +479,9 @@ def main():
 
         variants = [c for c in cases if c != "fp32"]
         if "fp32" in cases and variants:
-            print("\ndo bf16 / compile help? steps/s of each variant over fp32's on the same side (median of per-round "
-                  "ratios; above 1: faster)")
-            print(f"{'variant':13} {'hand':>7} {'quartiles':>13} {'pipeline':>9} {'quartiles':>13}")
+            say("\ndo bf16 / compile help? steps/s of each variant over fp32's on the same side (median of per-round "
+                "ratios; above 1: faster)")
+            say(f"{'variant':13} {'hand':>7} {'quartiles':>13} {'pipeline':>9} {'quartiles':>13}")
             figures["speedup_over_fp32"] = {}
             for case in variants:
                 row, figure = f"{case:13}", {}
@@ -455,23 +493,23 @@ def main():
                 # a verdict only where the quartiles of both sides are on one side of 1
                 verdict = "helps" if min(f["quartiles"][0] for f in figure.values()) > 1 else \
                     "hurts" if max(f["quartiles"][1] for f in figure.values()) < 1 else "no clear change"
-                print(f"{row}  {verdict}")
+                say(f"{row}  {verdict}")
                 figures["speedup_over_fp32"][case] = figure | {"verdict": verdict}
         if not has_compile:
-            print("(config.TRAINING has no training.compile: the compiled cases are left out)")
+            say("(config.TRAINING has no training.compile: the compiled cases are left out)")
 
-        pipe_losses, hand_losses, weight_diff, same = sanity_check(cfg_path, device, init_state, batches[0], args)
-        print(f"\nsanity: one fp32 step of each from the same weights on the same batch: discriminator loss "
-              f"{pipe_losses[0]:.6f} (pipeline) / {hand_losses[0]:.6f} (hand), generator loss {pipe_losses[1]:.6f} / "
-              f"{hand_losses[1]:.6f}; weights after the step differ by at most {weight_diff:.2e}: "
-              f"{'the same computation' if same else 'DIFFERENT: the comparison is not apples to apples'}")
+        pipe_losses, hand_losses, weight_diff, same = sanity_check(cfg_path, placement, init_state, batches[0], args)
+        say(f"\nsanity: one fp32 step of each from the same weights on the same batch: discriminator loss "
+            f"{pipe_losses[0]:.6f} (pipeline) / {hand_losses[0]:.6f} (hand), generator loss {pipe_losses[1]:.6f} / "
+            f"{hand_losses[1]:.6f}; weights after the step differ by at most {weight_diff:.2e}: "
+            f"{'the same computation' if same else 'DIFFERENT: the comparison is not apples to apples'}")
         figures["sanity"] = {"pipeline_losses": pipe_losses, "hand_losses": hand_losses,
                              "max_weight_difference": weight_diff, "same": same}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
+    if args.json and placement.is_main:
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
-        print(f"\nfigures written to {args.json}")
+        say(f"\nfigures written to {args.json}")
     if not figures.get("sanity", {}).get("same"):
         raise SystemExit("the two sides computed different first steps")
 

@@ -6,7 +6,7 @@
 #
 # 1. benchmarks/bench_train_loop.py at the DCGAN of pytorch/examples (64x64 images, ngf = ndf = 64,
 #    batch 128): the pipeline's training step against the hand-written loop in fp32, bf16 and
-#    compiled, with whether bf16 and compile help.
+#    compiled, with whether bf16 and compile help; then fp32 with both sides under DDP (NCCL).
 # 2. torchrun with one process on NCCL: the toy GAN through the DDP wrappers; then with fp16 (a
 #    gradient scaler per network), gradient accumulation and the R1 gradient penalty; then bf16
 #    with training.compile, channels_last and the generator's EMA.
@@ -40,6 +40,10 @@ ddp_run() {  # ddp_run NAME [--set ...]: the multi-GPU example on one GPU, one p
 echo "== 1. bench_train_loop.py"
 timeout 420 python benchmarks/bench_train_loop.py "${bench[@]}" --json "$out/bench_train_loop.json" 2>&1 \
     | tee "$out/bench_train_loop.log"
+
+echo "== 1b. bench_train_loop.py under torchrun: both sides through DDP (one process)"
+timeout 300 torchrun --standalone --nproc_per_node=1 benchmarks/bench_train_loop.py "${bench[@]}" --cases fp32 \
+    --json "$out/bench_train_loop_ddp.json" 2>&1 | tee "$out/bench_train_loop_ddp.log"
 
 echo "== 2. torchrun, one process ($device)"
 ddp_run ddp_fp32
