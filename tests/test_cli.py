@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -495,13 +496,21 @@ def test_ddp_names_generator_parameters_the_flow_leaves_unused(repo, tmp_path):
     submodel is stopped after the first step with the parameters' names, not DDP's error at the
     second."""
     flow = tmp_path / "skips_gen_dec.py"
-    flow.write_text("import torch\nfrom model_base import PyNet\n\n\nclass SkipsDecoder(PyNet):\n"
-                    "    target_key = 'real_images'\n\n"
-                    "    def forward(self, inputs):\n"
-                    "        code = self.model_components['generator']['gen_cnn'](inputs, {})\n"
-                    "        return torch.tanh(code[:, :16].reshape(-1, 1, 4, 4))\n\n"
-                    "    def discriminate(self, images, inputs=None):\n"
-                    "        return self.model_components['discriminator']['disc_cnn'](images)\n")
+    flow.write_text(textwrap.dedent("""\
+        import torch
+        from model_base import PyNet
+
+
+        class SkipsDecoder(PyNet):
+            target_key = "real_images"
+
+            def forward(self, inputs):  # gen_cnn's code made an image without gen_dec
+                code = self.model_components["generator"]["gen_cnn"](inputs, {})
+                return torch.tanh(code[:, :16].reshape(-1, 1, 4, 4))
+
+            def discriminate(self, images, inputs=None):
+                return self.model_components["discriminator"]["disc_cnn"](images)
+        """))
     proc = run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py",
                "-t", MULTIGPU_CFG, *sets(*DDP_SETS, f"model.model_flow_path={flow}",
                                          "saving.save_folder_name=ddp_unused"), check=False)
