@@ -762,9 +762,10 @@ class NetworkLoss(torch.nn.Module):
 
 
 def wrap_for_ddp(module):
-    """DDP over `module` (the Trainer's NetworkLoss of a network). Buffers are not synchronised at every forward pass:
-    Trainer.share_buffers hands rank 0's to all before a validation pass or a save, where
-    running statistics are read. (Each process's EMA averages its own; rank 0's is saved.)"""
+    """DDP over `module` (in the Trainer, a network's NetworkLoss). Buffers are not synchronised
+    at every forward pass: Trainer.share_buffers hands rank 0's to all before a validation pass
+    or a save, where running statistics are read. (Each process's EMA averages its own buffers;
+    rank 0's EMA is saved.)"""
     parameters = inspect.signature(DistributedDataParallel).parameters
     # torch 2.13 renamed broadcast_buffers (which now warns) to forward_sync_buffers
     keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
