@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one script (about 5-8 minutes on one H100/H200):
+# The checks that need a CUDA GPU, as one script (estimated at 5-8 minutes on one H100/H200; not yet run on one):
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]            # figures and logs go to OUT_DIR (default: gpu_checks/ in the repository)
 #   GPU_CHECKS_DEVICE=cpu bash benchmarks/gpu_checks.sh  # a rehearsal on the CPU (gloo, tiny benchmark)
