@@ -2,9 +2,10 @@
 
 Streams are tensors held in memory, or folders read batch by batch (see dataset_base.py). A
 batch is fetched with one indexing operation per stream (`__getitems__`), not sample by sample;
-the batch transforms then run on the whole batch. Every batch carries the seed of its transforms' random draws, fixed by (seed,
-process, epoch, batch number): a run draws the same augmentations whichever worker process makes
-a batch, and a run resumed part way through an epoch draws what the uninterrupted one would have.
+the batch transforms then run on the whole batch. Every batch carries the seed of its
+transforms' random draws, fixed by (seed, process, epoch, batch number): a run draws the same
+augmentations whichever worker process makes a batch, and a run resumed part way through an
+epoch draws what the uninterrupted one would have.
 """
 import os
 

@@ -339,7 +339,7 @@ class Trainer:
         self.gradients_checked[net] = True
 
     def micro_loss(self, net, inputs, targets, outputs=None):
-        """The total loss of `net` on one micro-batch, and its terms; the generator runs first
+        """The total loss of `net` on one (micro-)batch, and its terms; the generator runs first
         unless its `outputs` are given (without autograd for the discriminator's loss)."""
         if outputs is None:
             with torch.set_grad_enabled(net == "generator"):  # the discriminator's terms detach it
@@ -498,8 +498,8 @@ class Trainer:
                 inputs, targets = self.to_device(batch)
                 outputs = self.model(inputs)
                 for net in self.networks:
-                    terms = self.loss_terms(net, outputs, inputs, targets)
-                    for name, value in {"total": sum(terms.values()), **terms}.items():
+                    total, terms = self.micro_loss(net, inputs, targets, outputs)
+                    for name, value in {"total": total, **terms}.items():
                         sums[net, name] = sums.get((net, name), 0) + value.detach().float() * len(inputs)
                 count += len(inputs)
         self.model.train()
