@@ -1,13 +1,10 @@
-"""What the four entry points share: command-line options and loading a trained run."""
+"""What the four entry points share: command-line options, the device, and checks that the
+data fits the model. (Loading a trained run: runs.py.)"""
 import argparse
-import sys
 
 import torch
 
-from checkpoint import load_checkpoint, resolve_checkpoint
-from config import checkpoint_dir, load_training_config, resolve_path
 from errors import UserError, did_you_mean
-from model_base import architecture_text_for, build_model
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
             "(the value is read as YAML; repeat --set for several keys)")
@@ -36,31 +33,16 @@ def split_overrides(overrides, section):
     return own, [item for item in overrides if item not in own]
 
 
-def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=(), use_ema=True):
-    """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict). The model
-    is built from the architecture stored in the checkpoint, which is what its weights fit. With
-    `use_ema`, a checkpoint's moving average of the generator's weights (training.ema_decay)
-    replaces the generator's own."""
-    cfg = load_training_config(training_cfg_path, overrides)
-    path = resolve_checkpoint(checkpoint_spec, checkpoint_dir(cfg), where)
-    state = load_checkpoint(path)
-    torch.manual_seed(cfg["training"]["seed"])
-    saved = state.get("architecture") if isinstance(state, dict) else None
-    on_disk = resolve_path(cfg["model"]["architecture_cfg_path"])
-    if saved is None:
-        model = build_model(cfg["model"])
-    else:
-        if on_disk.read_text() != saved:
-            print(f"note: {on_disk} has changed since {path.name} was trained; using the architecture stored in "
-                  "the checkpoint", file=sys.stderr)
-        with architecture_text_for(on_disk, saved):
-            model = build_model(cfg["model"])
-    load_weights(model, state, path)
-    if use_ema and state.get("ema_state_dict"):
-        model.components_of("generator").load_state_dict(state["ema_state_dict"])
-        print(f"using the moving average of the generator's weights in {path.name} (training.ema_decay)",
-              file=sys.stderr)
-    return cfg, model, path, state
+def select_device(gpus, where, index=0):
+    """torch.device for `gpus[index]` (the CPU if `gpus` is empty), checked against this machine."""
+    if not gpus:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"{where}: {gpus} asks for GPUs, but this machine has none; use [] for the CPU")
+    if max(gpus) >= torch.cuda.device_count():
+        raise UserError(f"{where}: {gpus} names a GPU this machine lacks; "
+                        f"valid ids: 0..{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", gpus[index])
 
 
 def targets_are_paired(model, adversarial):
@@ -111,27 +93,3 @@ def check_batches_fit_model(datasets, model, source):
                     f"samples {first[1][name][0]} of shape {list(first[1][name][1])}; {split} batches get only the "
                     "batch_transforms entries with in_evaluation: true (not the streams' own data_batch_transform), "
                     "so mark the ones the model needs")
-
-
-def load_weights(model, state, path):
-    if not isinstance(state, dict) or "model_state_dict" not in state:
-        raise UserError(f"{path}: not a checkpoint of this pipeline (no model_state_dict)")
-    saved, own = state["model_state_dict"], model.state_dict()
-    problems = weight_mismatches(saved, own)
-    if problems:
-        lines = "\n  ".join(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-        raise UserError(f"{path}: its weights do not fit the architecture {model.architecture_path} (the checkpoint "
-                        f"holds the architecture it was trained with, under 'architecture'):\n  {lines}")
-    model.load_state_dict(saved)
-
-
-def weight_mismatches(saved, own):
-    """What differs between a checkpoint's state_dict and the model's, by YAML layer name."""
-    def layer(key):  # model_components.<component>.<submodel>.layers.<layer name>.<tensor>
-        return key.split(".layers.", 1)[-1]
-
-    problems = [f"{layer(k)}: {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the architecture"
-                for k, v in own.items() if k in saved and saved[k].shape != v.shape]
-    problems += [f"{layer(k)}: in the architecture, not in the checkpoint" for k in own if k not in saved]
-    problems += [f"{layer(k)}: in the checkpoint, not in the architecture" for k in saved if k not in own]
-    return problems

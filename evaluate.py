@@ -7,7 +7,7 @@ all): <checkpoint>_<split>_metrics.json, <checkpoint>_<split>_samples.png (outpu
 data: generated beside real samples for a GAN; input, output and target for paired data; inputs
 titled with their predicted and true class for a classifier) and, for a classifier,
 <checkpoint>_<split>_confusion.png; and prints the metrics.
-"""
+"""  # noqa: E501  (the command as the README gives it)
 import json
 import math
 
@@ -16,29 +16,36 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from cli import (add_training_cfg, check_batches_fit_model, check_data_fits_model, load_trained_run, make_parser,
-                 split_overrides, targets_are_paired)
-from config import EVALUATION, load_config, results_dir
+from cli import (
+    add_training_cfg,
+    check_batches_fit_model,
+    check_data_fits_model,
+    make_parser,
+    select_device,
+    split_overrides,
+    targets_are_paired,
+)
+from config import EVALUATION, load_config
 from dataset import FixedBatches, build_dataset
 from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
-from train_base import select_device
+from runs import Run, load_trained_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
 def main(argv):
-    parser = make_parser(__doc__.splitlines()[0], "python evaluate.py -t configs/example_model/example_training_cfg.yaml "
+    parser = make_parser(__doc__.splitlines()[0],
+                         "python evaluate.py -t configs/example_model/example_training_cfg.yaml "
                          "-e configs/example_model/example_evaluation_cfg.yaml")
     add_training_cfg(parser)
     parser.add_argument("-e", "--evaluation_cfg", required=True, metavar="YAML", help="the evaluation config")
     args = parser.parse_args(argv)
     eval_sets, train_sets = split_overrides(args.overrides, "evaluation")
     ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
-    cfg, model, path, state = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"],
-                                               f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename", train_sets,
+    where = f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename"
+    cfg, model, path, state = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"], where, train_sets,
                                                use_ema=ev["use_ema"])
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
     adversarial = cfg["adversarial"]["enable_adversarial_training"]
@@ -53,24 +60,25 @@ def main(argv):
     paired = targets_are_paired(model, adversarial)
     metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
     metrics |= {"checkpoint": str(path), "data_split": split}
-    out = results_dir(cfg) / f"{path.stem}_{split}"  # the files of this checkpoint and split
+    run, out = Run.of(cfg), f"{path.stem}_{split}"  # the files of this checkpoint and split
     text = json.dumps(metrics, indent=2).encode()
-    atomic_write(out.with_name(f"{out.name}_metrics.json"), lambda f: f.write(text))
+    run.write_result(f"{out}_metrics.json", lambda f: f.write(text))
     print(json.dumps(metrics, indent=2))
     if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
-        image = out.with_name(f"{out.name}_samples.png")
-        save_sample_grid(inputs if paired else None, outputs, targets, image, ev["grid_nrow"], title=path.name)
-        print(f"saved {image}")
+        save_figure(run, f"{out}_samples.png", sample_grid(inputs if paired else None, outputs, targets,
+                                                            ev["grid_nrow"], title=path.name))
     if is_classification(outputs, targets):
         names = class_names(model, outputs.shape[1])
-        confusion = out.with_name(f"{out.name}_confusion.png")
-        save_confusion_matrix(metrics["confusion_matrix"], names, confusion,
-                              title=f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)")
-        print(f"saved {confusion}")
+        title = f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)"
+        save_figure(run, f"{out}_confusion.png", confusion_matrix(metrics["confusion_matrix"], names, title))
         if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
-            image = out.with_name(f"{out.name}_samples.png")
-            save_labelled_inputs(inputs, outputs.argmax(1), targets, names, image, ev["grid_nrow"], title=path.name)
-            print(f"saved {image}")
+            save_figure(run, f"{out}_samples.png", labelled_inputs(inputs, outputs.argmax(1), targets, names,
+                                                                    ev["grid_nrow"], title=path.name))
+
+
+def save_figure(run, name, fig):
+    print(f"saved {run.save_figure(name, fig)}")
+    plt.close(fig)
 
 
 def evaluation_data(streams, dataset_cfg, state, split, source, where):
@@ -164,7 +172,9 @@ def is_classification(outputs, targets):
 def class_names(model, n_classes):
     """The flow's `class_names` if it defines one name per class, else the class indices as text."""
     names = getattr(model, "class_names", None)
-    return [str(n) for n in names] if names is not None and len(names) == n_classes else [str(i) for i in range(n_classes)]
+    if names is not None and len(names) == n_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(n_classes)]
 
 
 def classification_metrics(outputs, targets, names):
@@ -180,12 +190,13 @@ def classification_metrics(outputs, targets, names):
     confusion = torch.bincount(targets * n_classes + predicted, minlength=n_classes ** 2).view(n_classes, n_classes)
     counts, hits = confusion.sum(1).tolist(), confusion.diagonal().tolist()
     return {"accuracy": (predicted == targets).double().mean().item(), "n_classes": n_classes,
-            "accuracy_per_class": {name: hit / count if count else None for name, hit, count in zip(names, hits, counts)},
+            "accuracy_per_class": {name: hit / count if count else None
+                                   for name, hit, count in zip(names, hits, counts)},
             "class_counts": dict(zip(names, counts)),
             "confusion_matrix": confusion.tolist()}
 
 
-def save_confusion_matrix(confusion, names, path, title):
+def confusion_matrix(confusion, names, title):
     """The confusion matrix as a heat map: rows are true classes, columns predicted ones; each
     cell shows its count, coloured by its share of the row (so that classes of different sizes
     compare)."""
@@ -205,11 +216,10 @@ def save_confusion_matrix(confusion, names, path, title):
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
-def save_labelled_inputs(inputs, predicted, targets, names, path, nrow, title):
+def labelled_inputs(inputs, predicted, targets, names, nrow, title):
     """Up to nrow x nrow input images, each titled predicted/true class, the misclassified ones
     first and in red; all on one colour scale."""
     order = torch.cat([torch.nonzero(predicted != targets).flatten(), torch.nonzero(predicted == targets).flatten()])
@@ -229,11 +239,10 @@ def save_labelled_inputs(inputs, predicted, targets, names, path, nrow, title):
         ax.set_title(f"{names[predicted[i]]}/{names[targets[i]]}", fontsize=7, color="red" if wrong else "black")
     fig.suptitle(f"{title}\npredicted/true class; mistakes first, in red", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
-def save_sample_grid(inputs, outputs, targets, path, nrow, title):
+def sample_grid(inputs, outputs, targets, nrow, title):
     """Outputs beside the data on one shared colour scale: input, output and target for paired
     data (inputs given), generated beside real samples otherwise."""
     comparable = targets is not None and targets.shape[1:] == outputs.shape[1:]
@@ -251,8 +260,7 @@ def save_sample_grid(inputs, outputs, targets, path, nrow, title):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

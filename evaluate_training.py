@@ -8,13 +8,11 @@ prints, per run and loss term, the steps, the final and the best moving-average 
 """
 import matplotlib
 import numpy as np
-import yaml
 
-from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint
 from cli import add_overrides, make_parser, split_overrides
-from config import TRAINING_EVALUATION, checkpoint_dir, load_config, load_training_config, resolve_path, results_dir
+from config import TRAINING_EVALUATION, load_config, load_training_config, resolve_path
 from errors import UserError, run_main
-from train_base import read_metrics
+from runs import Run, list_checkpoints, load_checkpoint, saved_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -32,16 +30,17 @@ def main(argv):
                      "training-evaluation config")["training_evaluation"]
     where = f"{args.training_evaluation_cfg}: training_evaluation"
     cfgs = [load_training_config(resolve_path(p), train_sets) for p in as_list(te["training_cfg_path"])]
+    specs = as_list(te["model_checkpoint_filename"])
     runs = [read_run(cfg, path) for cfg in cfgs
-            for path in checkpoints_of(cfg, as_list(te["model_checkpoint_filename"]), f"{where}.model_checkpoint_filename")]
+            for path in checkpoints_of(cfg, specs, f"{where}.model_checkpoint_filename")]
     if not any(terms for run in runs for terms in run["losses"].values() if terms):
         raise UserError(f"{where}.model_checkpoint_filename: the checkpoint(s) hold no loss history (saved before the "
                         "first step?); pick a later one, e.g. latest")
     window = te["loss_average_window"]
     print_table(runs, window)
-    out = results_dir(cfgs[0]) / "training_losses.png"
-    plot(runs, window, out)
-    print(f"saved {out}")
+    fig = plot(runs, window)
+    print(f"saved {Run.of(cfgs[0]).save_figure('training_losses.png', fig)}")
+    plt.close(fig)
 
 
 def as_list(value):
@@ -50,17 +49,17 @@ def as_list(value):
 
 def checkpoints_of(cfg, specs, where):
     """The checkpoints that `specs` name in the run's folder: latest, file names, paths or globs."""
-    folder, found = checkpoint_dir(cfg), []
+    run, found = Run.of(cfg), []
     for spec in specs:
         if not isinstance(spec, str):
             raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest or a glob")
         if any(c in spec for c in "*?["):
-            matches = [p for p in list_checkpoints(folder) if p.match(spec)]
+            matches = [p for p in list_checkpoints(run.folder) if p.match(spec)]
             if not matches:
-                raise UserError(f"{where}: {spec!r} matches no checkpoint in {folder}")
+                raise UserError(f"{where}: {spec!r} matches no checkpoint in {run.folder}")
             found += matches
         else:
-            found.append(resolve_checkpoint(spec, folder, where))
+            found.append(run.resolve(spec, where))
     return list(dict.fromkeys(found))
 
 
@@ -70,9 +69,9 @@ def read_run(cfg, path):
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "loss_history" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no loss_history)")
-    saved = yaml.safe_load(state["config"]) if isinstance(state.get("config"), str) else cfg
+    saved = saved_config(state, cfg)
     name = f"{saved['saving']['save_folder_name']} (lr {saved['training']['learning_rate']:g})"
-    rows = [r for r in read_metrics(path.parent / "metrics.jsonl") if r["step"] <= state.get("step", 0)]
+    rows = [r for r in Run.of(cfg, folder=path.parent).metrics() if r["step"] <= state.get("step", 0)]
     lr_keys = {key for r in rows for key in r if key.endswith("/lr")}
     lrs = {key.split("/")[0]: [r[key] for r in rows if key in r] for key in sorted(lr_keys)}
     return {"run": name, "label": f"{name}, {path.stem}", "path": path, "epoch": state.get("epoch"),
@@ -105,7 +104,7 @@ def print_table(runs, window):
                       f"{np.nanmin(values):>10.4f} {run['epoch']:>6}  {run['run']}")
 
 
-def plot(runs, window, out):
+def plot(runs, window):
     """One panel per network's losses, and one for the learning rates when metrics.jsonl has them."""
     networks = list(dict.fromkeys(net for run in runs for net in run["losses"]))
     with_lr = any(run["lrs"] for run in runs)
@@ -135,8 +134,7 @@ def plot(runs, window, out):
         ax.legend(fontsize="small")
     fig.suptitle(", ".join(run["path"].name for run in runs), fontsize="small")
     fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    return fig
 
 
 def log_scale_if_wide(ax):

@@ -17,17 +17,17 @@ import warnings
 
 import torch
 
-from checkpoint import atomic_write
-from cli import add_training_cfg, load_trained_run, make_parser
+from cli import add_training_cfg, make_parser
 from errors import UserError, run_main
+from runs import Run, load_trained_run
 
 TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
 FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}
 
 
 def main(argv):
-    parser = make_parser(__doc__.splitlines()[0],
-                         "python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4")
+    parser = make_parser(__doc__.splitlines()[0], "python jit_trace_model.py "
+                         "-t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4")
     add_training_cfg(parser)
     parser.add_argument("-c", "--checkpoint", required=True, metavar="PTH",
                         help="checkpoint to export: a file name in the run's checkpoint folder, a path, or latest")
@@ -57,9 +57,7 @@ def main(argv):
                         f"{model.architecture_path}); use -i {' '.join(map(str, expected))}")
     generator = torch.Generator().manual_seed(cfg["training"]["seed"])
     example = torch.randn(args.input_size, generator=generator)
-    out_dir = path.parent / "jit"
-    artifact_path = out_dir / f"{path.stem}{FORMATS[args.format]}"
-    run_artifact, save = EXPORTERS[args.format](model, example, cfg["model"]["model_flow_path"])
+    run_artifact, write = EXPORTERS[args.format](model, example, cfg["model"]["model_flow_path"])
     check = torch.randn(args.input_size, generator=generator)
     with torch.no_grad():
         diff = (run_artifact(check) - model(check)).abs().max().item()
@@ -67,16 +65,15 @@ def main(argv):
         raise UserError(f"{cfg['model']['model_flow_path']}: the {args.format} model differs from the eager one on a "
                         f"new input (max abs difference {diff:.3g} > {TOLERANCE}); forward probably has "
                         "data-dependent control flow, which tracing cannot capture")
-    shape = "x".join(map(str, args.input_size))
-    input_path = out_dir / f"{path.stem}_input_{shape}.raw"
-    save(artifact_path)
+    run, shape = Run.of(cfg, folder=path.parent), "x".join(map(str, args.input_size))  # jit/ beside the checkpoint
+    artifact_path = run.write_export(f"{path.stem}{FORMATS[args.format]}", write)
     raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
-    atomic_write(input_path, lambda f: f.write(raw))
+    input_path = run.write_export(f"{path.stem}_input_{shape}.raw", lambda f: f.write(raw))
     sidecar = {"shape": list(args.input_size), "dtype": "float32", "layout": "C order (row-major), batch first",
                "input": model.input_key, "checkpoint": path.name, "model": artifact_path.name, "format": args.format,
                "max_abs_difference_to_eager": diff}
     text = json.dumps(sidecar, indent=2).encode()
-    atomic_write(input_path.with_suffix(".json"), lambda f: f.write(text))
+    run.write_export(input_path.with_suffix(".json").name, lambda f: f.write(text))
     print(f"{args.format} model of {path.name}: max abs difference to eager {diff:.2e}")
     print(f"saved {artifact_path}\nsaved {input_path} (float32, C order, shape {shape}) and its .json")
     if args.benchmark:
@@ -91,7 +88,7 @@ def to_torchscript(model, example, flow_path):
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # said once, above
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-    return traced, lambda path: atomic_write(path, lambda f: torch.jit.save(traced, f))
+    return traced, lambda f: torch.jit.save(traced, f)
 
 
 def to_export(model, example, flow_path):
@@ -101,7 +98,7 @@ def to_export(model, example, flow_path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{flow_path}: torch.export cannot capture forward ({first}); data-dependent control flow "
                         "is the usual cause (see torch.cond)") from None
-    return exported.module(), lambda path: atomic_write(path, lambda f: torch.export.save(exported, f))
+    return exported.module(), lambda f: torch.export.save(exported, f)
 
 
 def to_onnx(model, example, flow_path):
@@ -121,7 +118,7 @@ def to_onnx(model, example, flow_path):
     def run(x):
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
-    return run, lambda path: atomic_write(path, lambda f: f.write(data))
+    return run, lambda f: f.write(data)
 
 
 EXPORTERS = {"torchscript": to_torchscript, "export": to_export, "onnx": to_onnx}

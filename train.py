@@ -2,17 +2,16 @@
 
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
-"""
+"""  # noqa: E501  (the commands as the README gives them)
 import torch.distributed as dist
-import yaml
 
-from checkpoint import atomic_write, list_checkpoints, load_checkpoint, resolve_checkpoint, timestamp
-from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, load_weights, make_parser
-from config import checkpoint_dir, config_changes, load_training_config, to_yaml
+from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, make_parser
+from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
 from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
 from model_base import build_model
+from runs import Run, list_checkpoints, load_checkpoint, load_weights, saved_config
 from train_base import Trainer, seed_everything, setup_placement
 
 
@@ -34,11 +33,12 @@ def train(cfg, placement, source):
     seed_everything(seed)
     model = build_model(cfg["model"])
     loader, validation_loader = make_loaders(cfg, model, placement, source)
-    path = resume_path(cfg, source)
+    run = Run.of(cfg)
+    path = resume_path(cfg, run, source)
     resume = load_checkpoint(path) if path else None
     if resume:
         load_weights(model, resume, path)
-    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader)
+    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run)
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
@@ -46,17 +46,17 @@ def train(cfg, placement, source):
     if placement.is_main:
         print(model.summary())
         if resume:
-            changes = config_changes(yaml.safe_load(resume["config"]), cfg)
+            changes = config_changes(saved_config(resume, cfg), cfg)
             print(f"config changes since {path.name}:" + "".join(f"\n  {c}" for c in changes) if changes else
                   f"same config as {path.name}")
             for note in trainer.notes:
                 print(note)
         held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
         print(f"{'resuming from ' + str(path) if path else 'training from scratch'}; "
-              f"{len(loader.dataset)} training samples{held_out}, {trainer.steps_per_epoch} steps per epoch, device {placement.device}"
+              f"{len(loader.dataset)} training samples{held_out}, {trainer.steps_per_epoch} steps per epoch, "
+              f"device {placement.device}"
               f"{f' x {placement.world_size} DDP process(es)' if placement.distributed else ''}")
-        snapshot = to_yaml(cfg).encode()
-        atomic_write(trainer.folder / f"training_cfg_{timestamp()}.yaml", lambda f: f.write(snapshot))
+        run.snapshot(cfg)
     trainer.fit()
 
 
@@ -69,7 +69,7 @@ def make_loaders(cfg, model, placement, source):
     train_indices, validation_indices = split_indices(len(streams[data["data_len_key"]]), data["validation_fraction"],
                                                       data["split_seed"], where)
     training = build_dataset(streams, data, train_indices, True, where)
-    validation = build_dataset(streams, data, validation_indices, False, where) if validation_indices is not None else None
+    validation = None if validation_indices is None else build_dataset(streams, data, validation_indices, False, where)
     check_batches_fit_model({"training": training, "validation": validation}, model, source)
     if validation is not None and len(validation) < placement.world_size:
         raise UserError(f"{where}.validation_fraction: {len(validation)} validation samples for "
@@ -83,15 +83,14 @@ def make_loaders(cfg, model, placement, source):
                                **loading)
 
 
-def resume_path(cfg, source):
+def resume_path(cfg, run, source):
     """The checkpoint to resume from, if any. `latest` in a run with no checkpoints yet starts it,
     so one command both starts a (preemptible) job and resumes it."""
     spec = cfg["model"]["model_checkpoint_filename"]
-    folder = checkpoint_dir(cfg)
-    if spec == "latest" and not list_checkpoints(folder):
-        print(f"model.model_checkpoint_filename: latest, but {folder} has no checkpoint yet: starting from scratch")
+    if spec == "latest" and not list_checkpoints(run.folder):
+        print(f"model.model_checkpoint_filename: latest, but {run.folder} has no checkpoint yet: starting from scratch")
         return None
-    return resolve_checkpoint(spec, folder, f"{source}: model.model_checkpoint_filename")
+    return run.resolve(spec, f"{source}: model.model_checkpoint_filename")
 
 
 if __name__ == "__main__":

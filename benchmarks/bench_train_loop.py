@@ -92,8 +92,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 from model_base import build_model  # noqa: E402
+from network import wrap_for_ddp  # noqa: E402
 from train import make_loaders  # noqa: E402
-from train_base import Placement, Trainer, seed_everything, setup_placement, wrap_for_ddp  # noqa: E402
+from train_base import Placement, Trainer, seed_everything, setup_placement  # noqa: E402
 
 NZ, NC = 100, 3  # latent size and image channels of pytorch/examples' DCGAN
 SEED = 0
@@ -135,7 +136,8 @@ def architecture(size, width):
             {"LeakyReLU": {"negative_slope": 0.2, "inplace": True}}]
     for k in range(1, n):
         disc += [{"Conv2d": {"out_channels": width * 2 ** k, "kernel_size": 4, "stride": 2, "padding": 1,
-                             "bias": False}}, {"BatchNorm2d": None}, {"LeakyReLU": {"negative_slope": 0.2, "inplace": True}}]
+                             "bias": False}}, {"BatchNorm2d": None},
+                 {"LeakyReLU": {"negative_slope": 0.2, "inplace": True}}]
     disc += [{"Conv2d": {"out_channels": 1, "kernel_size": 4, "stride": 1, "padding": 0, "bias": False}},
              {"Flatten": None}]
     return {"model_components": {"generator": {"adv_type": "generator", "submodels": ["gen"]},
@@ -200,13 +202,14 @@ def copy_weights(source, target):
 def write_run(folder, args, n_samples):
     """The architecture YAML, the flow, the real images (.npy) and the training config; returns the config's path."""
     folder = Path(folder)
-    (folder / "dcgan_architecture.yaml").write_text(yaml.safe_dump(architecture(args.size, args.width), sort_keys=False))
+    arch = architecture(args.size, args.width)
+    (folder / "dcgan_architecture.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
     (folder / "dcgan.py").write_text(FLOW)
     images = np.tanh(np.random.default_rng(SEED).standard_normal((n_samples, NC, args.size, args.size), np.float32))
     np.save(folder / "real_images.npy", images)
     cfg = {
-        "training": {"n_epochs": 1, "learning_rate": 2e-4, "optimizer": "Adam", "optimizer_args": {"betas": [0.5, 0.999]},
-                     "batch_size": args.batch_size, "seed": SEED,
+        "training": {"n_epochs": 1, "learning_rate": 2e-4, "optimizer": "Adam",
+                     "optimizer_args": {"betas": [0.5, 0.999]}, "batch_size": args.batch_size, "seed": SEED,
                      "gpus": [torch.device(args.device).index or 0] if args.device.startswith("cuda") else [],
                      "on_nonfinite_loss": args.on_nonfinite},
         "adversarial": {"enable_adversarial_training": True, "train_disc_first": True},
@@ -340,7 +343,8 @@ def sanity_check(cfg_path, placement, init_state, batch, args):
                   *model.components_of("discriminator").state_dict().values()]
     hand_after = [*hand.G.state_dict().values(), *hand.D.state_dict().values()]
     weight_diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(pipe_after, hand_after))
-    same_weights = all(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6) for a, b in zip(pipe_after, hand_after))
+    same_weights = all(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+                       for a, b in zip(pipe_after, hand_after))
     moved = any(not torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), init_state.values()))
     same_losses = all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(pipe_losses, hand_losses))
     return pipe_losses, hand_losses, weight_diff, same_losses and same_weights and moved
@@ -409,7 +413,8 @@ def run(args, placement):
         where += f"; DDP, {placement.world_size} processes, batch {args.batch_size} each"
     say(f"torch {torch.__version__}, {device} ({where}); DCGAN {NC}x{args.size}x{args.size}, nz {NZ}, "
         f"ngf = ndf = {args.width}, batch {args.batch_size}; {rounds} rounds, blocks of "
-        f"{f'{args.block} steps' if args.block else f'~{block_s} s'} per side; up to {args.warmup} warm-up steps; on_nonfinite_loss: {args.on_nonfinite}"
+        f"{f'{args.block} steps' if args.block else f'~{block_s} s'} per side; up to {args.warmup} warm-up steps; "
+        f"on_nonfinite_loss: {args.on_nonfinite}"
         + (f"; cudnn.benchmark {args.cudnn_benchmark}" if device.type == "cuda" else ""))
     figures = {"torch": torch.__version__, "device": str(device), "device_name": where, "size": args.size,
                "width": args.width, "batch_size": args.batch_size, "rounds": rounds, "block_s": block_s,
@@ -469,9 +474,11 @@ def run(args, placement):
             ratio, (q1, q3) = statistics.median(ratios), quartiles(ratios)
             extra = statistics.median(p - h for h, p in zip(hand_t, pipe_t))
             say(f"{case:13} {1 / statistics.median(hand_t):9.2f} {1 / statistics.median(pipe_t):9.2f} "
-                f"{ratio:14.3f} {q1:6.3f}-{q3:<6.3f} {extra * 1e3:14.3f}  >= 0.95 {'ok' if ratio >= 0.95 else 'MISSED'}")
+                f"{ratio:14.3f} {q1:6.3f}-{q3:<6.3f} {extra * 1e3:14.3f}  >= 0.95 "
+                f"{'ok' if ratio >= 0.95 else 'MISSED'}")
             figures["cases"][case] = {
-                "hand_steps_per_s": 1 / statistics.median(hand_t), "pipeline_steps_per_s": 1 / statistics.median(pipe_t),
+                "hand_steps_per_s": 1 / statistics.median(hand_t),
+                "pipeline_steps_per_s": 1 / statistics.median(pipe_t),
                 "pipeline_over_hand": ratio, "pipeline_over_hand_quartiles": [q1, q3],
                 "pipeline_extra_s_per_step": extra,
                 "steps_per_block": steps[case],

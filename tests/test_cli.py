@@ -24,8 +24,20 @@ import config
 import model_base
 import train
 import train_base
-from conftest import (ARCH_YAML, CHECKPOINTS, EVAL_CFG, FLOW_PY, MULTIGPU_CFG, SRC, TIMEOUT, TRAIN_CFG, TRAIN_EVAL_CFG,
-                      checkpoints, run, script_env)
+from conftest import (
+    ARCH_YAML,
+    CHECKPOINTS,
+    EVAL_CFG,
+    FLOW_PY,
+    MULTIGPU_CFG,
+    SRC,
+    TIMEOUT,
+    TRAIN_CFG,
+    TRAIN_EVAL_CFG,
+    checkpoints,
+    run,
+    script_env,
+)
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -140,6 +152,7 @@ def test_config_snapshot_beside_checkpoints(trained):
 
 
 # ---- 2. python evaluate_training.py -te ... ---------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_training(trained):
     repo, folder = trained
     proc = run(repo, "evaluate_training.py", "-te", TRAIN_EVAL_CFG)
@@ -155,6 +168,7 @@ def test_evaluate_training(trained):
 
 
 # ---- 3. python evaluate.py -t ... -e ... --------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate(trained):
     repo, folder = trained
     run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)
@@ -182,10 +196,12 @@ def test_paired_metrics_of_known_errors():
     assert evaluate.pairwise_metrics(targets, targets)["psnr_db"] == math.inf  # the identity model
 
 
+@pytest.mark.slow
 def test_evaluate_a_model_trained_without_discriminator(trained):
     """A plain (non-adversarial) run evaluates with pairwise metrics and no discriminator scores."""
     repo, _ = trained
-    plain = ["loss.loss_fn=weighted_reconstruction_loss", "loss.loss_args={}", "adversarial.enable_adversarial_training=false"]
+    plain = ["loss.loss_fn=weighted_reconstruction_loss", "loss.loss_args={}",
+             "adversarial.enable_adversarial_training=false"]
     run(repo, *train_args("plain_run", "training.n_epochs=1", *plain))
     proc = run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG,
                *sets("saving.save_folder_name=plain_run", *plain, "evaluation.n_samples=16"))
@@ -194,6 +210,7 @@ def test_evaluate_a_model_trained_without_discriminator(trained):
     assert "discriminator_score_real" not in metrics
 
 
+@pytest.mark.slow
 def test_evaluate_rebuilds_the_architecture_stored_in_the_checkpoint(trained, tmp_path):
     """A checkpoint is evaluated with the architecture it was trained with, even after the YAML on
     disk changed; the script says so."""
@@ -223,7 +240,8 @@ def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
     artifact, raw_path = jit / f"{checkpoint.stem}{suffix}", jit / f"{checkpoint.stem}_input_{tag}.raw"
     assert raw_path.stat().st_size == 4 * math.prod(shape)  # float32
     sidecar = json.loads(raw_path.with_suffix(".json").read_text())
-    assert sidecar["shape"] == list(shape) and sidecar["dtype"] == "float32" and sidecar["checkpoint"] == checkpoint.name
+    assert sidecar["shape"] == list(shape) and sidecar["dtype"] == "float32"
+    assert sidecar["checkpoint"] == checkpoint.name
     assert sidecar["model"] == artifact.name and sidecar["format"] == fmt and "C order" in sidecar["layout"]
     x = torch.from_numpy(np.fromfile(raw_path, dtype=np.float32).reshape(shape))
     if fmt == "torchscript":
@@ -241,12 +259,14 @@ def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
         assert expected.shape == (shape[0], 1, *shape[2:])
 
 
+@pytest.mark.slow
 def test_jit_trace_latest(trained):
     repo, folder = trained
     run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "1", "1", "4", "4")
     check_traced(by_epoch(folder)[2], (1, 1, 4, 4))
 
 
+@pytest.mark.slow
 def test_jit_trace_named_checkpoint_long_options(trained):
     repo, folder = trained
     ckpt = by_epoch(folder)[1]
@@ -255,6 +275,7 @@ def test_jit_trace_named_checkpoint_long_options(trained):
     check_traced(ckpt, (2, 1, 4, 4))
 
 
+@pytest.mark.slow
 def test_jit_export_format_with_benchmark(trained):
     """--format export writes a torch.export program (.pt2) that gives the eager outputs; --benchmark
     prints the latency of both."""
@@ -267,6 +288,7 @@ def test_jit_export_format_with_benchmark(trained):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPUs")
+@pytest.mark.slow
 def test_jit_benchmark_on_a_gpu_this_machine_lacks(trained):
     """--device cuda without a GPU is a user error, reported before anything is exported."""
     repo, _ = trained
@@ -276,6 +298,7 @@ def test_jit_benchmark_on_a_gpu_this_machine_lacks(trained):
     assert "Traceback" not in proc.stderr and "saved" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_jit_onnx_format_or_a_clear_message(trained):
     """--format onnx writes an ONNX model that onnxruntime runs to the eager outputs; without the
     packages it says which to install (exit 2)."""
@@ -301,6 +324,7 @@ class ScaledByInput(ExampleModel):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
+@pytest.mark.slow
 def test_jit_refuses_a_flow_with_data_dependent_control_flow(trained, tmp_path, fmt):
     """A forward that depends on the data in Python cannot be traced or exported faithfully: exit 2,
     a message saying so, and nothing written."""
@@ -338,6 +362,7 @@ def unet_trained(repo):
     return repo, repo / "models/unet_gan/model_checkpoints/denoise_run"
 
 
+@pytest.mark.slow
 def test_unet_example_trains_both_networks(unet_trained):
     _, folder = unet_trained
     ckpts = by_epoch(folder)
@@ -351,6 +376,7 @@ def test_unet_example_trains_both_networks(unet_trained):
     assert any(k.startswith("model_components.discriminator.") for k in trained_keys)
 
 
+@pytest.mark.slow
 def test_unet_example_evaluates_and_traces(unet_trained):
     repo, folder = unet_trained
     stem = by_epoch(folder)[1].stem
@@ -391,6 +417,7 @@ def help_runs(repo):
 
 
 @pytest.mark.parametrize("script", list(HELP))
+@pytest.mark.slow
 def test_help(help_runs, script):
     proc = help_runs[script]
     assert proc.returncode == 0, proc.stderr
@@ -412,6 +439,7 @@ def ddp_run(repo):
     return proc, repo / CHECKPOINTS / "example_multigpu_run"
 
 
+@pytest.mark.slow
 def test_ddp_trains_and_saves(ddp_run):
     _, folder = ddp_run
     ckpts = by_epoch(folder)
@@ -425,6 +453,7 @@ def test_ddp_trains_and_saves(ddp_run):
     assert len(list(folder.glob("*.yaml"))) == 1  # one snapshot: only rank 0 writes
 
 
+@pytest.mark.slow
 def test_two_nodes_over_loopback_rendezvous_train_as_one_run(repo):
     """torchrun on two "nodes" of one process each, meeting through a c10d rendezvous on this
     machine, trains one run: each process reads half the data, rank 0 alone saves."""
@@ -434,7 +463,8 @@ def test_two_nodes_over_loopback_rendezvous_train_as_one_run(repo):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two_nodes", "train.py", "-t", MULTIGPU_CFG,
            *sets(*DDP_SETS, "saving.save_folder_name=two_nodes")]
-    nodes = [subprocess.Popen(cmd, cwd=repo, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [subprocess.Popen(cmd, cwd=repo, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for _ in range(2)]
     outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
@@ -467,6 +497,7 @@ def assert_trained_alike(folder, weights):
     assert same_weights(ddp, weights, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
     """Two processes with batch b must train exactly like one with batch 2b on the same samples
     (gradients averaged over the same 2b samples). DistributedSampler's order is a seeded
@@ -478,6 +509,7 @@ def test_ddp_matches_one_process_with_the_whole_batch(ddp_run):
     assert_trained_alike(folder, one_process_weights(*whole_batch))
 
 
+@pytest.mark.slow
 def test_ddp_with_accumulation_and_a_gradient_penalty_matches_one_process(repo):
     """The same with what strains DDP most: each process sums two half batches per step, and the
     discriminator's loss holds R1, a penalty on its input gradient (a double backward inside the
@@ -491,6 +523,7 @@ def test_ddp_with_accumulation_and_a_gradient_penalty_matches_one_process(repo):
     assert_trained_alike(repo / CHECKPOINTS / "ddp_r1_accumulated", one_process_weights(*whole_batch))
 
 
+@pytest.mark.slow
 def test_ddp_names_generator_parameters_the_flow_leaves_unused(repo, tmp_path):
     """DDP needs a gradient for every parameter of the network it trains; a flow that skips a
     submodel is stopped after the first step with the parameters' names, not DDP's error at the
@@ -537,6 +570,7 @@ def resumed(trained):
             "after_second": after_second, "before_third": before_third}
 
 
+@pytest.mark.slow
 def test_same_config_gives_same_weights(trained, resumed):
     """Reproducible by default: the resume test's first epoch equals the tiny run's first epoch."""
     _, folder = trained
@@ -545,6 +579,7 @@ def test_same_config_gives_same_weights(trained, resumed):
     assert same_weights(a, b)
 
 
+@pytest.mark.slow
 def test_resume_continues_to_n_epochs(resumed):
     assert sorted(resumed["after_first"]) == [0, 1]
     assert sorted(resumed["after_second"]) == [0, 1, 2]
@@ -557,6 +592,7 @@ def test_resume_continues_to_n_epochs(resumed):
         assert all(len(v) == 2 * STEPS_PER_EPOCH for v in state["loss_history"][net].values())
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(trained, resumed):
     _, folder = trained
     straight = load(by_epoch(folder)[2])
@@ -565,6 +601,7 @@ def test_resumed_run_matches_uninterrupted_run(trained, resumed):
     assert resumed_state["loss_history"] == straight["loss_history"]
 
 
+@pytest.mark.slow
 def test_resume_when_done_does_nothing(resumed):
     third = resumed["runs"][2]
     assert third.returncode == 0
@@ -618,10 +655,11 @@ ARCH_CASES = {
                                      ["gen_cnn.skip_connections.gen_cnn_ReLU_2", "unknown source layer",
                                       "did you mean 'gen_cnn_LeakyReLU_2'"]),
     "arch_cat_mismatched_spatial_size": (set_skip("disc_cnn", "disc_cnn_Conv2d_0", "disc_cnn_LeakyReLU_3", "cat"),
-                                         ["disc_cnn.skip_connections.disc_cnn_Conv2d_0", "cat into disc_cnn_LeakyReLU_3",
-                                          "[16, 4, 4]", "[32, 2, 2]"]),
+                                         ["disc_cnn.skip_connections.disc_cnn_Conv2d_0",
+                                          "cat into disc_cnn_LeakyReLU_3", "[16, 4, 4]", "[32, 2, 2]"]),
     "arch_reads_undefined_submodel": (lambda a: a["disc_cnn"].__setitem__("submodel_input", {"gen_decc": "output"}),
-                                      ["disc_cnn.submodel_input.gen_decc", "unknown submodel", "did you mean 'gen_dec'"]),
+                                      ["disc_cnn.submodel_input.gen_decc", "unknown submodel",
+                                       "did you mean 'gen_dec'"]),
     "arch_reads_later_submodel": (lambda a: a["gen_cnn"].__setitem__("submodel_input", {"gen_dec": "output"}),
                                   ["gen_cnn.submodel_input.gen_dec", "does not run before"]),
     "arch_component_lists_undefined_submodel": (
@@ -672,7 +710,8 @@ def error_runs(trained, tmp_path_factory):
                          [TRAIN_CFG, "training.batch_size", ">= 1"], None),
         "unknown_loss": (bad_train_args("err_unknown_loss", "loss.loss_fn=nope"),
                          [TRAIN_CFG, "loss.loss_fn", "nope", "example_gan_loss"], None),
-        "missing_data_path": (bad_train_args("err_missing_data", "dataset.real_images.data_path=data/example_model/nope.npy"),
+        "missing_data_path": (bad_train_args("err_missing_data",
+                                             "dataset.real_images.data_path=data/example_model/nope.npy"),
                               [TRAIN_CFG, "dataset.real_images.data_path", "nope.npy"], None),
         "missing_config_file": (["train.py", "-t", "configs/example_model/nope.yaml",
                                  *sets("saving.save_folder_name=err_missing_cfg")],
@@ -695,18 +734,19 @@ def error_runs(trained, tmp_path_factory):
                                                  "dataset.gen_inputs.data_generating_function_args={shape: [1, 4, 5]}"),
                                   ["gen_inputs", "[1, 4, 4]"], None),
         "debug": (bad_train_args("err_debug", "training.n_epoch=3") + ["--debug"], [], None),
-        "gan_loss_without_adversarial": (bad_train_args("err_gan_loss", "adversarial.enable_adversarial_training=false"),
-                                         [TRAIN_CFG, "loss.loss_fn", "example_gan_loss", "weighted_reconstruction_loss"],
-                                         None),
+        "gan_loss_without_adversarial": (
+            bad_train_args("err_gan_loss", "adversarial.enable_adversarial_training=false"),
+            [TRAIN_CFG, "loss.loss_fn", "example_gan_loss", "weighted_reconstruction_loss"], None),
         "section_not_a_mapping": (bad_train_args("err_section", "training=5"),
                                   [TRAIN_CFG, "training: 5 is not a mapping", "n_epochs"], None),
     }
     if not torch.cuda.is_available():
-        cases["gpus_without_gpus"] = (bad_train_args("err_gpus", "training.gpus=[0]"), [TRAIN_CFG, "training.gpus", "[]"],
-                                      None)
+        cases["gpus_without_gpus"] = (bad_train_args("err_gpus", "training.gpus=[0]"),
+                                      [TRAIN_CFG, "training.gpus", "[]"], None)
     for name, (mutate, expected) in ARCH_CASES.items():
         path = write_arch(tmp, name, mutate)
-        cases[name] = (bad_train_args(f"err_{name}", f"model.architecture_cfg_path={path}"), [str(path), *expected], None)
+        cases[name] = (bad_train_args(f"err_{name}", f"model.architecture_cfg_path={path}"), [str(path), *expected],
+                       None)
     procs = run_all(repo, {name: args for name, (args, _, _) in cases.items()})
     return {name: (procs[name], cases[name], repo, marker) for name in cases}
 
@@ -732,24 +772,29 @@ USER_ERRORS = ["unknown_key", "wrong_type", "out_of_range", "unknown_loss", "mis
 
 
 @pytest.mark.parametrize("name", USER_ERRORS)
+@pytest.mark.slow
 def test_user_error(error_runs, name):
     check_user_error(error_runs, name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has GPUs")
+@pytest.mark.slow
 def test_gpus_on_a_machine_without_gpus(error_runs):
     check_user_error(error_runs, "gpus_without_gpus")
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_is_refused(error_runs):
     check_user_error(error_runs, "jit_malicious_checkpoint")
     assert not error_runs["jit_malicious_checkpoint"][3].exists()  # its code did not run
 
 
+@pytest.mark.slow
 def test_stream_shape_that_does_not_fit_the_architecture(error_runs):
     check_user_error(error_runs, "stream_shape_mismatch")
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(error_runs):
     proc, (args, _, _), repo, _ = error_runs["debug"]
     assert proc.returncode != 0
@@ -790,6 +835,7 @@ def interrupted(repo, tmp_path_factory):
 
 @pytest.mark.parametrize("signum, folder", [(signal.SIGINT, "sigint_run"), (signal.SIGTERM, "sigterm_run")],
                          ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_signal_saves_early_stop_checkpoint(trained, interrupted, tmp_path, signum, folder):
     repo, _ = trained
     if signum == signal.SIGINT:
@@ -819,6 +865,7 @@ def resumed_after_interrupt(repo, interrupted):
     return (k + 1, load(by_epoch(folder)[k + 1]), load(by_epoch(repo / CHECKPOINTS / "sigint_reference")[k + 1]))
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
     epochs, resumed_state, reference = resumed_after_interrupt
     steps = epochs * 512 // SIGNAL_BATCH
@@ -828,6 +875,7 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
     assert same_weights(resumed_state["model_state_dict"], reference["model_state_dict"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_training_sends_other_overrides_to_the_training_config(resumed):
     """--set saving.save_folder_name=... picks another run of the same training config."""
     repo = resumed["folder"].parents[3]
@@ -838,6 +886,7 @@ def test_evaluate_training_sends_other_overrides_to_the_training_config(resumed)
 
 
 # ---- from another folder ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_training_from_another_folder(trained, tmp_path):
     repo, _ = trained
     png = repo / "results/example_model/example_run/training_losses.png"
@@ -854,6 +903,7 @@ def test_moving_average_uses_the_configured_window():
     assert evaluate_training.moving_average([1.0, 3.0], 10).tolist() == [2.0]  # shorter than the window
 
 
+@pytest.mark.slow
 def test_evaluate_training_compares_runs_and_checkpoints(trained, resumed, tmp_path):
     """Several runs (a list of training configs) and checkpoints (a glob and latest) in one figure and
     table, labelled by run folder and learning rate; learning rates come from metrics.jsonl."""
@@ -888,16 +938,17 @@ def test_evaluate_training_compares_runs_and_checkpoints(trained, resumed, tmp_p
 
 
 # ---- the README ---------------------------------------------------------------------------------
+# The README's commands verbatim (a line each, as they are searched for), whatever their length.
 README_COMMANDS = [
     "python train.py -t configs/example_model/example_training_cfg.yaml",
-    "torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml",
+    "torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml",  # noqa: E501
     "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml",
-    "python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml",
+    "python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml",  # noqa: E501
     "python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c",
     "python -m pytest -q tests",
     "python train.py -t configs/unet_gan/unet_gan_training_cfg.yaml",
     "python evaluate_training.py -te configs/unet_gan/unet_gan_training_evaluation_cfg.yaml",
-    "python evaluate.py -t configs/unet_gan/unet_gan_training_cfg.yaml -e configs/unet_gan/unet_gan_evaluation_cfg.yaml",
+    "python evaluate.py -t configs/unet_gan/unet_gan_training_cfg.yaml -e configs/unet_gan/unet_gan_evaluation_cfg.yaml",  # noqa: E501
     "python jit_trace_model.py -t configs/unet_gan/unet_gan_training_cfg.yaml -c latest -i",
     "python model_base.py models/unet_gan/unet_gan_architecture.yaml",
 ]
@@ -910,37 +961,3 @@ def test_readme_shows_the_commands_tested_here():
     assert "--set training.n_epochs=" in text
     for path in re.findall(r"\]\(((?:configs|models)/[^)#]+)\)", text):  # its links to files exist
         assert (SRC / path).exists(), path
-
-
-def readme_defaults():
-    """{key: default} from the README's tables of config keys (rows naming one key)."""
-    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| ([^|]+) \|", (SRC / "README.md").read_text(), re.M)
-    sections = set(config.TRAINING) | set(config.EVALUATION) | set(config.TRAINING_EVALUATION)
-    return {key: cell.strip().strip("`") for key, cell in rows if key.split(".")[0] in sections and not key.endswith(".py")}
-
-
-def test_readme_defaults_are_the_real_defaults(tmp_path):
-    documented = readme_defaults()
-    assert len(documented) >= 30
-    minimal = {
-        "model": {"architecture_cfg_path": ARCH_YAML, "model_flow_path": FLOW_PY},
-        "loss": {"loss_fn": "example_gan_loss"},
-        "dataset": {"data_len_key": "s", "s": {"data_read_type": "function",
-                                                "data_generating_function": "random_normal", "n_inputs": 4}}}
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump(minimal))
-    (tmp_path / "e.yaml").write_text("evaluation: {}\n")
-    (tmp_path / "te.yaml").write_text(f"training_evaluation: {{training_cfg_path: {TRAIN_CFG}}}\n")
-    actual = config.load_training_config(tmp_path / "t.yaml")
-    actual |= config.load_config(tmp_path / "e.yaml", config.EVALUATION)
-    actual |= config.load_config(tmp_path / "te.yaml", config.TRAINING_EVALUATION)
-    checked = 0
-    for key, cell in documented.items():
-        section, name = key.split(".")
-        if cell == "required":
-            continue
-        expected = yaml.safe_load(cell)
-        if section == "adversarial" and expected is None:
-            continue  # null copies training's value
-        assert actual[section][name] == expected, key
-        checked += 1
-    assert checked >= 25

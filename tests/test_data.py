@@ -25,6 +25,7 @@ import dataset
 import dataset_base
 import dataset_functions
 import model_base
+import runs
 import train
 import train_base
 from conftest import ARCH_YAML, CHECKPOINTS, FLOW_PY, SRC, TRAIN_CFG, run
@@ -119,7 +120,8 @@ def write_png(path, pixels, color_type, bit_depth=8, palette=None):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     h, w = pixels.shape[:2]
     rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))  # filter type 0 per row
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                      + (chunk(b"PLTE", palette.tobytes()) if palette is not None else b"")
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
@@ -457,6 +459,7 @@ def test_data_len_key_must_name_a_stream():
 
 
 # ---- a corrupt image, end to end ---------------------------------------------------------------
+@pytest.mark.slow
 def test_train_on_a_folder_with_a_corrupt_image_exits_2_naming_it(repo, tmp_path):
     """train.py on the toy GAN with its real images read from a folder of PNGs, one of them
     garbage: `error: ...` naming that file, exit status 2, no traceback, no run folder."""
@@ -605,7 +608,8 @@ def distinct_images(n=16, channels=1, size=6):
 
 
 def test_paired_function_transforms_keep_the_streams_aligned():
-    cfg = transforms_cfg(["inputs", "targets"], entry("random_flip", ["inputs", "targets"], horizontal=True, vertical=True),
+    cfg = transforms_cfg(["inputs", "targets"],
+                         entry("random_flip", ["inputs", "targets"], horizontal=True, vertical=True),
                          entry("random_crop", ["inputs", "targets"], size=4))
     images = distinct_images()
     streams = {"inputs": images, "targets": images + 1000}  # target i is input i + 1000
@@ -628,7 +632,8 @@ def test_paired_flips_and_crops_are_drawn_per_sample():
     image = distinct_images(1)[0]
     same = image.expand(16, -1, -1, -1).contiguous()
     streams = {"inputs": same, "targets": same.clone()}
-    flips = transforms_cfg(["inputs", "targets"], entry("random_flip", ["inputs", "targets"], horizontal=True, vertical=True))
+    flips = transforms_cfg(["inputs", "targets"],
+                           entry("random_flip", ["inputs", "targets"], horizontal=True, vertical=True))
     batch = whole_batch(dataset.build_dataset(streams, flips, torch.arange(16), True, "dataset"), seed=5)
     assert torch.equal(batch["inputs"], batch["targets"])
     kinds = [[torch.equal(sample, v) for v in variants(image)].index(True) for sample in batch["inputs"]]
@@ -860,7 +865,8 @@ BAD_DATASET_KEYS = {  # name: (the dataset section's own keys, texts one line of
                           ["dataset.batch_transforms[0].args", "RandomResizedCrop needs size"]),
     "unknown stream": ({"batch_transforms": [entry("random_flip", ["inputs", "targts"])]},
                        ["dataset.batch_transforms[0].streams", "'targts' is not a stream", "did you mean 'targets'"]),
-    "empty streams": ({"batch_transforms": [entry("random_flip", [])]}, ["dataset.batch_transforms[0].streams", "empty"]),
+    "empty streams": ({"batch_transforms": [entry("random_flip", [])]},
+                      ["dataset.batch_transforms[0].streams", "empty"]),
     "no streams": ({"batch_transforms": [{"transform": "random_flip"}]},
                    ["dataset.batch_transforms[0].streams", "required"]),
     "streams misspelt": ({"batch_transforms": [{"transform": "random_flip", "stream": ["inputs"]}]},
@@ -876,7 +882,8 @@ BAD_DATASET_KEYS = {  # name: (the dataset section's own keys, texts one line of
     "num_workers negative": ({"num_workers": -1}, ["dataset.num_workers", ">= 0"]),
     "pin_memory not a bool": ({"pin_memory": "yes"}, ["dataset.pin_memory", "true/false"]),
     "stream transform class arg unknown": (
-        {"inputs": dict(ANY_STREAM, data_batch_transform="RandomHorizontalFlip", data_batch_transform_args={"prob": 1})},
+        {"inputs": dict(ANY_STREAM, data_batch_transform="RandomHorizontalFlip",
+                        data_batch_transform_args={"prob": 1})},
         ["dataset.inputs.data_batch_transform_args.prob", "valid: p"]),
     "stream transform not a name": ({"inputs": dict(ANY_STREAM, data_batch_transform=["random_flip"])},
                                     ["dataset.inputs.data_batch_transform", "is not a string"]),
@@ -911,7 +918,8 @@ def test_torchvision_args_it_rejects_are_user_errors(transform, args, problem):
 def test_a_transform_failing_on_a_batch_is_a_user_error_naming_the_entry():
     cfg = transforms_cfg(["inputs"], entry("random_crop", ["inputs"], size=8))
     ds = dataset.build_dataset({"inputs": torch.zeros(2, 1, 4, 4)}, cfg, torch.arange(2), True, "cfg.yaml: dataset")
-    with pytest.raises(UserError, match=r"cfg\.yaml: dataset\.batch_transforms\[0\]: random_crop.*inputs \[2, 1, 4, 4\]"):
+    with pytest.raises(UserError,
+                       match=r"cfg\.yaml: dataset\.batch_transforms\[0\]: random_crop.*inputs \[2, 1, 4, 4\]"):
         whole_batch(ds)
 
 
@@ -974,9 +982,8 @@ def small_trainer(tmp_path, *overrides):
     train_base.seed_everything(0)
     model = model_base.build_model(cfg["model"])
     loader, validation = train.make_loaders(cfg, model, CPU, "unet.yaml")
-    trainer = train_base.Trainer(cfg, model, loader, CPU, None, validation)
-    trainer.folder = tmp_path / "run"  # (the config's own folder is in the source tree)
-    return trainer
+    run = runs.Run.of(cfg, folder=tmp_path / "run")  # (the config's own folder is in the source tree)
+    return train_base.Trainer(cfg, model, loader, CPU, None, validation, run)
 
 
 def test_training_validates_after_every_epoch(tmp_path):
@@ -991,7 +998,7 @@ def test_training_validates_after_every_epoch(tmp_path):
             assert len(values) == 2 and all(np.isfinite(values))
     assert {"l1", "g_adv"} <= set(history["generator"])
 
-    rows = [json.loads(line) for line in (trainer.folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (trainer.run.folder / "metrics.jsonl").read_text().splitlines()]
     validation_rows = [row for row in rows if any(key.startswith("validation/") for key in row)]
     assert [(row["epoch"], row["step"]) for row in validation_rows] == [(1, 2), (2, 4)]
     for i, row in enumerate(validation_rows):
@@ -1007,8 +1014,8 @@ def test_training_validates_after_every_epoch(tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in trainer.validation_loader:
-            inputs, targets = trainer.to_device(batch)
-            terms = trainer.loss_terms("generator", model(inputs), inputs, targets)
+            inputs, targets = trainer.losses.to_device(batch)
+            terms = trainer.losses.terms("generator", model(inputs), inputs, targets)
             total, count = total + terms["l1"].item() * len(inputs), count + len(inputs)
     assert history["generator"]["l1"][-1] == pytest.approx(total / count, rel=1e-5)
 
@@ -1020,12 +1027,12 @@ def test_reduce_lr_on_plateau_follows_the_validation_loss(tmp_path):
         trainer = small_trainer(tmp_path, "training.scheduler=ReduceLROnPlateau",
                                 "training.scheduler_args={patience: 0, factor: 0.5}")
         for epoch, validation_total in enumerate(validation_totals):
-            for net in trainer.networks:
-                trainer.loss_history[net].setdefault("total", []).extend([3.0 - epoch] * 2)  # falling
+            for net in trainer.networks.values():
+                net.loss_history.setdefault("total", []).extend([3.0 - epoch] * 2)  # falling
             validation = None if validation_total is None else \
-                {net: {"total": validation_total} for net in trainer.networks}
-            trainer.step_epoch_schedules(2, validation)
-        return trainer.optimizers["generator"].param_groups[0]["lr"]
+                {name: {"total": validation_total} for name in trainer.networks}
+            trainer.step_epoch_schedules(validation)
+        return trainer.networks["generator"].lr
     lr = 0.0002
     assert lr_after([1.0, 2.0, 3.0]) == pytest.approx(lr * 0.25)  # worse twice: halved twice
     assert lr_after([None, None, None]) == pytest.approx(lr)       # the training loss keeps falling

@@ -22,13 +22,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import checkpoint
 import config
 import dataset as dataset_mod
 import loss
-import model_base
-import train
-import train_base
+import runs
 from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, script_env
 from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
 
@@ -36,7 +33,8 @@ STEPS = 512 // 32  # steps per epoch of the toy config
 DATA = "data/example_model/blobs_4x4.npy"
 COSINE = ["training.scheduler=CosineAnnealingLR", "training.scheduler_args={T_max: 32}",
           "training.scheduler_interval=step"]
-ONE_CYCLE = ["training.scheduler=OneCycleLR", "training.scheduler_args={max_lr: 0.01}", "training.scheduler_interval=step"]
+ONE_CYCLE = ["training.scheduler=OneCycleLR", "training.scheduler_args={max_lr: 0.01}",
+             "training.scheduler_interval=step"]
 BAD_STEP = 13  # the step of epoch 1 at which the NaN sample is first read (log_interval is 10)
 
 
@@ -149,6 +147,7 @@ def error_runs(repo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
+@pytest.mark.slow
 def test_bad_schedule_optimizer_and_loss_keys_are_user_errors(error_runs, repo, name):
     """A mistake in these keys ends with exit 2 naming the file, the key and the fix, before anything is written."""
     _, expected = BAD_INPUT[name]
@@ -156,6 +155,7 @@ def test_bad_schedule_optimizer_and_loss_keys_are_user_errors(error_runs, repo, 
 
 
 @pytest.mark.parametrize("script", MALICIOUS)
+@pytest.mark.slow
 def test_every_script_refuses_a_checkpoint_that_runs_code(error_runs, repo, script):
     """A checkpoint holding code is refused (weights_only) by every script that loads one; its code never runs."""
     path = error_runs.evil[script]
@@ -171,7 +171,7 @@ import os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-import checkpoint
+import runs
 folder = Path(sys.argv[2])
 torch.manual_seed(0)
 state = {"weights": torch.randn(1_000_000), "epoch": 0}  # 4 MB: a save takes a while
@@ -182,7 +182,7 @@ while sys.stdin.readline():
         try:
             i = 0
             while True:
-                checkpoint.save_checkpoint(folder / checkpoint.checkpoint_name("m", i % 4), state)
+                runs.Run(folder, folder, "m").save(state, i % 4)
                 i += 1
         finally:
             os._exit(1)
@@ -216,23 +216,19 @@ def test_kill_during_saves_never_leaves_an_unloadable_checkpoint(tmp_path):
         server.wait()
     torch.manual_seed(0)
     weights = torch.randn(1_000_000)
-    found = checkpoint.list_checkpoints(folder)
+    found = runs.list_checkpoints(folder)
     assert found, f"no checkpoint saved (kill delays {delays})"
     for path in found:
-        assert torch.equal(checkpoint.load_checkpoint(path)["weights"], weights), path
+        assert torch.equal(runs.load_checkpoint(path)["weights"], weights), path
     others = [p.name for p in folder.iterdir() if p not in found]
     assert all(name.startswith(".") and name.endswith(".tmp") for name in others), others
 
     # the next run removes such leftovers (one planted, in case no kill landed mid-save)
-    (folder / f".{checkpoint.checkpoint_name('m', 3)}.abc123.tmp").write_bytes(b"partial")
-    cfg = config.load_training_config(SRC / TRAIN_CFG, ["saving.save_filename_prefix=m"])
-    model = model_base.build_model(cfg["model"])
-    placement = train_base.Placement(torch.device("cpu"))
-    loader, _ = train.make_loaders(cfg, model, placement, TRAIN_CFG)
-    trainer = train_base.Trainer(cfg, model, loader, placement)
-    trainer.folder = folder  # (the config's own folder is in the source tree)
-    trainer.remove_partial_saves()
-    assert sorted(folder.iterdir()) == sorted(found)
+    (folder / ".m_epoch3_20260101-000000.pth.abc123.tmp").write_bytes(b"partial")
+    run = runs.Run(folder, folder, "m")
+    run.start(last_step=0)
+    run.close()
+    assert sorted(p for p in folder.iterdir() if p.name != "metrics.jsonl") == sorted(found)
 
 
 # ---- the training runs ----------------------------------------------------------------------------
@@ -319,6 +315,7 @@ def resumed_runs(repo, training_runs, arch_with_changes):
 
 
 # ---- 4. non-finite loss -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_status_3_and_keeps_checkpoints(training_runs, nan_data):
     """A NaN loss ends training with exit 3 and a message naming the step and the bad term; the checkpoints
     already written stay loadable, no later one is written, metrics.jsonl has the steps before it."""
@@ -335,6 +332,7 @@ def test_nonfinite_loss_stops_with_status_3_and_keeps_checkpoints(training_runs,
     assert all(math.isfinite(row["discriminator/d_real"]) for row in r.rows)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_drops_those_updates(training_runs, nan_data):
     """With on_nonfinite_loss: skip, every update that saw the NaN sample is dropped and counted, and the
     weights stay finite."""
@@ -355,6 +353,7 @@ def test_nonfinite_loss_skip_drops_those_updates(training_runs, nan_data):
 
 
 # ---- 5. learning-rate schedules --------------------------------------------------------------------
+@pytest.mark.slow
 def test_step_interval_cosine_schedule_follows_torch(training_runs):
     """CosineAnnealingLR advanced every step gives, step by step, torch's own learning rates."""
     rows = succeeded(training_runs["cosine"]).rows
@@ -364,6 +363,7 @@ def test_step_interval_cosine_schedule_follows_torch(training_runs):
     assert column(rows, "discriminator/lr") == expected  # adversarial.scheduler null: the same schedule
 
 
+@pytest.mark.slow
 def test_one_cycle_gets_the_run_length(training_runs):
     """OneCycleLR with only max_lr runs to the end: its total_steps is the run's number of steps."""
     rows = succeeded(training_runs["one_cycle"]).rows
@@ -371,6 +371,7 @@ def test_one_cycle_gets_the_run_length(training_runs):
     assert column(rows, "generator/lr") == expected
 
 
+@pytest.mark.slow
 def test_extending_a_one_cycle_run_rebuilds_its_schedule(training_runs, resumed_runs):
     """A OneCycleLR run resumed with more epochs trains on: its schedule is rebuilt for the new length
     and advanced to where the run is, and it says so."""
@@ -381,6 +382,7 @@ def test_extending_a_one_cycle_run_rebuilds_its_schedule(training_runs, resumed_
         in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_discriminator_schedule_of_its_own(training_runs):
     """adversarial.scheduler sets the discriminator's schedule (ExponentialLR halves it each epoch) while the
     generator's (ReduceLROnPlateau, which trains too) keeps its rate."""
@@ -389,6 +391,7 @@ def test_discriminator_schedule_of_its_own(training_runs):
     assert column(rows, "generator/lr") == [0.001] * (2 * STEPS)
 
 
+@pytest.mark.slow
 def test_resume_with_step_schedule_matches_straight_run(repo, training_runs, resumed_runs):
     """1 epoch, then resumed with latest to 2, ends exactly where 2 epochs straight do: weights, optimizer and
     scheduler states, and the learning rates in metrics.jsonl."""
@@ -447,7 +450,7 @@ def test_gradient_penalty_of_linear_critics():
     w = unit_vector()
     scale = torch.tensor(3.0, requires_grad=True)
     for c, expected in ((torch.tensor(1.0), 0.0), (scale, 10.0 * (3.0 - 1.0) ** 2)):
-        def critic(x):
+        def critic(x, c=c):  # this iteration's c
             return c * (x.flatten(1) @ w)
 
         d = loss.wgan_gp_loss("discriminator", fake, real, critic(fake), critic(real), gp_weight=10.0,
@@ -480,6 +483,7 @@ def test_r1_penalty_of_a_quadratic_discriminator():
 
 
 @pytest.mark.parametrize("name, term", [("wgan_gp", "gp"), ("bce_r1", "r1")])
+@pytest.mark.slow
 def test_gradient_penalty_losses_train_end_to_end(training_runs, name, term):
     """wgan_gp_loss and bce_gan_loss with r1_weight train, and their penalty term is logged every step."""
     r = succeeded(training_runs[name])
@@ -490,6 +494,7 @@ def test_gradient_penalty_losses_train_end_to_end(training_runs, name, term):
 
 
 # ---- 7. metrics.jsonl -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
     """metrics.jsonl has one row per step with every loss term and both learning rates, the same floats as
     the checkpoint's loss_history."""
@@ -508,6 +513,7 @@ def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
     assert all(0 <= row["data_wait"] <= 1 for row in r.rows)
 
 
+@pytest.mark.slow
 def test_metrics_after_resume_by_file_name_has_each_step_once(training_runs, resumed_runs):
     """Resuming from the epoch-1 checkpoint of a finished run replaces the rows after it: each step once,
     matching the new checkpoint's loss_history."""
@@ -524,6 +530,7 @@ def test_metrics_after_resume_by_file_name_has_each_step_once(training_runs, res
 
 
 # ---- 8. keep_last ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_keep_last_keeps_the_newest_checkpoints(training_runs):
     """keep_last: 2 leaves the epoch-3 and epoch-4 checkpoints, the config snapshot and metrics.jsonl."""
     r = succeeded(training_runs["keep_last"])
@@ -534,6 +541,7 @@ def test_keep_last_keeps_the_newest_checkpoints(training_runs):
     assert load(r.ckpts[4])["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_train_removes_partial_saves(training_runs):
     """A temp file that a killed save left in the run's folder is gone after the next run."""
     r = succeeded(training_runs["keep_last"])
@@ -541,6 +549,7 @@ def test_train_removes_partial_saves(training_runs):
 
 
 # ---- 9. messages on resume --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_prints_config_changes(resumed_runs):
     """Resuming with another learning rate says what changed since the checkpoint."""
     proc = resumed_runs.procs["metrics"]
@@ -549,6 +558,7 @@ def test_resume_prints_config_changes(resumed_runs):
     assert "training.learning_rate: 0.001 -> 0.0005" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_trains_with_the_changed_learning_rate(training_runs, resumed_runs):
     """The learning rate that the resume message reports as changed is the one the resumed epochs train with."""
     assert resumed_runs.procs["metrics"].returncode == 0
@@ -556,6 +566,7 @@ def test_resume_trains_with_the_changed_learning_rate(training_runs, resumed_run
     assert column(rows, "generator/lr")[STEPS:] == [0.0005] * STEPS
 
 
+@pytest.mark.slow
 def test_resume_into_changed_architecture_names_the_layers(repo, resumed_runs, arch_with_changes):
     """Weights that do not fit the architecture are reported by layer and shape, with exit 2 and nothing written."""
     assert_user_error(resumed_runs.procs["arch"], repo, "tt_arch_changed", [
@@ -567,6 +578,7 @@ def test_resume_into_changed_architecture_names_the_layers(repo, resumed_runs, a
 
 
 # ---- 10. progress ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_progress_bar_shows_data_wait(training_runs):
     """The progress bar shows the share of time spent waiting for data."""
     assert "data wait=" in succeeded(training_runs["metrics"]).proc.stderr

@@ -1,7 +1,7 @@
 """Training options, in-process on the toy GAN (a few steps each): mixed precision (bf16 trains
 on the CPU, fp16's gradient scalers survive a resume), gradient clipping and accumulation, the
 generator's EMA (saved, resumed, and used by evaluate.py and jit_trace_model.py through
-cli.load_trained_run unless asked not to, and left alone by steps fp16 skips), torch.compile and
+runs.load_trained_run unless asked not to, and left alone by steps fp16 skips), torch.compile and
 channels_last, SyncBatchNorm's refusal on CPUs, and DDP's wrappers in a one-process group (the
 runs of several processes are in test_cli.py)."""
 import math
@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from tqdm import tqdm
 
-import cli
 import config
 import model_base
+import runs
 import train
 import train_base
 from conftest import SRC, TRAIN_CFG
@@ -31,14 +31,14 @@ def toy_trainer(tmp_path, *overrides, resume=None, placement=CPU):
     model = model_base.build_model(cfg["model"])
     loader, _ = train.make_loaders(cfg, model, placement, TRAIN_CFG)
     if resume is not None:
-        cli.load_weights(model, resume, "checkpoint")
-    trainer = train_base.Trainer(cfg, model, loader, placement, resume)
-    trainer.folder = tmp_path / "run"  # (the config's own folder is in the source tree)
-    return trainer
+        runs.load_weights(model, resume, "checkpoint")
+    run = runs.Run.of(cfg, folder=tmp_path / "run")  # (the config's own folder is in the source tree)
+    return train_base.Trainer(cfg, model, loader, placement, resume, run=run)
 
 
 def finite_history(trainer):
-    return all(math.isfinite(v) for terms in trainer.loss_history.values() for values in terms.values() for v in values)
+    return all(math.isfinite(v) for net in trainer.networks.values() for values in net.loss_history.values()
+               for v in values)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -46,11 +46,12 @@ def test_mixed_precision_trains_on_the_cpu(tmp_path, precision):
     trainer = toy_trainer(tmp_path, f"training.precision={precision}")
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
-    assert finite_history(trainer) and len(trainer.loss_history["generator"]["total"]) == 4
+    assert finite_history(trainer) and len(trainer.networks["generator"].loss_history["total"]) == 4
     end = trainer.model.state_dict()
     assert all(v.dtype == start[k].dtype for k, v in end.items())  # the weights stay fp32; only the math is mixed
     assert any(not torch.equal(start[k], v) for k, v in end.items() if v.is_floating_point())
-    assert bool(trainer.scalers) == (precision == "fp16")  # bf16 has fp32's range: no scaler
+    scalers = [net.scaler for net in trainer.networks.values() if net.scaler is not None]
+    assert len(scalers) == (2 if precision == "fp16" else 0)  # bf16 has fp32's range: no scaler
 
 
 def test_fp16_scalers_survive_a_resume(tmp_path):
@@ -61,9 +62,9 @@ def test_fp16_scalers_survive_a_resume(tmp_path):
     fresh = torch.amp.GradScaler("cpu").state_dict()
     assert all(state != fresh for state in saved["scaler_state_dicts"].values())  # 4 steps counted towards growth
     resumed = toy_trainer(tmp_path, "training.precision=fp16", "training.n_epochs=2", resume=saved)
-    for net, scaler in resumed.scalers.items():
-        assert scaler.state_dict() == first.scalers[net].state_dict()
-        assert scaler.get_scale() == first.scalers[net].get_scale()
+    for name, net in resumed.networks.items():
+        assert net.scaler.state_dict() == first.networks[name].scaler.state_dict()
+        assert net.scaler.get_scale() == first.networks[name].scaler.get_scale()
 
 
 def test_gradient_clipping_bounds_each_networks_gradient_norm(tmp_path):
@@ -71,11 +72,12 @@ def test_gradient_clipping_bounds_each_networks_gradient_norm(tmp_path):
     batch = next(iter(trainer.loader))
     trainer.train_step(batch)  # the gradients of the last update of each network stay until the next
     for net, clip in (("generator", 0.001), ("discriminator", 0.002)):
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params[net]]))
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.networks[net].params]))
         assert norm <= clip * (1 + 1e-4), (net, norm)
     unclipped = toy_trainer(tmp_path)
     unclipped.train_step(next(iter(unclipped.loader)))
-    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in unclipped.params["generator"]])) > 0.001
+    params = unclipped.networks["generator"].params
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) > 0.001
 
 
 def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
@@ -85,14 +87,13 @@ def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
     # the average of the weights after each generator update, by hand
     expected = None
 
-    def watch(net, optimizer, scaler, step=trainer.step_optimizer):
+    def watch(step=trainer.networks["generator"].step):
         nonlocal expected
-        stepped = step(net, optimizer, scaler)
-        if net == "generator":
-            now = {k: v.detach().clone().float() for k, v in generator.state_dict().items()}
-            expected = now if expected is None else {k: decay * expected[k] + (1 - decay) * now[k] for k in now}
+        stepped = step()
+        now = {k: v.detach().clone().float() for k, v in generator.state_dict().items()}
+        expected = now if expected is None else {k: decay * expected[k] + (1 - decay) * now[k] for k in now}
         return stepped
-    trainer.step_optimizer = watch
+    trainer.networks["generator"].step = watch  # after each of the generator's optimizer steps
     last = trainer.fit()
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["ema_updates"] == 4
@@ -104,16 +105,17 @@ def test_generator_ema_is_saved_resumed_and_used_for_evaluation(tmp_path):
 
     # evaluate.py and jit_trace_model.py load the average unless asked not to
     overrides = [f"saving.save_folder_name={tmp_path}"]  # an absolute folder, unused: the checkpoint is given by path
-    _, with_ema, _, _ = cli.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides)
-    _, raw, _, _ = cli.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides, use_ema=False)
+    _, with_ema, _, _ = runs.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides)
+    _, raw, _, _ = runs.load_trained_run(SRC / TRAIN_CFG, str(last), "test", overrides, use_ema=False)
     for key, value in with_ema.components_of("generator").state_dict().items():
         assert torch.equal(value, saved["ema_state_dict"][key])
         assert torch.equal(raw.components_of("generator").state_dict()[key],
                            saved["model_state_dict"][f"model_components.{key}"])
 
     resumed = toy_trainer(tmp_path, f"training.ema_decay={decay}", "training.n_epochs=2", resume=saved)
-    assert int(resumed.ema.n_averaged) == 4
-    for key, value in resumed.ema.module.state_dict().items():
+    ema = resumed.networks["generator"].ema
+    assert int(ema.n_averaged) == 4
+    for key, value in ema.module.state_dict().items():
         assert torch.equal(value, saved["ema_state_dict"][key])
 
 
@@ -121,18 +123,19 @@ def test_a_step_the_fp16_scaler_skips_leaves_weights_and_ema_alone(tmp_path):
     trainer = toy_trainer(tmp_path, "training.precision=fp16", "training.ema_decay=0.5")
     generator = trainer.model.components_of("generator")
     # (the default first scale, 2**16, may overflow at once, as it is meant to: this one will not)
-    scaler = trainer.scalers["generator"] = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler = trainer.networks["generator"].scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    ema = trainer.networks["generator"].ema
     batches = iter(trainer.loader)
     trainer.train_step(next(batches))
-    assert int(trainer.ema.n_averaged) == 1
+    assert int(ema.n_averaged) == 1
     weights = {k: v.clone() for k, v in generator.state_dict().items()}
-    average = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    average = {k: v.clone() for k, v in ema.module.state_dict().items()}
     scaler.update(new_scale=1e38)  # the scaled gradients overflow
     trainer.train_step(next(batches))
     assert scaler.get_scale() < 1e38  # the scaler saw the overflow and skipped the step
     assert all(torch.equal(v, weights[k]) for k, v in generator.state_dict().items())
-    assert int(trainer.ema.n_averaged) == 1
-    assert all(torch.equal(v, average[k]) for k, v in trainer.ema.module.state_dict().items())
+    assert int(ema.n_averaged) == 1
+    assert all(torch.equal(v, average[k]) for k, v in ema.module.state_dict().items())
 
 
 def test_compiled_submodels_train_and_save_plain_weights(tmp_path):
@@ -160,7 +163,8 @@ def test_channels_last_trains(tmp_path):
 
 
 def test_compile_args_are_checked_against_torch_compile():
-    with pytest.raises(config.UserError, match=r"training\.compile_args\.mod: not an argument of compile.*did you mean 'mode'"):
+    with pytest.raises(config.UserError,
+                       match=r"training\.compile_args\.mod: not an argument of compile.*did you mean 'mode'"):
         config.load_training_config(SRC / TRAIN_CFG, ["training.compile_args={mod: max-autotune}"])
 
 
@@ -189,12 +193,12 @@ def test_one_process_under_torchrun_trains_through_ddp_as_without(tmp_path, proc
             reductions[net] = reductions.get(net, 0) + 1
             return allreduce_hook(None, bucket)
         return hook
-    for net, ddp in wrapped.ddp.items():
-        ddp.register_comm_hook(None, count(net))
+    for name, net in wrapped.networks.items():
+        net.ddp.register_comm_hook(None, count(name))
     assert wrapped.run_epoch(1, tqdm(disable=True))
     steps = 4 // accumulate
     assert reductions == {"generator": steps, "discriminator": steps}  # (one bucket each: small networks)
-    assert all(wrapped.gradients_checked.values())
+    assert all(net.unused_checked for net in wrapped.networks.values())
     weights = plain.model.state_dict()
     assert all(torch.allclose(v, weights[k], rtol=0, atol=1e-6) for k, v in wrapped.model.state_dict().items())
 
@@ -242,7 +246,7 @@ def test_accumulating_two_half_batches_steps_as_one_whole_batch(tmp_path):
             assert torch.allclose(value, terms_halves[net][name], atol=1e-6), (net, name)
 
     halves.fit()  # the loop groups the loader's batches: 4 batches of 16 make 2 steps
-    assert halves.step == 2 and len(halves.loss_history["generator"]["total"]) == 2
+    assert halves.step == 2 and len(halves.networks["generator"].loss_history["total"]) == 2
 
 
 def test_a_short_last_batch_counts_for_its_samples_when_accumulating(tmp_path):
@@ -270,10 +274,11 @@ def test_resuming_with_other_accumulation(tmp_path):
     saved = torch.load(first.fit(), map_location="cpu", weights_only=True)
     resumed = toy_trainer(tmp_path, *one_cycle, resume=saved)
     assert any("training.grad_accumulation_steps changed" in note for note in resumed.notes), resumed.notes
-    assert resumed.schedulers["generator"].total_steps == 2 * 4  # 2 epochs of 4 steps now
+    assert resumed.networks["generator"].scheduler.total_steps == 2 * 4  # 2 epochs of 4 steps now
     resumed.fit()  # runs to the end of the schedule without stepping past it
     assert resumed.step == saved["step"] + 4
 
     saved["batches_done_in_epoch"] = 1  # as if stopped after a step of epoch 2
-    with pytest.raises(config.UserError, match=r"training\.grad_accumulation_steps: .*--set training\.grad_accumulation_steps=2"):
+    with pytest.raises(config.UserError,
+                       match=r"training\.grad_accumulation_steps: .*--set training\.grad_accumulation_steps=2"):
         toy_trainer(tmp_path, *one_cycle, resume=saved)
