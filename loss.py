@@ -56,7 +56,8 @@ def bce_gan_loss(network, outputs, targets, fake_scores, real_scores, *,
         if r1_weight:
             terms["r1"] = r1_weight * _r1_penalty(discriminator, targets)
         return terms
-    terms = {"g_adv": adversarial_weight * F.binary_cross_entropy_with_logits(fake_scores, torch.ones_like(fake_scores))}
+    terms = {"g_adv": adversarial_weight
+                      * F.binary_cross_entropy_with_logits(fake_scores, torch.ones_like(fake_scores))}
     return terms | _reconstruction_terms(outputs, targets, l1_weight, l2_weight)
 
 

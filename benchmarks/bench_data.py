@@ -154,9 +154,10 @@ def bench_loaders(rounds, block_s, image_samples):
         if "images" in shapes:
             n = image_samples
         streams, loader, torch_loader = pipeline(shapes, n, batch_size)
-        contenders = {"plain": lambda e: plain_epoch(streams, n, batch_size),
-                      "loader": lambda e: loader_epoch(loader, e),
-                      "DataLoader": lambda e: loader_epoch(torch_loader, e)}
+        # each lambda binds this case's objects (compare() calls them within this iteration only)
+        contenders = {"plain": lambda e, s=streams, k=n, b=batch_size: plain_epoch(s, k, b),
+                      "loader": lambda e, loader=loader: loader_epoch(loader, e),
+                      "DataLoader": lambda e, torch_loader=torch_loader: loader_epoch(torch_loader, e)}
         rates, ratios, epochs = compare(contenders, n, rounds, block_s)
         ratio, dl_ratio = statistics.median(ratios["loader"]), statistics.median(ratios["DataLoader"])
         q1, q3 = quartiles(ratios["loader"])
@@ -166,7 +167,8 @@ def bench_loaders(rounds, block_s, image_samples):
                         "epochs_per_round": epochs, "plain_samples_per_s": rates["plain"],
                         "loader_samples_per_s": rates["loader"], "dataloader_samples_per_s": rates["DataLoader"],
                         "loader_over_plain": ratio, "loader_over_plain_quartiles": [q1, q3],
-                        "dataloader_over_plain": dl_ratio, "dataloader_over_plain_quartiles": quartiles(ratios["DataLoader"]),
+                        "dataloader_over_plain": dl_ratio,
+                        "dataloader_over_plain_quartiles": quartiles(ratios["DataLoader"]),
                         "data_mb": sum(v.numel() * v.element_size() for v in streams.values()) / 2**20})
     return results
 

@@ -131,6 +131,7 @@ def classifier_run(repo):
         return repo, {name: f.result() for name, f in futures.items()}
 
 
+@pytest.mark.slow
 def test_classifier_trains_with_a_validation_split(classifier_run):
     repo, _ = classifier_run
     folder = repo / "models/shape_classifier/model_checkpoints" / RUN
@@ -142,6 +143,7 @@ def test_classifier_trains_with_a_validation_split(classifier_run):
     assert len(validation) == 2 and validation[-1] < np.log(3)  # below a uniform guess's loss
 
 
+@pytest.mark.slow
 def test_classifier_evaluates_on_the_held_out_images(classifier_run):
     repo, procs = classifier_run
     out = repo / "results/shape_classifier" / RUN
@@ -157,11 +159,13 @@ def test_classifier_evaluates_on_the_held_out_images(classifier_run):
     assert "l1" not in metrics and "psnr_db" not in metrics  # no pairwise image metrics for labels
     for picture in (f"{stem}_confusion.png", f"{stem}_samples.png"):
         assert (out / picture).read_bytes()[:8] == PNG_MAGIC
-        assert any(line.startswith("saved ") and line.endswith(picture) for line in procs["evaluate.py"].stdout.splitlines())
+        assert any(line.startswith("saved ") and line.endswith(picture)
+                   for line in procs["evaluate.py"].stdout.splitlines())
     assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC
     assert "cross_entropy" in procs["evaluate_training.py"].stdout
 
 
+@pytest.mark.slow
 def test_classifier_traces(classifier_run):
     repo, _ = classifier_run
     jit = repo / "models/shape_classifier/model_checkpoints" / RUN / "jit"

@@ -86,6 +86,7 @@ def n_model_params():
 
 
 # ---- 1. python train.py -t configs/example_model/example_training_cfg.yaml -----------------------
+@pytest.mark.slow
 def test_train_writes_initial_and_epoch_checkpoints(trained, trained_run):
     repo, folder = trained
     assert folder == repo / "models/example_model/model_checkpoints/example_run"
@@ -100,6 +101,7 @@ def test_train_writes_initial_and_epoch_checkpoints(trained, trained_run):
     assert f"total: {n_model_params():,} parameters" in trained_run.stdout  # the model table is shown
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_what_resuming_needs(trained):
     repo, folder = trained
     arch_text = (repo / ARCH_YAML).read_text()
@@ -115,6 +117,7 @@ def test_checkpoints_hold_what_resuming_needs(trained):
         model_base.build_model(EXAMPLE_MODEL).load_state_dict(state["model_state_dict"])  # strict: every key fits
 
 
+@pytest.mark.slow
 def test_loss_history_has_every_step(trained):
     _, folder = trained
     ckpts = by_epoch(folder)
@@ -133,6 +136,7 @@ def test_loss_history_has_every_step(trained):
     assert not any(load(ckpts[0])["loss_history"].get(net) for net in ("generator", "discriminator"))
 
 
+@pytest.mark.slow
 def test_training_changes_the_weights(trained):
     _, folder = trained
     ckpts = by_epoch(folder)
@@ -141,6 +145,7 @@ def test_training_changes_the_weights(trained):
         assert not torch.equal(start[key], end[key]), key
 
 
+@pytest.mark.slow
 def test_config_snapshot_beside_checkpoints(trained):
     _, folder = trained
     snapshots = sorted(folder.glob("*.yaml"))

@@ -403,9 +403,11 @@ def test_custom_layer_from_layers_py(tmp_path):
 
 ARCH_ERRORS = {
     "unknown layer type": ("a.layers[0].layer_type", "did you mean 'Conv2d'",
-                           lambda a: a["a"]["layers"].__setitem__(0, {"Conv2D": {"out_channels": 2, "kernel_size": 1}})),
+                           lambda a: a["a"]["layers"].__setitem__(0, {"Conv2D": {"out_channels": 2,
+                                                                                 "kernel_size": 1}})),
     "unknown layer param": ("a.layers[0].layer_params.kernal_size", "did you mean 'kernel_size'",
-                            lambda a: a["a"]["layers"].__setitem__(0, {"Conv2d": {"out_channels": 2, "kernal_size": 1}})),
+                            lambda a: a["a"]["layers"].__setitem__(0, {"Conv2d": {"out_channels": 2,
+                                                                                  "kernal_size": 1}})),
     "missing layer param": ("a.layers[0].layer_params", "out_channels",
                             lambda a: a["a"]["layers"].__setitem__(0, {"Conv2d": {"kernel_size": 1}})),
     "skip to an earlier layer": ("a.skip_connections.a_ReLU_1.future_layers[0]", "runs before",

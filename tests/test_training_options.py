@@ -138,6 +138,7 @@ def test_a_step_the_fp16_scaler_skips_leaves_weights_and_ema_alone(tmp_path):
     assert all(torch.equal(v, average[k]) for k, v in ema.module.state_dict().items())
 
 
+@pytest.mark.slow
 def test_compiled_submodels_train_and_save_plain_weights(tmp_path):
     """training.compile compiles each submodel in place: training runs, and the checkpoint's keys
     are the uncompiled model's, so it loads into one. (aot_eager: the compile path without
