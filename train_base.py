@@ -60,9 +60,8 @@ class Trainer:
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state)
-        # Under DDP each trained network gets its own wrapper (see network.NetworkLoss), which
-        # starts every process from rank 0's weights; and from rank 0's buffers, which older
-        # torch versions' wrappers leave alone.
+        # Under DDP each network gets its own wrapper (network.NetworkLoss), which starts every process
+        # from rank 0's weights; and from rank 0's buffers, which older torch's wrappers leave alone.
         if placement.distributed:
             for net in self.networks.values():
                 net.wrap_for_ddp()
