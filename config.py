@@ -8,51 +8,87 @@ checks a config again.
 Paths inside configs are relative to the repository root (the folder holding this file), so
 commands work the same from any directory.
 """
+import argparse
 import inspect
 import math
+import operator
+import os
 import re
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-import dataset_functions
-import loss
-from errors import UserError, did_you_mean, public_functions, unknown_name
+from errors import UserError, did_you_mean
+from registry import batch_transforms, dataset_functions, loss_functions, optimizers, schedulers, unknown_name
 
 REPO_ROOT = Path(__file__).resolve().parent
 REQUIRED = object()
 
+# Old names of registry's tables, for modules that still import them from here.
+torch_optimizers, torch_schedulers, loss_fns = optimizers, schedulers, loss_functions
+
 
 class Key:
-    """One config key: its default, accepted types and an optional extra rule."""
+    """One config key: its default, accepted types, an optional extra rule and what it does."""
 
     def __init__(self, default, *types, check=None, doc=""):
         self.default, self.types, self.check, self.doc = default, types, check, doc
 
 
 # ---- rules -------------------------------------------------------------------------------------
+# A rule takes a value of the key's type and returns None or what is wrong with it. Its `text`
+# says what it accepts, for docs/config.md; validation only calls it.
+def described(text):
+    """Decorator: attach `text`, the rule's description in docs/config.md, to a rule."""
+    def describe(check):
+        check.text = text
+        return check
+    return describe
+
+
 def at_least(low):
-    return lambda v: None if v >= low else f"must be >= {low}"
+    @described(f">= {low}")
+    def check(v):
+        return None if v >= low else f"must be >= {low}"
+    return check
 
 
-def in_range(low, high):
-    return lambda v: None if low < v <= high else f"must be in ({low}, {high}]"
+def greater_than(low):
+    @described(f"> {low}")
+    def check(v):
+        return None if v > low else f"must be > {low}"
+    return check
 
 
-def in_closed_range(low, high):
-    return lambda v: None if low <= v <= high else f"must be in [{low}, {high}]"
+def between(low, high, brackets, hint=""):
+    """low < v <= high and its kin: `brackets` is the interval's notation, '(]', '[]', '[)' or '()';
+    `hint` is added to the message (an example of a good value)."""
+    interval = f"{brackets[0]}{low}, {high}{brackets[1]}"
+    above = {"(": operator.gt, "[": operator.ge}[brackets[0]]
+    below = {")": operator.lt, "]": operator.le}[brackets[1]]
+
+    @described(f"in {interval}")
+    def check(v):
+        return None if above(v, low) and below(v, high) else f"must be in {interval}{hint}"
+    return check
 
 
 def one_of(*choices):
-    return lambda v: None if v in choices else \
-        f"must be one of {', '.join(choices)}{did_you_mean(v, choices)}"
+    @described(f"one of: {', '.join(choices)}")
+    def check(v):
+        return None if v in choices else f"must be one of {', '.join(choices)}{did_you_mean(v, choices)}"
+    return check
 
 
+@described("an existing path")
 def existing_path(v):
     return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
 
 
+@described("an existing path, or a list of them")
 def existing_paths(v):
     """One path or a list of them, every one existing."""
     for path in v if isinstance(v, list) else [v]:
@@ -62,63 +98,29 @@ def existing_paths(v):
     return None
 
 
+@described("a Python file")
 def python_file(v):
     path = resolve_path(v)
     if not path.is_file() or path.suffix != ".py":
-        return f"expected a Python file (models/<model>/<model>.py), {path} is {'missing' if not path.exists() else 'not one'}"
+        state = "missing" if not path.exists() else "not one"
+        return f"expected a Python file (models/<model>/<model>.py), {path} is {state}"
     return None
 
 
-def name_in(table_fn, what):
-    return lambda v: None if v in table_fn() else unknown_name(v, table_fn(), what)
+def name_in(table_fn, what, text=None):
+    """The value names an entry of the registry table `table_fn()`; `what` says what kind of
+    name it is, in the message (and, with an article, in the docs unless `text` is given)."""
+    @described(text or f"{'an' if what[0] in 'aeiou' else 'a'} {what}")
+    def check(v):
+        return None if v in table_fn() else unknown_name(v, table_fn(), what)
+    return check
 
 
+@described("GPU ids (integers >= 0)")
 def gpu_list(v):
     if not all(isinstance(g, int) and g >= 0 for g in v):
         return "must be a list of GPU ids (non-negative integers), [] for CPU"
     return None
-
-
-def torch_optimizers():
-    return {n: c for n, c in vars(torch.optim).items()
-            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
-
-
-# Schedulers that take a callable or other schedulers, which a YAML file cannot give.
-NOT_CONFIGURABLE_SCHEDULERS = ("LRScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler")
-
-
-def torch_schedulers():
-    sched = torch.optim.lr_scheduler
-    return {n: c for n, c in vars(sched).items() if isinstance(c, type) and not n.startswith("_")
-            and issubclass(c, (sched.LRScheduler, sched.ReduceLROnPlateau)) and n not in NOT_CONFIGURABLE_SCHEDULERS}
-
-
-def dataset_fns():
-    return public_functions(dataset_functions)
-
-
-# torchvision.transforms.v2 classes that take callables or other transforms, work on PIL images,
-# boxes or labels, or return tuples: none of them is one step on a batch of tensors.
-NOT_BATCH_TRANSFORMS = {"Transform", "Compose", "RandomApply", "RandomChoice", "RandomOrder", "Lambda", "CutMix", "MixUp",
-                        "FiveCrop", "TenCrop", "PILToTensor", "ToImage", "ToPILImage", "ToPureTensor", "ToTensor",
-                        "ClampBoundingBoxes", "ClampKeyPoints", "ConvertBoundingBoxFormat", "SetClampingMode",
-                        "SanitizeBoundingBoxes", "SanitizeKeyPoints", "RandomIoUCrop", "UniformTemporalSubsample"}
-
-
-def batch_transforms():
-    """What a batch transform may name: a function in dataset_functions.py (vectorised over the
-    batch) or a torchvision.transforms.v2 class (applied sample by sample)."""
-    import torchvision.transforms.v2 as v2
-    classes = {n: c for n, c in vars(v2).items() if isinstance(c, type) and issubclass(c, v2.Transform)
-               and not n.startswith("_") and n not in NOT_BATCH_TRANSFORMS}
-    # dataset_functions' batch transforms are the ones whose first parameter is the batch
-    functions = {n: f for n, f in dataset_fns().items() if next(iter(inspect.signature(f).parameters), None) == "batch"}
-    return classes | functions
-
-
-def loss_fns():
-    return public_functions(loss)
 
 
 LOSS_TRAINER_ARGS = {"discriminator": "is passed by the trainer (the model's discriminate), not the config"}
@@ -126,123 +128,166 @@ LOSS_TRAINER_ARGS = {"discriminator": "is passed by the trainer (the model's dis
 
 # ---- schemas -----------------------------------------------------------------------------------
 BATCH_TRANSFORM_WHAT = "function in dataset_functions.py or torchvision.transforms.v2 class"
+BATCH_TRANSFORM_TEXT = "a function in dataset_functions.py or a torchvision.transforms.v2 class"
+DATASET_FUNCTION = "function in dataset_functions.py"
+SEED_RANGE = between(0, 2**32 - 1, "[]")
 
 # One entry of dataset.batch_transforms.
 BATCH_TRANSFORM = {
-    "transform": Key(REQUIRED, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT)),
-    "args": Key({}, dict),
+    "transform": Key(REQUIRED, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT, BATCH_TRANSFORM_TEXT),
+                     doc="the transform: a dataset_functions.py function fn(batch, generator, **args), run on the "
+                         "whole batch, or a torchvision.transforms.v2 class, built from args and run sample by sample"),
+    "args": Key({}, dict, doc="its arguments, checked against its signature"),
     "streams": Key(REQUIRED, list, doc="the streams it transforms, all with the same random draws"),
     "in_evaluation": Key(False, bool, doc="also in validation and evaluate.py (a transform that defines the task, "
                                           "e.g. the noise a denoiser removes), not only in training"),
 }
 
 STREAM = {
-    "n_inputs": Key(None, int, check=at_least(1), doc="samples to use (null: all)"),
-    "randomize_inputs": Key(False, bool, doc="pick the n_inputs samples at random (seeded), not the first ones"),
-    "data_read_type": Key(REQUIRED, str, check=one_of("file", "folder", "function", "h5")),
-    "data_path": Key(None, str, check=existing_path, doc="file or folder to read (file/folder/h5)"),
-    "file_reader": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
-    "file_reader_args": Key({}, dict),
-    "data_generating_function": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
-    "data_generating_function_args": Key({}, dict),
-    "data_read_postprocessing_fn": Key(None, str, check=name_in(dataset_fns, "function in dataset_functions.py")),
-    "data_read_postprocessing_fn_args": Key({}, dict),
-    "data_batch_transform": Key(None, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT),
-                                doc="applied to this stream's training batches (see dataset.batch_transforms)"),
-    "data_batch_transform_args": Key({}, dict),
+    "n_inputs": Key(None, int, check=at_least(1),
+                    doc="samples to use (null: all); required for data_read_type function, which makes this many"),
+    "randomize_inputs": Key(False, bool, doc="pick the n_inputs samples at random (drawn from dataset.split_seed, so "
+                                             "streams of equal length keep the same ones), not the first ones"),
+    "data_read_type": Key(REQUIRED, str, check=one_of("file", "folder", "function", "h5"),
+                          doc="how the stream is read: one file through file_reader, every file of a folder through "
+                              "file_reader (in name order), made by data_generating_function, or an HDF5 dataset"),
+    "data_path": Key(None, str, check=existing_path, doc="file or folder to read (required for file, folder and h5)"),
+    "file_reader": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
+                       doc="reads one file: fn(path, **file_reader_args) (required for file and folder)"),
+    "file_reader_args": Key({}, dict, doc="the file reader's arguments, e.g. {dtype: float32}"),
+    "data_generating_function": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
+                                    doc="makes the samples: fn(n_samples, generator, **args) (required for function)"),
+    "data_generating_function_args": Key({}, dict, doc="the generating function's other arguments"),
+    "data_read_postprocessing_fn": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
+                                       doc="transforms the whole stream once, after n_inputs: fn(data, **args) "
+                                           "(not with in_memory: false)"),
+    "data_read_postprocessing_fn_args": Key({}, dict, doc="the postprocessing function's other arguments"),
+    "data_batch_transform": Key(None, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT, BATCH_TRANSFORM_TEXT),
+                                doc="applied to this stream's training batches only, before dataset.batch_transforms"),
+    "data_batch_transform_args": Key({}, dict, doc="the batch transform's arguments"),
     "multiple_samples_per_file": Key(False, bool, doc="the reader returns a stack of samples per file"),
-    "in_memory": Key(True, bool, doc="false (folder streams): read files as batches are made, for data larger than memory"),
-    "h5_key": Key(None, str, doc="dataset name inside the HDF5 file (h5 read type)"),
+    "in_memory": Key(True, bool,
+                     doc="false (folder streams): read files as batches are made, for data larger than memory"),
+    "h5_key": Key(None, str, doc="dataset name inside the HDF5 file (required for h5; needs h5py)"),
 }
 
 TRAINING = {
     "training": {
         "n_epochs": Key(10, int, check=at_least(1), doc="total epochs of the run (a resumed run ends here too)"),
-        "learning_rate": Key(2e-4, float, check=at_least(0)),
-        "learning_rate_gamma": Key(1.0, float, check=in_range(0, 1), doc="StepLR decay factor"),
-        "learning_rate_step": Key(1, int, check=at_least(1), doc="StepLR period in epochs"),
+        "learning_rate": Key(2e-4, float, check=at_least(0),
+                             doc="the generator's (or the only network's) learning rate"),
+        "learning_rate_gamma": Key(1.0, float, check=between(0, 1, "(]"),
+                                   doc="StepLR: multiply the learning rate by this every learning_rate_step"),
+        "learning_rate_step": Key(1, int, check=at_least(1),
+                                  doc="StepLR's period, in epochs (in steps with scheduler_interval: step)"),
         "gpus": Key([], list, check=gpu_list, doc="GPU ids; [] trains on the CPU"),
-        "optimizer": Key("Adam", str, check=name_in(torch_optimizers, "optimizer in torch.optim")),
-        "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]}"),
-        "batch_size": Key(32, int, check=at_least(1), doc="per process"),
-        "seed": Key(0, int, check=in_closed_range(0, 2**32 - 1), doc="seeds python, numpy and torch: same config, same machine, same weights"),
-        "scheduler": Key("StepLR", str, check=name_in(torch_schedulers, "scheduler in torch.optim.lr_scheduler"),
-                         doc="learning-rate schedule; StepLR takes learning_rate_step and learning_rate_gamma"),
-        "scheduler_args": Key({}, dict, doc="the scheduler's other arguments, e.g. {T_max: 100} for CosineAnnealingLR"),
+        "optimizer": Key("Adam", str, check=name_in(optimizers, "optimizer in torch.optim"),
+                         doc="the generator's (or the only network's) optimizer class"),
+        "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]} (lr comes from "
+                                            "learning_rate)"),
+        "batch_size": Key(32, int, check=at_least(1), doc="samples per step per process"),
+        "seed": Key(0, int, check=SEED_RANGE,
+                    doc="seeds python, numpy and torch: same config, same machine, same weights"),
+        "scheduler": Key("StepLR", str, check=name_in(schedulers, "scheduler in torch.optim.lr_scheduler"),
+                         doc="learning-rate schedule (not the ones that take callables or other schedulers, such as "
+                             "LambdaLR); StepLR takes learning_rate_step and learning_rate_gamma"),
+        "scheduler_args": Key({}, dict, doc="the scheduler's other arguments, e.g. {T_max: 100} for CosineAnnealingLR; "
+                                            "a schedule with a total length (OneCycleLR) gets the run's unless given"),
         "scheduler_interval": Key("epoch", str, check=one_of("epoch", "step"),
-                                  doc="advance the schedule after every epoch or after every step"),
-        "log_interval": Key(10, int, check=at_least(1), doc="steps between progress-bar loss updates and metrics.jsonl writes"),
+                                  doc="advance the schedule after every epoch or after every step (ReduceLROnPlateau: "
+                                      "epoch only)"),
+        "log_interval": Key(10, int, check=at_least(1),
+                            doc="steps between progress-bar loss updates and metrics.jsonl writes"),
         "precision": Key("fp32", str, check=one_of("fp32", "bf16", "fp16"),
-                         doc="fp32, or mixed precision with torch.amp: bf16, or fp16 with a gradient scaler per network"),
-        "grad_clip_norm": Key(None, float, check=lambda v: None if v > 0 else "must be > 0",
+                         doc="fp32, or mixed precision with torch.amp: bf16, or fp16 with a gradient scaler per "
+                             "network"),
+        "grad_clip_norm": Key(None, float, check=greater_than(0),
                               doc="clip the generator's gradient norm to this (null: no clipping)"),
         "grad_accumulation_steps": Key(1, int, check=at_least(1),
                                        doc="batches whose gradients each optimizer step sums (both networks)"),
         "compile": Key(False, bool, doc="torch.compile every submodel (checkpoints keep plain state_dict keys)"),
-        "compile_args": Key({}, dict, doc="torch.compile's arguments, e.g. {mode: max-autotune} or {backend: aot_eager}"),
+        "compile_args": Key({}, dict,
+                            doc="torch.compile's arguments, e.g. {mode: max-autotune} or {backend: aot_eager}"),
         "sync_batchnorm": Key(False, bool, doc="under DDP, BatchNorm layers share their batch statistics across "
                                                "processes (torch.nn.SyncBatchNorm; GPUs only)"),
-        "channels_last": Key(False, bool, doc="4-d weights and inputs in channels_last memory format (faster convolutions "
+        "channels_last": Key(False, bool,
+                             doc="4-d weights and inputs in channels_last memory format (faster convolutions "
                                               "on recent GPUs with mixed precision)"),
-        "ema_decay": Key(None, float, check=lambda v: None if 0 < v < 1 else "must be in (0, 1), e.g. 0.999",
+        "ema_decay": Key(None, float, check=between(0, 1, "()", ", e.g. 0.999"),
                          doc="keep an exponential moving average of the generator's weights, which evaluate.py "
                              "and jit_trace_model.py then use (null: none)"),
         "on_nonfinite_loss": Key("stop", str, check=one_of("stop", "skip", "ignore"),
-                                 doc="a NaN/inf loss: stop training, skip the update, or do not check (saves a sync per update)"),
+                                 doc="a NaN/inf loss: stop training, skip the update, or do not check (saves a sync "
+                                     "per update)"),
     },
     "adversarial": {
-        "enable_adversarial_training": Key(False, bool),
-        "learning_rate": Key(None, float, check=at_least(0), doc="null: training.learning_rate"),
-        "learning_rate_gamma": Key(None, float, check=in_range(0, 1), doc="null: training's"),
-        "learning_rate_step": Key(None, int, check=at_least(1), doc="null: training's"),
-        "optimizer": Key(None, str, check=name_in(torch_optimizers, "optimizer in torch.optim"),
-                         doc="null: training.optimizer"),
-        "optimizer_args": Key(None, dict, doc="null: training.optimizer_args"),
-        "scheduler": Key(None, str, check=name_in(torch_schedulers, "scheduler in torch.optim.lr_scheduler"),
-                         doc="null: training.scheduler"),
-        "scheduler_args": Key(None, dict, doc="null: training.scheduler_args"),
-        "scheduler_interval": Key(None, str, check=one_of("epoch", "step"), doc="null: training.scheduler_interval"),
-        "train_disc_first": Key(True, bool),
-        "n_gen_iterations": Key(1, int, check=at_least(1)),
-        "n_disc_iterations": Key(1, int, check=at_least(1)),
-        "grad_clip_norm": Key(None, float, check=lambda v: None if v > 0 else "must be > 0",
-                              doc="clip the discriminator's gradient norm to this (null: no clipping; not copied from training)"),
+        "enable_adversarial_training": Key(False, bool, doc="train a generator against a discriminator (the "
+                                                            "architecture needs a discriminator component)"),
+        "learning_rate": Key(None, float, check=at_least(0), doc="the discriminator's learning rate"),
+        "learning_rate_gamma": Key(None, float, check=between(0, 1, "(]"), doc="the discriminator's StepLR factor"),
+        "learning_rate_step": Key(None, int, check=at_least(1), doc="the discriminator's StepLR period"),
+        "optimizer": Key(None, str, check=name_in(optimizers, "optimizer in torch.optim"),
+                         doc="the discriminator's optimizer"),
+        "optimizer_args": Key(None, dict, doc="its extra arguments"),
+        "scheduler": Key(None, str, check=name_in(schedulers, "scheduler in torch.optim.lr_scheduler"),
+                         doc="the discriminator's learning-rate schedule"),
+        "scheduler_args": Key(None, dict, doc="its other arguments"),
+        "scheduler_interval": Key(None, str, check=one_of("epoch", "step"), doc="when its schedule advances"),
+        "train_disc_first": Key(True, bool, doc="per batch, update the discriminator before the generator"),
+        "n_gen_iterations": Key(1, int, check=at_least(1), doc="generator updates per batch"),
+        "n_disc_iterations": Key(1, int, check=at_least(1), doc="discriminator updates per batch"),
+        "grad_clip_norm": Key(None, float, check=greater_than(0),
+                              doc="clip the discriminator's gradient norm to this (null: no clipping; not copied "
+                                  "from training)"),
     },
     "model": {
-        "architecture_cfg_path": Key(REQUIRED, str, check=existing_path),
-        "model_flow_path": Key(REQUIRED, str, check=python_file),
-        "model_checkpoint_filename": Key(None, str, doc="checkpoint to start from: a file name, latest, or null"),
+        "architecture_cfg_path": Key(REQUIRED, str, check=existing_path, doc="the architecture YAML"),
+        "model_flow_path": Key(REQUIRED, str, check=python_file,
+                               doc="the model flow module, models/<model>/<model>.py; its folder is the model's"),
+        "model_checkpoint_filename": Key(None, str, doc="checkpoint to start from: a file name of the run, latest "
+                                                        "(the newest; none yet: from scratch), or a path; null: from "
+                                                        "scratch"),
     },
     "loss": {
-        "loss_fn": Key(REQUIRED, str, check=name_in(loss_fns, "function in loss.py")),
-        "loss_args": Key({}, dict),
+        "loss_fn": Key(REQUIRED, str, check=name_in(loss_functions, "function in loss.py"),
+                       doc="the loss, called per network as fn(network, outputs, targets, fake_scores, real_scores, "
+                           "**loss_args)"),
+        "loss_args": Key({}, dict, doc="its keyword-only arguments, checked against its signature"),
     },
     "saving": {
-        "save_epoch_increment": Key(1, int, check=at_least(1)),
-        "save_filename_prefix": Key("model", str),
-        "save_folder_name": Key("run", str),
+        "save_epoch_increment": Key(1, int, check=at_least(1),
+                                    doc="save a checkpoint every this many epochs (and after the last)"),
+        "save_filename_prefix": Key("model", str, doc="start of the checkpoint file names"),
+        "save_folder_name": Key("run", str, doc="the run's folder under models/<model>/model_checkpoints/ and "
+                                                "results/<model>/"),
         "keep_last": Key(None, int, check=at_least(1), doc="keep only the newest N checkpoints of the run (null: all)"),
     },
     "dataset": {
-        "data_len_key": Key(REQUIRED, str, doc="the stream whose length is the epoch length"),
-        "validation_fraction": Key(0.0, float, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-                                   doc="share of the samples held out for a validation loss per epoch and for evaluate.py"),
-        "split_seed": Key(0, int, check=in_closed_range(0, 2**32 - 1),
-                          doc="which samples are held out; apart from training.seed, so runs with different seeds share a split"),
-        "batch_transforms": Key([], list, doc="transforms applied to several streams alike (paired augmentation)"),
+        "data_len_key": Key(REQUIRED, str,
+                            doc="the stream whose length is the epoch length; shorter streams wrap around"),
+        "validation_fraction": Key(0.0, float, check=between(0, 1, "[)"),
+                                   doc="share of the samples held out for a validation loss per epoch and for "
+                                       "evaluate.py"),
+        "split_seed": Key(0, int, check=SEED_RANGE,
+                          doc="which samples are held out; apart from training.seed, so runs with different seeds "
+                              "share a split"),
+        "batch_transforms": Key([], list, doc="transforms applied to several streams alike (paired augmentation); "
+                                              "entries: see below"),
         "num_workers": Key(None, int, check=at_least(0),
                            doc="DataLoader worker processes; null: 0 when batches are tensor indexing, else up to 4"),
-        "pin_memory": Key(None, bool, doc="page-locked batches for faster copies to the GPU; null: on when training on a GPU"),
+        "pin_memory": Key(None, bool,
+                          doc="page-locked batches for faster copies to the GPU; null: on when training on a GPU"),
         "persistent_workers": Key(None, bool, doc="keep workers between epochs; null: on when there are workers"),
     },
 }
 
 EVALUATION = {
     "evaluation": {
-        "model_checkpoint_filename": Key("latest", str),
+        "model_checkpoint_filename": Key("latest", str, doc="checkpoint of the run to evaluate: latest, a file name "
+                                                            "of the run, or a path"),
         "n_samples": Key(64, int, check=at_least(1), doc="samples run through the model and shown"),
-        "batch_size": Key(64, int, check=at_least(1)),
-        "gpus": Key([], list, check=gpu_list),
+        "batch_size": Key(64, int, check=at_least(1), doc="samples per forward pass"),
+        "gpus": Key([], list, check=gpu_list, doc="GPU to evaluate on (the first id); [] evaluates on the CPU"),
         "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
         "use_ema": Key(True, bool, doc="evaluate the generator's EMA weights when the checkpoint has them"),
         "data_split": Key(None, str, check=one_of("validation", "training", "all"),
@@ -255,7 +300,8 @@ TRAINING_EVALUATION = {
         "training_cfg_path": Key(REQUIRED, str, list, check=existing_paths,
                                  doc="the run's training config, or a list of them to compare runs"),
         "model_checkpoint_filename": Key("latest", str, list,
-                                         doc="latest, a file name, a glob such as '*_epoch*0_*.pth', or a list of them"),
+                                         doc="latest, a file name, a glob such as '*_epoch*0_*.pth', or a list of "
+                                             "them"),
         "loss_average_window": Key(10, int, check=at_least(1), doc="steps in the moving average"),
     },
 }
@@ -329,7 +375,8 @@ def child(node, step, key, source):
     """node[step] for one step of an override's path, or a user error saying why not."""
     if isinstance(step, int):
         if not isinstance(node, list) or step >= len(node):
-            size = f"a list of {len(node)} entr{'y' if len(node) == 1 else 'ies'}" if isinstance(node, list) else "not a list"
+            size = f"a list of {len(node)} entr{'y' if len(node) == 1 else 'ies'}" if isinstance(node, list) \
+                else "not a list"
             raise UserError(f"{source}: --set {key}: no entry [{step}] ({size})")
     elif not isinstance(node, dict):
         raise UserError(f"{source}: --set {key}: '{step}' is inside something that is not a section")
@@ -481,11 +528,14 @@ STREAM_FUNCTIONS = {"file_reader": 1, "data_generating_function": 2, "data_read_
                     "data_batch_transform": 2}  # a torchvision class as data_batch_transform: check_transform_args
 
 
+# The keys each data_read_type needs (function streams also need n_inputs, which reading checks).
+READ_TYPE_NEEDS = {"file": ["data_path", "file_reader"], "folder": ["data_path", "file_reader"],
+                   "function": ["data_generating_function"], "h5": ["data_path", "h5_key"]}
+
+
 def check_stream(s, where, errors):
     kind = s["data_read_type"]
-    needs = {"file": ["data_path", "file_reader"], "folder": ["data_path", "file_reader"],
-             "function": ["data_generating_function"], "h5": ["data_path", "h5_key"]}
-    for key in needs.get(kind, []):
+    for key in READ_TYPE_NEEDS.get(kind, []):
         if s[key] is None:
             errors.append(f"{where}.{key}: required when data_read_type is {kind}")
     path = resolve_path(s["data_path"]) if isinstance(s["data_path"], str) else None
@@ -504,7 +554,7 @@ def check_stream(s, where, errors):
             errors.append(f"{where}.data_read_postprocessing_fn: transforms the whole stream in memory, which "
                           "in_memory: false does not hold; use an entry of dataset.batch_transforms with "
                           "in_evaluation: true instead")
-    fns = dataset_fns()
+    fns = dataset_functions()
     for fn_key, passed in STREAM_FUNCTIONS.items():
         args_key = f"{fn_key}_args"
         if s[fn_key] in fns and isinstance(s[args_key], dict):
@@ -533,16 +583,16 @@ def check_schedule(cfg, section, errors, copied=()):
         note = ", ".join(f"{section}.{k}" for k in keys if k in copied)
         errors.extend(f"{e} ({note}: null, so training's)" if note else e for e in found)
 
-    if s["optimizer"] in torch_optimizers() and isinstance(s["optimizer_args"], dict):
-        check(("optimizer", "optimizer_args"), torch_optimizers()[s["optimizer"]], "optimizer_args",
+    if s["optimizer"] in optimizers() and isinstance(s["optimizer_args"], dict):
+        check(("optimizer", "optimizer_args"), optimizers()[s["optimizer"]], "optimizer_args",
               {"lr": f"comes from {section}.learning_rate"})
     name = s["scheduler"]
-    if name in torch_schedulers() and isinstance(s["scheduler_args"], dict):
+    if name in schedulers() and isinstance(s["scheduler_args"], dict):
         filled = {"last_epoch": "is set when resuming, from the checkpoint"}
         if name == "StepLR":
             filled |= {"step_size": f"comes from {section}.learning_rate_step",
                        "gamma": f"comes from {section}.learning_rate_gamma"}
-        check(("scheduler", "scheduler_args"), torch_schedulers()[name], "scheduler_args", filled)
+        check(("scheduler", "scheduler_args"), schedulers()[name], "scheduler_args", filled)
     if name == "ReduceLROnPlateau" and s["scheduler_interval"] != "epoch" \
             and not {"scheduler", "scheduler_interval"} <= set(copied):
         errors.append(f"{section}.scheduler_interval: ReduceLROnPlateau follows the epoch's mean loss; use epoch")
@@ -561,9 +611,10 @@ def load_training_config(path, overrides=None):
     schema = {k: v for k, v in TRAINING.items() if k != "dataset"}
     cfg = check_section({k: v for k, v in raw.items() if k != "dataset"}, schema, "", errors, also_valid=["dataset"])
     cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
-    if cfg["loss"]["loss_fn"] in loss_fns():
-        check_function_args(loss_fns()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args", errors,
-                            keyword_only=True, filled=LOSS_TRAINER_ARGS)  # the rest are the tensors the trainer passes
+    if cfg["loss"]["loss_fn"] in loss_functions():
+        # keyword-only: the rest are the tensors the trainer passes
+        check_function_args(loss_functions()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args",
+                            errors, keyword_only=True, filled=LOSS_TRAINER_ARGS)
     adv, train = cfg["adversarial"], cfg["training"]
     copied = [key for key in COPIED_TO_ADVERSARIAL if adv[key] is None]
     for key in copied:
@@ -626,3 +677,115 @@ def config_changes(old, new):
 
     return [f"{key}: {show(a, key)} -> {show(b, key)}"
             for key in sorted(a.keys() | b.keys()) if key not in ignored and a.get(key) != b.get(key)]
+
+
+# ---- the reference: docs/config.md -------------------------------------------------------------
+DOCS_PATH = REPO_ROOT / "docs" / "config.md"
+DOCS_COMMAND = "python config.py --write-docs"
+DOCS_INTRO = f"""# Config reference
+
+<!-- Generated from config.py by `{DOCS_COMMAND}`: edit the schemas there, not this file. -->
+
+Every key of every config file, generated from the schemas in `config.py` (each key's `Key(default,
+*types, check=..., doc=...)`). To change this file, change `config.py` and regenerate it:
+
+```
+{DOCS_COMMAND}
+```
+
+(`python config.py` prints it instead; `tests/test_configs.py` fails while the two disagree.)
+
+A key left out or `null` takes its default; a required key has none. An unknown key, a wrong type, a
+value its rule refuses, a name that is not defined or a path that does not exist is an error, and every
+problem in a file is reported at once. Paths inside configs are relative to the repository root. Any
+key can be set from the command line, e.g. `--set training.n_epochs=3` (see the README)."""
+
+TRAINING_TEXT = "`python train.py -t <training config>`; evaluate.py, evaluate_training.py and " \
+    "jit_trace_model.py read it too."
+ADVERSARIAL_TEXT = "The discriminator's settings. These keys copy training's value when null: " + \
+    ", ".join(f"`{key}`" for key in COPIED_TO_ADVERSARIAL) + "."
+STREAM_TEXT = "One section per data stream; its key is the stream's name in the batch (e.g. `gen_inputs`). " \
+    "What each `data_read_type` needs: " + \
+    "; ".join(f"`{kind}`: " + ", ".join(f"`{k}`" for k in keys) for kind, keys in READ_TYPE_NEEDS.items()) + \
+    "; a `function` stream also needs `n_inputs`, the number of samples to make."
+BATCH_TRANSFORM_DOC_TEXT = "Each entry of `dataset.batch_transforms` is one step, run in list order after the " \
+    "streams' own `data_batch_transform`s. Training batches get every step; validation and evaluate.py only " \
+    "the entries with `in_evaluation: true`."
+
+# (heading, key-path prefix, schema, text) of each table; a heading with no schema starts a config file.
+DOC_SECTIONS = [
+    ("## Training config", None, None, TRAINING_TEXT),
+    *((f"### {name}", name, TRAINING[name], ADVERSARIAL_TEXT if name == "adversarial" else "") for name in TRAINING),
+    ("### dataset.&lt;stream&gt;", "dataset.<stream>", STREAM, STREAM_TEXT),
+    ("### dataset.batch_transforms[i]", "dataset.batch_transforms[i]", BATCH_TRANSFORM, BATCH_TRANSFORM_DOC_TEXT),
+    ("## Evaluation config", None, None, "`python evaluate.py -t <training config> -e <evaluation config>`."),
+    ("### evaluation", "evaluation", EVALUATION["evaluation"], ""),
+    ("## Training-evaluation config", None, None, "`python evaluate_training.py -te <training-evaluation config>`."),
+    ("### training_evaluation", "training_evaluation", TRAINING_EVALUATION["training_evaluation"], ""),
+]
+DOC_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "mapping"}
+
+
+def config_reference():
+    """docs/config.md: the Markdown reference of every config key, generated from the schemas."""
+    parts = [DOCS_INTRO]
+    for heading, prefix, schema, text in DOC_SECTIONS:
+        parts.append("\n\n".join(p for p in (heading, text, schema and key_table(prefix, schema)) if p))
+    return "\n\n".join(parts) + "\n"
+
+
+def key_table(prefix, schema):
+    """A Markdown table of `schema`'s keys, with their paths under `prefix`."""
+    rows = ["| key | type | default | rule | description |", "|---|---|---|---|---|"]
+    for key, rule in schema.items():
+        copied = prefix == "adversarial" and key in COPIED_TO_ADVERSARIAL
+        doc = rule.doc + (f" (null: training.{key})" if copied else "")
+        default = "**required**" if rule.default is REQUIRED else f"`{default_text(rule.default)}`"
+        cells = [f"`{prefix}.{key}`", " or ".join(DOC_TYPES[t] for t in rule.types), default,
+                 rule.check.text if rule.check else "", doc]
+        rows.append("| " + " | ".join(cells[:3] + [markdown_text(cell) for cell in cells[3:]]) + " |")
+    return "\n".join(rows)
+
+
+def markdown_text(text):
+    """`text` in a table cell, as written: no HTML tags (<model>), emphasis (**args) or cell breaks."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+
+
+def default_text(value):
+    """A default as the YAML that sets it: null, true, [], 0.0002, Adam."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
+
+
+def write_docs(path=DOCS_PATH):
+    """Write the reference to `path` atomically (a temp file in the same folder, then os.replace)."""
+    text = config_reference()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        temp = Path(f.name)
+        try:
+            f.write(text)
+        except BaseException:
+            f.close()
+            temp.unlink()
+            raise
+    temp.chmod(0o644)  # a temp file is private; the docs are not
+    os.replace(temp, path)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(
+        description="Print the reference of every config key (Markdown, generated from this module's schemas), "
+                    f"or write it to {DOCS_PATH.relative_to(REPO_ROOT)}.",
+        epilog=f"example:\n  {DOCS_COMMAND}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"write {DOCS_PATH.relative_to(REPO_ROOT)} instead of printing it")
+    args = parser.parse_args(argv)
+    if args.write_docs:
+        write_docs()
+    else:
+        sys.stdout.write(config_reference())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

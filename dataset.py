@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from config import batch_transforms, stream_configs
+from config import stream_configs
 from dataset_base import FileStream
 from errors import UserError, kwargs_text
+from registry import batch_transforms
 
 
 class PipelineDataset(Dataset):
@@ -51,7 +52,8 @@ class PipelineDataset(Dataset):
     def per_sample_work(self):
         """Whether making a batch runs Python per sample (files read from disk, a torchvision
         transform): then worker processes pay off."""
-        return any(t.per_sample for t in self.transforms) or any(isinstance(s, FileStream) for s in self.streams.values())
+        return any(t.per_sample for t in self.transforms) or \
+            any(isinstance(s, FileStream) for s in self.streams.values())
 
 
 class Transform:

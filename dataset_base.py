@@ -11,14 +11,14 @@ import zipfile
 import torch
 from tqdm import tqdm
 
-import dataset_functions
 from config import resolve_path, stream_configs
-from errors import UserError, public_functions
+from errors import UserError
+from registry import dataset_functions
 
 
 def load_streams(dataset_cfg, seed, source):
     """{stream name: tensor of samples} for every stream of a validated dataset section."""
-    fns = public_functions(dataset_functions)
+    fns = dataset_functions()
     streams = {}
     for i, (name, cfg) in enumerate(stream_configs(dataset_cfg).items()):
         generator = torch.Generator().manual_seed(seed + 1000 * (i + 1))  # one stream per seed

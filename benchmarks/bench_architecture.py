@@ -38,7 +38,8 @@ CONV_STACK = {
                    {"ReLU": None}, {"Conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}, {"ReLU": None},
                    {"Conv2d": {"out_channels": 16, "kernel_size": 3, "padding": 1}}, {"ReLU": None},
                    {"Conv2d": {"out_channels": 1, "kernel_size": 3, "padding": 1}}, {"Tanh": None}],
-        "skip_connections": {"b_ReLU_2": {"future_layers": ["b_ReLU_4", "b_ReLU_6"], "connection_types": ["add", "cat"]}},
+        "skip_connections": {"b_ReLU_2": {"future_layers": ["b_ReLU_4", "b_ReLU_6"],
+                                          "connection_types": ["add", "cat"]}},
     },
 }
 
@@ -143,12 +144,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         conv_stack = PyNet(write_yaml(CONV_STACK, tmp, "conv_stack.yaml")).submodels["b"]
         unet = PyNet(REPO / "models/unet_gan/unet_gan_architecture.yaml")
+        hand_unet = HandUNet(unet.submodels["unet_enc"].layers, unet.submodels["unet_dec"].layers)
         cases = [  # name, hand, built, input, rounds, steps per block, target
-            ("conv stack, 1x1x4x4", HandConvStack(conv_stack.layers), conv_stack, torch.randn(1, 1, 4, 4), 200, 20, 0.95),
+            ("conv stack, 1x1x4x4", HandConvStack(conv_stack.layers), conv_stack, torch.randn(1, 1, 4, 4), 200, 20,
+             0.95),
             ("conv stack, 16x1x32x32", HandConvStack(conv_stack.layers), conv_stack, torch.randn(16, 1, 32, 32), 160, 2,
              0.98),
-            ("U-Net generator, 16x1x32x32", HandUNet(unet.submodels["unet_enc"].layers, unet.submodels["unet_dec"].layers),
-             BuiltUNet(unet), torch.randn(16, 1, 32, 32), 160, 1, 0.98),
+            ("U-Net generator, 16x1x32x32", hand_unet, BuiltUNet(unet), torch.randn(16, 1, 32, 32), 160, 1, 0.98),
         ]
         print(f"{'forward + backward':30} {'hand ms':>9} {'built ms':>9} {'hand/built':>11} {'quartiles':>13}  target")
         for name, hand, built, x, rounds, block, target in cases:

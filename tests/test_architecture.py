@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import architecture
 import config
 import dataset_functions
 import layers as custom_layers
@@ -186,7 +187,7 @@ def test_every_torch_layer_that_takes_an_input_size_is_handled():
         parameters = inspect.signature(cls.__init__).parameters
         if not any(n in INPUT_SIZE_ARGS and p.default is p.empty for n, p in parameters.items()):
             continue
-        if name in model_base.INPUT_SIZE or name in model_base.NOT_A_LAYER or name.startswith("Lazy") \
+        if name in model_base.INPUT_SIZE or name in architecture.NOT_A_LAYER or name.startswith("Lazy") \
                 or issubclass(cls, nn.modules.loss._Loss) or name in ("LinearCrossEntropyLoss", *BASE_CLASSES):
             continue
         unhandled.append(name)
@@ -420,6 +421,7 @@ def test_export_matches_eager_on_new_inputs(name):
         assert close(exported(*new_fwd), model(*new_fwd))
 
 
+@pytest.mark.slow
 def test_unet_inductor_training_step_matches_eager():
     """The default torch.compile backend (inductor) trains the U-Net as eager does: outputs,
     gradients and BatchNorm running statistics."""
@@ -529,6 +531,7 @@ def test_unet_summary_rows_and_totals(unet):
     assert sum(r["params"] for r in unet.rows) == n_params(unet)
 
 
+@pytest.mark.slow
 def test_model_base_cli_prints_the_summary(repo, unet):
     """`python model_base.py ARCH` prints the same summary as model.summary(), totals included."""
     proc = run(repo, "model_base.py", UNET_ARCH)
@@ -536,6 +539,7 @@ def test_model_base_cli_prints_the_summary(repo, unet):
     assert f"total: {n_params(unet):,} parameters" in proc.stdout
 
 
+@pytest.mark.slow
 def test_model_base_cli_on_a_broken_architecture(repo, tmp_path):
     """A typo in a layer type: exit 2, no traceback, the file, the key path and a did-you-mean."""
     text = (SRC / UNET_ARCH).read_text()
@@ -627,8 +631,8 @@ def test_mistakes_are_user_errors_at_the_right_key(tmp_path, case):
     ("LSTM", {"hidden_size": 4}, [5], "a.layers[0]", "whole batch as one sequence"),
     ("MultiheadAttention", {"num_heads": 1}, [2, 3, 4], "a.layers[0]", "[time, features]"),
     ("LayerNorm", None, [4, 8, 8], "a.layers[0].layer_params", "GroupNorm"),
-    ("Conv2d", {"in_channels": 3, "out_channels": 2, "kernel_size": 1}, [1, 8, 8], "a.layers[0].layer_params.in_channels",
-     "gives 1"),
+    ("Conv2d", {"in_channels": 3, "out_channels": 2, "kernel_size": 1}, [1, 8, 8],
+     "a.layers[0].layer_params.in_channels", "gives 1"),
     ("Embedding", {"num_embeddings": 10, "embedding_dim": 4}, [5], "a.layers[0].layer_type", "integer indices"),
 ])
 def test_inputs_a_layer_would_misread_are_refused(tmp_path, layer_type, params, input_size, key_path, words):
@@ -643,6 +647,7 @@ def test_layer_norm_over_a_whole_conv_map_when_asked(tmp_path):
     assert tuple(layer.normalized_shape) == (4, 8, 8)
 
 
+@pytest.mark.slow
 def test_model_base_cli_reads_paths_relative_to_the_current_folder(repo, tmp_path):
     """Like every other command-line path, `python model_base.py ARCH` reads ARCH from where it runs."""
     (tmp_path / "mine.yaml").write_text((SRC / UNET_ARCH).read_text())

@@ -199,7 +199,8 @@ def test_override_sets_a_list_entry_by_index():
     noise, flip = cfg["dataset"]["batch_transforms"][1], cfg["dataset"]["batch_transforms"][0]
     assert noise["args"] == {"std": 0.2} and noise["transform"] == "add_gaussian_noise"
     assert flip["in_evaluation"] is True and flip["args"] == {"horizontal": True, "vertical": True}
-    with pytest.raises(UserError, match=r"--set dataset\.batch_transforms\[2\]\.args\.std: no entry \[2\] \(a list of 2 entries\)"):
+    message = r"--set dataset\.batch_transforms\[2\]\.args\.std: no entry \[2\] \(a list of 2 entries\)"
+    with pytest.raises(UserError, match=message):
         config.load_training_config(unet, overrides=["dataset.batch_transforms[2].args.std=0.2"])
     with pytest.raises(UserError, match=r"no entry \[0\] \(not a list\)"):
         config.load_training_config(unet, overrides=["training.n_epochs[0]=1"])
@@ -285,3 +286,66 @@ def test_invalid_yaml_is_user_error(tmp_path):
     path.write_text("training: {n_epochs: 3\n")
     with pytest.raises(UserError, match="bad.yaml"):
         config.load_training_config(path)
+
+
+# ---- the generated reference, docs/config.md ---------------------------------------------------
+def schema_keys():
+    """(key path, Key) of every key of every schema."""
+    tables = [(f"training.{s}" if s != "training" else s, k) for s, k in config.TRAINING.items()]
+    tables += [("stream", config.STREAM), ("batch_transform", config.BATCH_TRANSFORM),
+               ("evaluation", config.EVALUATION["evaluation"]),
+               ("training_evaluation", config.TRAINING_EVALUATION["training_evaluation"])]
+    return [(f"{prefix}.{key}", rule) for prefix, schema in tables for key, rule in schema.items()]
+
+
+def test_committed_config_reference_is_up_to_date():
+    committed = (SRC / "docs" / "config.md").read_text()
+    assert committed == config.config_reference(), \
+        f"docs/config.md differs from what config.py generates; regenerate it with `{config.DOCS_COMMAND}`"
+
+
+def test_every_key_and_rule_is_described():
+    assert not [path for path, rule in schema_keys() if not rule.doc.strip()], "keys without a doc"
+    assert not [path for path, rule in schema_keys() if rule.check and not getattr(rule.check, "text", "")], \
+        "rules without a description (wrap them in config.described)"
+
+
+def test_reference_lists_every_key_with_its_default_and_rule():
+    reference = config.config_reference()
+    for key in config.TRAINING["training"]:
+        assert f"`training.{key}`" in reference
+    for key in config.STREAM:
+        assert f"`dataset.<stream>.{key}`" in reference
+    assert "| `training.optimizer` | string | `Adam` | an optimizer in torch.optim |" in reference
+    assert "| `loss.loss_fn` | string | **required** | a function in loss.py |" in reference
+    assert "| `training.ema_decay` | number | `null` | in (0, 1) |" in reference
+    assert "(null: training.learning_rate)" in reference and config.DOCS_COMMAND in reference
+
+
+def test_write_docs_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "docs" / "config.md"
+    config.write_docs(path)
+    config.write_docs(path)
+    assert path.read_text() == config.config_reference()
+    assert [p.name for p in path.parent.iterdir()] == ["config.md"]  # no temp file left behind
+
+
+def test_rules_keep_their_messages():
+    assert config.at_least(1)(0) == "must be >= 1" and config.at_least(1)(1) is None
+    assert config.between(0, 1, "(]")(0) == "must be in (0, 1]" and config.between(0, 1, "(]")(1) is None
+    assert config.between(0, 1, "[)")(1) == "must be in [0, 1)" and config.between(0, 1, "[)")(0) is None
+    assert config.between(0, 1, "()", ", e.g. 0.999")(1) == "must be in (0, 1), e.g. 0.999"
+    assert config.greater_than(0)(0) == "must be > 0"
+    assert config.one_of("epoch", "step")("epoc") == "must be one of epoch, step (did you mean 'epoch'?)"
+    assert config.one_of("epoch", "step").text == "one of: epoch, step"
+
+
+def test_old_table_names_are_registry_tables():
+    import errors
+    import registry
+    assert config.torch_optimizers is registry.optimizers and config.torch_schedulers is registry.schedulers
+    assert errors.public_functions is registry.public_functions
+    assert "Adam" in registry.optimizers() and "StepLR" in registry.schedulers()
+    assert "LambdaLR" not in registry.schedulers() and "Compose" not in registry.batch_transforms()
+    with pytest.raises(UserError, match=r"x\.yaml: k: 'adamw': unknown optimizer \(did you mean 'AdamW'\?\); valid: "):
+        registry.lookup("adamw", registry.optimizers(), "optimizer", "x.yaml: k")
