@@ -27,9 +27,6 @@ from registry import batch_transforms, dataset_functions, loss_functions, optimi
 REPO_ROOT = Path(__file__).resolve().parent
 REQUIRED = object()
 
-# Old names of registry's tables, for modules that still import them from here.
-torch_optimizers, torch_schedulers, loss_fns = optimizers, schedulers, loss_functions
-
 
 class Key:
     """One config key: its default, accepted types, an optional extra rule and what it does."""

@@ -26,14 +26,6 @@ def kwargs_text(kwargs):
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def __getattr__(name):
-    """errors.public_functions: moved to registry.py, still importable from here (for old imports)."""
-    if name == "public_functions":
-        from registry import public_functions
-        return public_functions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def run_main(main, argv=None):
     """Run `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv

@@ -340,11 +340,8 @@ def test_rules_keep_their_messages():
     assert config.one_of("epoch", "step").text == "one of: epoch, step"
 
 
-def test_old_table_names_are_registry_tables():
-    import errors
+def test_registry_tables_resolve_names_with_did_you_mean():
     import registry
-    assert config.torch_optimizers is registry.optimizers and config.torch_schedulers is registry.schedulers
-    assert errors.public_functions is registry.public_functions
     assert "Adam" in registry.optimizers() and "StepLR" in registry.schedulers()
     assert "LambdaLR" not in registry.schedulers() and "Compose" not in registry.batch_transforms()
     with pytest.raises(UserError, match=r"x\.yaml: k: 'adamw': unknown optimizer \(did you mean 'AdamW'\?\); valid: "):

@@ -25,6 +25,7 @@ import yaml
 import config
 import dataset as dataset_mod
 import loss
+import registry
 import runs
 from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, script_env
 from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
@@ -425,7 +426,7 @@ def test_hinge_loss_values():
 def test_example_gan_loss_is_least_squares():
     """The examples' example_gan_loss computes least_squares_gan_loss (same terms, same values),
     and both can be named in a config."""
-    assert {"example_gan_loss", "least_squares_gan_loss"} <= set(config.loss_fns())
+    assert {"example_gan_loss", "least_squares_gan_loss"} <= set(registry.loss_functions())
     d = loss.least_squares_gan_loss("discriminator", None, None, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(d["d_real"], torch.tensor(0.5 * 4 / 2))
     torch.testing.assert_close(d["d_fake"], torch.tensor(0.5 * 1 / 2))
