@@ -241,9 +241,10 @@ TRAINING = {
         "architecture_cfg_path": Key(REQUIRED, str, check=existing_path, doc="the architecture YAML"),
         "model_flow_path": Key(REQUIRED, str, check=python_file,
                                doc="the model flow module, models/<model>/<model>.py; its folder is the model's"),
-        "model_checkpoint_filename": Key(None, str, doc="checkpoint to start from: a file name of the run, latest "
-                                                        "(the newest; none yet: from scratch), or a path; null: from "
-                                                        "scratch"),
+        "model_checkpoint_filename": Key(None, str, doc="checkpoint to resume, in its run's folder: latest (the newest "
+                                                        "of the newest run; none yet: a new run), a run folder (run_3: "
+                                                        "its newest), a checkpoint file name of one of the runs, or a "
+                                                        "path; null: a new run from scratch"),
     },
     "loss": {
         "loss_fn": Key(REQUIRED, str, check=name_in(loss_functions, "function in loss.py"),
@@ -255,9 +256,19 @@ TRAINING = {
         "save_epoch_increment": Key(1, int, check=at_least(1),
                                     doc="save a checkpoint every this many epochs (and after the last)"),
         "save_filename_prefix": Key("model", str, doc="start of the checkpoint file names"),
-        "save_folder_name": Key("run", str, doc="the run's folder under models/<model>/model_checkpoints/ and "
-                                                "results/<model>/"),
+        "save_folder_name": Key("run", str, doc="the folder of this config's runs under "
+                                                "models/<model>/model_checkpoints/ and results/<model>/; each "
+                                                "from-scratch run gets its own run_<N> inside it"),
         "keep_last": Key(None, int, check=at_least(1), doc="keep only the newest N checkpoints of the run (null: all)"),
+    },
+    "logging": {
+        "tensorboard": Key(None, bool, doc="write TensorBoard event files into the run's folder (loss terms, learning "
+                                           "rates, validation, sample grids, hparams); null: on when the tensorboard "
+                                           "package is installed"),
+        "image_every": Key(1, int, check=at_least(1),
+                           doc="epochs between grids of the generator's outputs on fixed inputs (in TensorBoard, or "
+                               "as samples_epoch<N>.png in the run's folder without it)"),
+        "n_images": Key(16, int, check=at_least(1), doc="fixed inputs in each grid (at most the dataset's samples)"),
     },
     "dataset": {
         "data_len_key": Key(REQUIRED, str,
@@ -280,8 +291,9 @@ TRAINING = {
 
 EVALUATION = {
     "evaluation": {
-        "model_checkpoint_filename": Key("latest", str, doc="checkpoint of the run to evaluate: latest, a file name "
-                                                            "of the run, or a path"),
+        "model_checkpoint_filename": Key("latest", str, doc="checkpoint to evaluate: latest (the newest of the newest "
+                                                            "run), a run folder (run_3), a checkpoint file name, or a "
+                                                            "path"),
         "n_samples": Key(64, int, check=at_least(1), doc="samples run through the model and shown"),
         "batch_size": Key(64, int, check=at_least(1), doc="samples per forward pass"),
         "gpus": Key([], list, check=gpu_list, doc="GPU to evaluate on (the first id); [] evaluates on the CPU"),
@@ -296,9 +308,13 @@ TRAINING_EVALUATION = {
     "training_evaluation": {
         "training_cfg_path": Key(REQUIRED, str, list, check=existing_paths,
                                  doc="the run's training config, or a list of them to compare runs"),
-        "model_checkpoint_filename": Key("latest", str, list,
-                                         doc="latest, a file name, a glob such as '*_epoch*0_*.pth', or a list of "
-                                             "them"),
+        "runs": Key("latest", str, list,
+                    doc="the runs of each training config's save_folder_name to compare: latest, all, a run folder "
+                        "(run_3), a glob over run folders (run_1*), or a list of them"),
+        "model_checkpoint_filename": Key(None, str, list,
+                                         doc="null: each run's whole metrics.jsonl; else curves up to these "
+                                             "checkpoints: latest, a file name, a glob such as '*_epoch*0_*.pth', "
+                                             "or a list of them"),
         "loss_average_window": Key(10, int, check=at_least(1), doc="steps in the moving average"),
     },
 }

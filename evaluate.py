@@ -2,12 +2,17 @@
 
     python evaluate.py -t configs/example_model/example_training_cfg.yaml -e configs/example_model/example_evaluation_cfg.yaml
 
-Writes to results/<model>/<save_folder_name>/, for the split evaluated (validation, training or
-all): <checkpoint>_<split>_metrics.json, <checkpoint>_<split>_samples.png (outputs next to the
-data: generated beside real samples for a GAN; input, output and target for paired data; inputs
-titled with their predicted and true class for a classifier) and, for a classifier,
-<checkpoint>_<split>_confusion.png; and prints the metrics.
+Writes to the results folder of the checkpoint's run, results/<model>/<save_folder_name>/run_<N>/,
+files named <checkpoint>_<split>_<hash>_<kind>: <split> the samples evaluated (validation,
+training or all) and <hash> 8 hex digits of the settings that shape the outputs (the resolved
+evaluation section, the training config's dataset section and training.seed), so that evaluating
+with other settings adds files and never replaces different ones; the same settings replace their
+own. The files: <...>_metrics.json (with the evaluation settings under "evaluation"),
+<...>_samples.png (outputs next to the data: generated beside real samples for a GAN; input,
+output and target for paired data; inputs titled with their predicted and true class for a
+classifier) and, for a classifier, <...>_confusion.png. Prints the metrics and the files' paths.
 """  # noqa: E501  (the command as the README gives it)
+import hashlib
 import json
 import math
 
@@ -59,11 +64,13 @@ def main(argv):
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     paired = targets_are_paired(model, adversarial)
     metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
-    metrics |= {"checkpoint": str(path), "data_split": split}
-    run, out = Run.of(cfg), f"{path.stem}_{split}"  # the files of this checkpoint and split
+    settings = resolved_settings(ev, path, split)
+    digest = settings_hash(settings, cfg)
+    metrics |= {"checkpoint": str(path), "data_split": split, "settings_hash": digest, "evaluation": settings}
+    run, out = Run.of(cfg, path.parent), f"{path.stem}_{split}_{digest}"  # this checkpoint, split and settings
     text = json.dumps(metrics, indent=2).encode()
-    run.write_result(f"{out}_metrics.json", lambda f: f.write(text))
     print(json.dumps(metrics, indent=2))
+    print(f"saved {run.write_result(f'{out}_metrics.json', lambda f: f.write(text))}")
     if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
         save_figure(run, f"{out}_samples.png", sample_grid(inputs if paired else None, outputs, targets,
                                                             ev["grid_nrow"], title=path.name))
@@ -74,6 +81,21 @@ def main(argv):
         if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
             save_figure(run, f"{out}_samples.png", labelled_inputs(inputs, outputs.argmax(1), targets, names,
                                                                     ev["grid_nrow"], title=path.name))
+
+
+def resolved_settings(ev, path, split):
+    """The evaluation section as it was applied: the checkpoint by its file name (not `latest`)
+    and the split evaluated (not null), so that two ways of naming the same settings agree."""
+    return {**ev, "model_checkpoint_filename": path.name, "data_split": split}
+
+
+def settings_hash(settings, cfg):
+    """8 hex digits of SHA-256 over the canonical JSON (sorted keys) of what shapes the outputs
+    besides the checkpoint: the resolved evaluation settings, the dataset section, and the seed
+    that generated data streams are drawn with."""
+    shaping = {"evaluation": settings, "dataset": cfg["dataset"], "seed": cfg["training"]["seed"]}
+    text = json.dumps(shaping, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def save_figure(run, name, fig):

@@ -1,21 +1,36 @@
-"""Plot how runs trained: loss terms per network, smoothed, and learning rates, for one or more
-runs or checkpoints in one figure.
+"""Plot how runs trained, and say how they differ: loss terms per network (smoothed), validation
+losses and learning rates of one or more runs in one figure, and a table of each run's final and
+best values beside the config keys whose values differ between the runs.
 
     python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml
 
-Writes results/<model>/<save_folder_name>/training_losses.png (of the first run listed) and
-prints, per run and loss term, the steps, the final and the best moving-average value.
+Curves come from each run's metrics.jsonl, every logged step (or, with
+training_evaluation.model_checkpoint_filename, up to the chosen checkpoints; a run without a
+metrics file plots from its checkpoint's loss_history). Writes, for one run, into its results
+folder results/<model>/<save_folder_name>/run_<N>/: training_losses.png, training_summary.md and
+training_summary.csv; for several runs, compare_<runs>.png/.md/.csv under the first config's
+results/<model>/<save_folder_name>/. Prints the table.
 """
+import csv
+import hashlib
+import io
+import math
+import re
+
 import matplotlib
 import numpy as np
 
 from cli import add_overrides, make_parser, split_overrides
-from config import TRAINING_EVALUATION, load_config, load_training_config, resolve_path
+from config import TRAINING_EVALUATION, load_config, load_training_config, resolve_path, results_dir
+from dashboard import flat_config
 from errors import UserError, run_main
-from runs import Run, list_checkpoints, load_checkpoint, saved_config
+from runs import Run, list_checkpoints, load_checkpoint, read_metrics, results_of, run_config, saved_config, select_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+NOT_PLOTTED = ("epoch", "step", "time", "nonfinite", "samples_per_s", "data_wait")  # metrics.jsonl bookkeeping
+STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))  # one per loss term in a panel
 
 
 def main(argv):
@@ -30,52 +45,131 @@ def main(argv):
                      "training-evaluation config")["training_evaluation"]
     where = f"{args.training_evaluation_cfg}: training_evaluation"
     cfgs = [load_training_config(resolve_path(p), train_sets) for p in as_list(te["training_cfg_path"])]
-    specs = as_list(te["model_checkpoint_filename"])
-    runs = [read_run(cfg, path) for cfg in cfgs
-            for path in checkpoints_of(cfg, specs, f"{where}.model_checkpoint_filename")]
-    if not any(terms for run in runs for terms in run["losses"].values() if terms):
-        raise UserError(f"{where}.model_checkpoint_filename: the checkpoint(s) hold no loss history (saved before the "
-                        "first step?); pick a later one, e.g. latest")
+    specs = te["model_checkpoint_filename"]
+    runs = []
+    for cfg in cfgs:
+        for folder in select_runs(cfg, te["runs"], f"{where}.runs"):
+            if specs is None:
+                runs.append(read_run(cfg, folder, where))
+            else:
+                runs += [read_run(cfg, folder, where, path)
+                         for path in checkpoints_of(folder, as_list(specs), f"{where}.model_checkpoint_filename")]
+    if not any(run["curves"] for run in runs):
+        raise UserError(f"{where}.runs: the runs picked have logged no step yet (a run stopped before its first "
+                        "step?); train further, or pick other runs")
+    label_runs(runs)
     window = te["loss_average_window"]
-    print_table(runs, window)
+    table = summary_table(runs, window)
+    print(markdown(table))
+    if len(runs) == 1:
+        out, stem = runs[0]["results"], "training"
+        names = {"figure": "training_losses.png", "md": "training_summary.md", "csv": "training_summary.csv"}
+    else:
+        out, stem = results_dir(cfgs[0]), comparison_name(runs)
+        names = {"figure": f"{stem}.png", "md": f"{stem}.md", "csv": f"{stem}.csv"}
+    writer = Run(out, out)
     fig = plot(runs, window)
-    print(f"saved {Run.of(cfgs[0]).save_figure('training_losses.png', fig)}")
+    print(f"saved {writer.save_figure(names['figure'], fig)}")
     plt.close(fig)
+    md, rows = markdown(table).encode(), csv_text(table).encode()
+    print(f"saved {writer.write_result(names['md'], lambda f: f.write(md))}")
+    print(f"saved {writer.write_result(names['csv'], lambda f: f.write(rows))}")
 
 
 def as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-def checkpoints_of(cfg, specs, where):
-    """The checkpoints that `specs` name in the run's folder: latest, file names, paths or globs."""
-    run, found = Run.of(cfg), []
+def checkpoints_of(folder, specs, where):
+    """The checkpoints that `specs` name in one run's folder: latest, file names or globs."""
+    found, have = [], list_checkpoints(folder)
     for spec in specs:
         if not isinstance(spec, str):
             raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest or a glob")
-        if any(c in spec for c in "*?["):
-            matches = [p for p in list_checkpoints(run.folder) if p.match(spec)]
-            if not matches:
-                raise UserError(f"{where}: {spec!r} matches no checkpoint in {run.folder}")
-            found += matches
+        if spec == "latest":
+            matches = have[-1:]
+        elif any(c in spec for c in "*?["):
+            matches = [p for p in have if p.match(spec)]
         else:
-            found.append(run.resolve(spec, where))
+            matches = [p for p in have if p.name == spec]
+        if not matches:
+            listing = ", ".join(p.name for p in have[-5:]) or "none"
+            raise UserError(f"{where}: {spec!r} matches no checkpoint in {folder} (it holds: {listing})")
+        found += matches
     return list(dict.fromkeys(found))
 
 
-def read_run(cfg, path):
-    """A checkpoint's loss history per network, and the learning rates from metrics.jsonl (the
-    steps up to the checkpoint), labelled with the run's folder and learning rate."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "loss_history" not in state:
-        raise UserError(f"{path}: not a checkpoint of this pipeline (no loss_history)")
-    saved = saved_config(state, cfg)
-    name = f"{saved['saving']['save_folder_name']} (lr {saved['training']['learning_rate']:g})"
-    rows = [r for r in Run.of(cfg, folder=path.parent).metrics() if r["step"] <= state.get("step", 0)]
-    lr_keys = {key for r in rows for key in r if key.endswith("/lr")}
-    lrs = {key.split("/")[0]: [r[key] for r in rows if key in r] for key in sorted(lr_keys)}
-    return {"run": name, "label": f"{name}, {path.stem}", "path": path, "epoch": state.get("epoch"),
-            "losses": state["loss_history"], "validation": state.get("validation_history") or {"step": []}, "lrs": lrs}
+def read_run(cfg, folder, where, checkpoint=None):
+    """One run's curves {metrics.jsonl key: (steps, values)} (up to `checkpoint`'s step when one is
+    given), its config (the snapshot in its folder, where it has one) and where its results go."""
+    rows, state = read_metrics(folder / "metrics.jsonl"), None
+    if checkpoint is not None or not rows:
+        checkpoint = checkpoint or (list_checkpoints(folder) or [None])[-1]
+        if checkpoint is None:
+            raise UserError(f"{where}.runs: {folder} holds neither metrics.jsonl nor a checkpoint")
+        state = load_checkpoint(checkpoint)
+        if not isinstance(state, dict) or "loss_history" not in state:
+            raise UserError(f"{checkpoint}: not a checkpoint of this pipeline (no loss_history)")
+        rows = [r for r in rows if r["step"] <= state.get("step", 0)] or history_rows(state)
+    run_cfg = run_config(folder) or (saved_config(state, cfg) if state else cfg)
+    return {"folder": folder, "checkpoint": checkpoint, "epoch": state.get("epoch") if state else None,
+            "config": flat_config(run_cfg) | {"config file": cfg["config_path"]}, "curves": curves(rows),
+            "adversarial": bool(run_cfg.get("adversarial", {}).get("enable_adversarial_training")),
+            "results": results_of(cfg, folder), "save_folder_name": cfg["saving"]["save_folder_name"],
+            "last_step": max((r["step"] for r in rows), default=0)}
+
+
+def history_rows(state):
+    """metrics.jsonl-like rows from a checkpoint's loss_history (one value per step) and
+    validation_history, for runs from before metrics files."""
+    rows = {}
+    for net, terms in state["loss_history"].items():
+        for term, values in terms.items():
+            for step, value in enumerate(values, 1):
+                rows.setdefault(step, {"step": step})[f"{net}/{term}"] = value
+    validation = state.get("validation_history") or {}
+    for net, terms in validation.items():
+        if net != "step":
+            for term, values in terms.items():
+                for step, value in zip(validation["step"], values):
+                    rows.setdefault(step, {"step": step})[f"validation/{net}/{term}"] = value
+    return [rows[step] for step in sorted(rows)]
+
+
+def curves(rows):
+    """{key: (steps, values)} for every metric in the rows; a null (a non-finite value) as NaN,
+    which leaves a gap in the curve."""
+    found = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in NOT_PLOTTED and (value is None or isinstance(value, (int, float))):
+                found.setdefault(key, ([], []))
+                found[key][0].append(row["step"])
+                found[key][1].append(math.nan if value is None else float(value))
+    return {key: (np.asarray(steps), np.asarray(values)) for key, (steps, values) in found.items()}
+
+
+def label_runs(runs):
+    """A short unique label per run: its run folder (run_2), with the save_folder_name where the
+    runs come from several, and the checkpoint's epoch where curves stop at checkpoints."""
+    several = len({run["save_folder_name"] for run in runs}) > 1
+    for run in runs:
+        label = f"{run['save_folder_name']}/{run['folder'].name}" if several else run["folder"].name
+        run["label"] = label + (f" @ epoch {run['epoch']}" if run["checkpoint"] is not None and run["epoch"] is not None
+                                else "")
+    labels = [run["label"] for run in runs]
+    for i, run in enumerate(runs):  # the same folder through two configs: number them
+        if labels.count(run["label"]) > 1:
+            run["label"] += f" ({i + 1})"
+
+
+def comparison_name(runs):
+    """compare_<labels>, or, where that would be long, compare_<N>runs_<hash of the labels>."""
+    labels = [re.sub(r"[^A-Za-z0-9_.-]+", "-", run["label"]).strip("-") for run in runs]
+    name = "compare_" + "_".join(labels)
+    if len(name) <= 80:
+        return name
+    return f"compare_{len(runs)}runs_{hashlib.sha256(' '.join(labels).encode()).hexdigest()[:8]}"
 
 
 def moving_average(values, window):
@@ -86,62 +180,136 @@ def moving_average(values, window):
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def shown_terms(terms):
-    """The loss terms worth showing: 'total' only when it sums several terms."""
-    return {k: v for k, v in terms.items() if k != "total" or len(terms) > 2}
+def smoothed(key, steps, values, window):
+    """(steps, values) as plotted and tabled: training terms as moving averages ending at each
+    step; validation and sample metrics (one value per epoch) as they are."""
+    if key.startswith(("validation/", "sample/")) or len(values) == 0:
+        return steps, values
+    smooth = moving_average(values, window)
+    return steps[len(steps) - len(smooth):], smooth
 
 
-def print_table(runs, window):
-    print(f"{'checkpoint':<48} {'network':<14} {'term':<16} {'values':>6} {'final':>10} {'best':>10} {'epoch':>6}  "
-          f"run   (training terms: one value per step, moving averages over {window}; val: one per epoch)")
-    for run in runs:
-        for net, terms in run["losses"].items():
-            rows = [(term, len(values), moving_average(values, window)) for term, values in shown_terms(terms).items()]
-            rows += [(f"val/{term}", len(values), np.asarray(values, dtype=float))
-                     for term, values in shown_terms(run["validation"].get(net, {})).items()]
-            for term, steps, values in rows:
-                print(f"{run['path'].name:<48} {net:<14} {term:<16} {steps:>6} {values[-1]:>10.4f} "
-                      f"{np.nanmin(values):>10.4f} {run['epoch']:>6}  {run['run']}")
+def has_direction(key, run):
+    """Whether the lowest value is the best one: validation and sample metrics, and the losses of
+    a run without a discriminator. (In a GAN the lowest adversarial loss is often the untrained
+    model's.)"""
+    return key.startswith(("validation/", "sample/")) or not run["adversarial"]
+
+
+def loss_keys(runs):
+    """The loss terms of the runs in order of appearance: 'total' only where it sums several terms."""
+    keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if not k.endswith("/lr")))
+    groups = {k.rsplit("/", 1)[0] for k in keys}
+    counts = {g: sum(k.rsplit("/", 1)[0] == g for k in keys) for g in groups}
+    return [k for k in keys if not k.endswith("/total") or counts[k.rsplit("/", 1)[0]] > 2]
+
+
+def summary_table(runs, window):
+    """[(row name, [value per run])]: the config keys whose values differ between the runs, the
+    steps logged, then each loss term's final (and, where lower is better, best) smoothed value."""
+    keys = list(dict.fromkeys(k for run in runs for k in run["config"]))
+    table = [(f"config: {k}", [run["config"].get(k, "-") for run in runs]) for k in keys
+             if len({repr(run["config"].get(k, "-")) for run in runs}) > 1]
+    table.append(("steps", [run["last_step"] for run in runs]))
+    for key in loss_keys(runs):
+        finals, bests = [], []
+        for run in runs:
+            _, values = smoothed(key, *run["curves"].get(key, ([], [])), window)
+            finite = values[np.isfinite(values)] if len(values) else values
+            finals.append(f"{values[-1]:.4g}" if len(values) else "-")
+            bests.append(f"{finite.min():.4g}" if len(finite) and has_direction(key, run) else "-")
+        table.append((f"final {key}", finals))
+        if any(b != "-" for b in bests):
+            table.append((f"best {key}", bests))
+    return {"runs": [run["label"] for run in runs], "rows": table,
+            "note": f"training terms: moving averages over {window} steps; validation: one value per epoch"}
+
+
+def markdown(table):
+    def cell(value):
+        return str(value).replace("|", "\\|")
+
+    lines = ["| | " + " | ".join(table["runs"]) + " |", "|---" * (len(table["runs"]) + 1) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in [name, *values]) + " |" for name, values in table["rows"]]
+    return "\n".join(lines) + f"\n\n{table['note']}\n"
+
+
+def csv_text(table):
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["", *table["runs"]])
+    writer.writerows([name, *values] for name, values in table["rows"])
+    return text.getvalue()
 
 
 def plot(runs, window):
-    """One panel per network's losses, and one for the learning rates when metrics.jsonl has them."""
-    networks = list(dict.fromkeys(net for run in runs for net in run["losses"]))
-    with_lr = any(run["lrs"] for run in runs)
-    n = len(networks) + with_lr
-    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
-    for ax, net in zip(axes[0], networks):
-        for run in runs:
-            for term, values in shown_terms(run["losses"].get(net, {})).items():
-                smooth = moving_average(values, window)
-                steps = np.arange(len(values) - len(smooth) + 1, len(values) + 1)
-                ax.plot(steps, smooth, label=term if len(runs) == 1 else f"{run['label']}: {term}", linewidth=1.2)
-            validation = run["validation"]
-            for term, values in shown_terms(validation.get(net, {})).items():
-                label = f"validation {term}" if len(runs) == 1 else f"{run['label']}: validation {term}"
-                ax.plot(validation["step"], values, "o--", label=label, linewidth=1, markersize=4)
+    """One panel per network's losses (training terms smoothed, validation as markers), and one
+    for the learning rates. Colour: the run, the same in every panel; line style: the term."""
+    keys = loss_keys(runs)
+    panels = list(dict.fromkeys(panel_of(k) for k in keys))
+    with_lr = any(k.endswith("/lr") for run in runs for k in run["curves"])
+    n = len(panels) + with_lr
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + 1.5, 4.8), squeeze=False, layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        terms = [k for k in keys if panel_of(k) == panel]
+        for i, key in enumerate(terms):
+            for j, run in enumerate(runs):
+                if key in run["curves"]:
+                    steps, values = smoothed(key, *run["curves"][key], window)
+                    marker = "o" if key.startswith("validation/") else None
+                    ax.plot(steps, values, color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
+                            marker=marker, markersize=3, linewidth=1.2)
+        term_legend(ax, terms)
         log_scale_if_wide(ax)
-        ax.set(title=f"{net} loss (moving average, {window} steps)", xlabel="step", ylabel="loss")
+        ax.set(title=f"{panel} (training: moving average over {window} steps)", xlabel="step", ylabel="loss")
     if with_lr:
         ax = axes[0][-1]
-        for run in runs:
-            for net, lrs in run["lrs"].items():
-                ax.plot(np.arange(1, len(lrs) + 1), lrs, label=net if len(runs) == 1 else f"{run['label']}: {net}")
+        lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
+        for i, key in enumerate(lr_keys):
+            for j, run in enumerate(runs):
+                if key in run["curves"]:
+                    ax.plot(*run["curves"][key], color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
+                            linewidth=1.2)
+        term_legend(ax, lr_keys)
         log_scale_if_wide(ax)
         ax.set(title="learning rate", xlabel="step", ylabel="learning rate")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(", ".join(run["path"].name for run in runs), fontsize="small")
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colours[j % len(colours)], linewidth=2.5) for j in range(len(runs))]
+    fig.legend(handles, [run["label"] for run in runs], loc="outside right upper", title="run", fontsize="small")
     return fig
+
+
+def panel_of(key):
+    """The network a loss key belongs to: generator/g_adv and validation/generator/g_adv -> generator."""
+    parts = key.split("/")
+    return parts[1] if parts[0] == "validation" and len(parts) > 2 else parts[0]
+
+
+def term_legend(ax, keys):
+    """The line style of each term, below the panel (outside the data)."""
+    handles = [plt.Line2D([], [], color="0.3", linestyle=STYLES[i % len(STYLES)],
+                          marker="o" if k.startswith("validation/") else None, markersize=3)
+               for i, k in enumerate(keys)]
+    ax.legend(handles, [term_label(k) for k in keys], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncols=min(3, len(keys)), fontsize="small", frameon=False)
+
+
+def term_label(key):
+    """How a key reads in its panel: generator/g_adv -> g_adv, validation/generator/g_adv ->
+    validation g_adv, generator/lr -> generator (in the learning-rate panel)."""
+    parts = key.split("/")
+    if parts[0] == "validation":
+        return "validation " + parts[-1]
+    return parts[0] if parts[-1] == "lr" else "/".join(parts[1:])
 
 
 def log_scale_if_wide(ax):
     """A log y axis for positive curves spanning more than two orders of magnitude."""
-    ys = [line.get_ydata() for line in ax.get_lines()]
-    low = min((np.nanmin(y) for y in ys), default=0)
-    if ys and low > 0 and max(np.nanmax(y) for y in ys) > 100 * low:
+    ys = [y[np.isfinite(y)] for y in (np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines())]
+    ys = [y for y in ys if len(y)]
+    if ys and min(y.min() for y in ys) > 0 and max(y.max() for y in ys) > 100 * min(y.min() for y in ys):
         ax.set_yscale("log")
 
 

@@ -2,9 +2,11 @@
 
     python jit_trace_model.py -t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4
 
-Writes, under the checkpoint's folder:
-- jit/<checkpoint>_traced.pt (torch.jit.load-able; the default format), or _exported.pt2
-  (torch.export.load; --format export), or .onnx (--format onnx, needs onnx and onnxruntime);
+Writes, under the checkpoint's folder, names carrying the input shape (here 1x1x4x4), so that
+exports for other shapes add files rather than replace them:
+- jit/<checkpoint>_1x1x4x4_traced.pt (torch.jit.load-able; the default format), or
+  _1x1x4x4_exported.pt2 (torch.export.load; --format export), or _1x1x4x4.onnx (--format onnx,
+  needs onnx and onnxruntime);
 - jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw float32 values in C order, to feed
   the model on the device, and a .json beside it saying so (shape, dtype, layout, checkpoint).
 Every artifact is checked against the eager model on a fresh random input before anything is
@@ -32,9 +34,10 @@ def main(argv):
     parser.add_argument("-c", "--checkpoint", required=True, metavar="PTH",
                         help="checkpoint to export: a file name in the run's checkpoint folder, a path, or latest")
     parser.add_argument("-i", "--input_size", required=True, nargs="+", type=int, metavar="N",
-                        help="shape of the example input, batch first, e.g. 1 1 4 4")
+                        help="shape of the example input, batch first, e.g. 1 1 4 4 (named 1x1x4x4 in the files)")
     parser.add_argument("--format", choices=list(FORMATS), default="torchscript",
-                        help="torchscript (torch.jit.trace, the default), export (torch.export, .pt2) or onnx")
+                        help="torchscript (torch.jit.trace, the default: jit/<checkpoint>_<shape>_traced.pt), "
+                             "export (torch.export: _<shape>_exported.pt2) or onnx (_<shape>.onnx)")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="time N forward passes of the eager model and of the artifact (median, p90)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
@@ -66,7 +69,7 @@ def main(argv):
                         f"new input (max abs difference {diff:.3g} > {TOLERANCE}); forward probably has "
                         "data-dependent control flow, which tracing cannot capture")
     run, shape = Run.of(cfg, folder=path.parent), "x".join(map(str, args.input_size))  # jit/ beside the checkpoint
-    artifact_path = run.write_export(f"{path.stem}{FORMATS[args.format]}", write)
+    artifact_path = run.write_export(f"{path.stem}_{shape}{FORMATS[args.format]}", write)
     raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
     input_path = run.write_export(f"{path.stem}_input_{shape}.raw", lambda f: f.write(raw))
     sidecar = {"shape": list(args.input_size), "dtype": "float32", "layout": "C order (row-major), batch first",

@@ -70,6 +70,19 @@ class Network:
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
 
+    def describe(self):
+        """One line of train.py's start-up header: what this network trains with, as resolved
+        (a key the config left out shows the value it got, e.g. one copied from training)."""
+        s, args = self.settings, kwargs_text(self.settings["optimizer_args"])
+        schedule = {k: v for k, v in self.scheduler.state_dict().items()
+                    if k in ("step_size", "gamma", "T_max", "eta_min", "total_steps", "max_lr", "factor", "patience")}
+        n_params = sum(p.numel() for p in self.params)
+        optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''})"
+        return (f"{self.name} ({self.section}.*): {optimizer}, {s['scheduler']}({kwargs_text(schedule)}) per "
+                f"{s['scheduler_interval']}, clip "
+                f"{self.clip if self.clip else 'none'}, {self.iterations} update(s) per batch, {n_params:,} parameters"
+                f"{', EMA of its weights' if self.ema is not None else ''}")
+
     # ---- one update ----
     def update(self, loss, sizes, check_finite):
         """One optimizer step on the gradients of the micro-batches: `loss(i)` gives the (total,

@@ -1,20 +1,31 @@
-"""A run's files: `Run` owns them, and the other scripts load a trained run from here.
+"""A run's files: `Run` owns them, and the other scripts find and load a trained run from here.
 
-Layout: models/<model>/model_checkpoints/<save_folder_name>/
-            <save_filename_prefix>_epoch<N>[_et]_<YYYYmmdd-HHMMSS>.pth   checkpoints (_et: stopped early)
-            training_cfg_<YYYYmmdd-HHMMSS>.yaml                          the config of each start or resume
-            metrics.jsonl                                                one JSON row per step (and validation)
-            jit/                                                         exported models (jit_trace_model.py)
-        results/<model>/<save_folder_name>/                              plots and evaluation outputs
-Every file is written to a hidden temporary file in the same folder, flushed to disk and renamed
-into place, so a crash never leaves a partial file where a reader would pick it up; the next run
-removes such leftovers. Every checkpoint load uses `weights_only=True`: a checkpoint can hold
-tensors and plain data, never code.
+Layout: models/<model>/model_checkpoints/<save_folder_name>/      the runs of one config's save_folder_name
+            run_<N>/                                              one folder per from-scratch run (1, 2, ...)
+                <save_filename_prefix>_epoch<N>[_et]_<YYYYmmdd-HHMMSS>.pth   checkpoints (_et: stopped early)
+                training_cfg_<YYYYmmdd-HHMMSS>.yaml               the config of each start or resume
+                run.json                                          each start's command, versions, devices, git commit
+                metrics.jsonl                                     one strict-JSON row per step (and validation)
+                events.out.tfevents.*                             TensorBoard (logging.tensorboard)
+                samples_epoch<N>.png                              generated samples, without TensorBoard
+                jit/                                              exported models (jit_trace_model.py)
+        results/<model>/<save_folder_name>/run_<N>/               its plots and evaluation outputs
+A from-scratch run claims the next free run_<N> (mkdir, which two runs cannot both win) only once
+every check has passed, so a refused run leaves nothing behind; a resume continues in the folder of
+its checkpoint. (Checkpoints written before run folders existed lie in <save_folder_name>/ itself,
+which then counts as its oldest run.) Every file is written to a hidden temporary file in the same
+folder, flushed to disk and renamed into place, so a crash never leaves a partial file where a
+reader would pick it up; the next run removes such leftovers. Every checkpoint load uses
+`weights_only=True`: a checkpoint can hold tensors and plain data, never code.
 """
+import fnmatch
 import json
+import math
 import os
 import pickle
+import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,29 +34,61 @@ from pathlib import Path
 import torch
 import yaml
 
-from config import checkpoint_dir, load_training_config, resolve_path, results_dir, to_yaml
+from config import REPO_ROOT, checkpoint_dir, load_training_config, model_dir, resolve_path, results_dir, to_yaml
 from errors import UserError, did_you_mean
 from model_base import architecture_text_for, build_model
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
+RUN = re.compile(r"^run_(?P<n>\d+)$")
 METRICS = "metrics.jsonl"
+RECORD = "run.json"
 
 
 class Run:
-    """The one owner of a run's files (see the layout above): checkpoint names, atomic writes,
-    keep_last, `latest`, partial-write cleanup, the config snapshot, metrics.jsonl, and the
-    places where results and exported models go. Nothing else writes into a run's folder."""
+    """The one owner of a run's files (see the layout above): its folder, checkpoint names,
+    atomic writes, keep_last, partial-write cleanup, the config snapshot and run record,
+    metrics.jsonl and the dashboard (dashboard.py), and the places where results and exported
+    models go. Nothing else writes into a run's folder.
 
-    def __init__(self, folder, results, prefix="model", keep_last=None):
-        self.folder, self.results = Path(folder), Path(results)
+    `folder` None: a new run, whose run_<N> under `runs_root` is claimed by `start`."""
+
+    def __init__(self, folder, results, prefix="model", keep_last=None, runs_root=None):
+        self.folder, self.results = (Path(folder), Path(results)) if folder is not None else (None, None)
+        self.runs_root, self.results_root = runs_root, Path(results)
         self.prefix, self.keep_last = prefix, keep_last
         self.metrics_file = None  # open while training (rank 0)
+        self.dashboard = None  # dashboard.Dashboard while training (rank 0)
 
     @classmethod
-    def of(cls, cfg, folder=None):
-        """The run of a validated training config (its checkpoints in `folder`, if given)."""
+    def of(cls, cfg, folder):
+        """The existing run in `folder` (a run_<N>, or any folder a checkpoint lies in)."""
         saving = cfg["saving"]
-        return cls(folder or checkpoint_dir(cfg), results_dir(cfg), saving["save_filename_prefix"], saving["keep_last"])
+        return cls(folder, results_of(cfg, folder), saving["save_filename_prefix"], saving["keep_last"])
+
+    @classmethod
+    def new(cls, cfg):
+        """A from-scratch run of `cfg`; its folder is made when it starts."""
+        saving = cfg["saving"]
+        return cls(None, results_dir(cfg), saving["save_filename_prefix"], saving["keep_last"], checkpoint_dir(cfg))
+
+    @property
+    def name(self):
+        return self.folder.name if self.folder is not None else "(new run)"
+
+    def claim(self):
+        """Make the next free run_<N> folder: one past the highest so far, and never one that
+        exists (os.mkdir fails for the second of two runs that start at once)."""
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        n = max((int(m["n"]) for p in self.runs_root.iterdir() if (m := RUN.match(p.name))), default=0) + 1
+        while True:
+            try:
+                (self.runs_root / f"run_{n}").mkdir()
+                break
+            except FileExistsError:
+                n += 1
+        self.folder = self.runs_root / f"run_{n}"
+        self.results = self.results_root / self.folder.name
+        return self.folder
 
     # ---- checkpoints ----
     def save(self, state, epoch, early_stop=False):
@@ -59,59 +102,218 @@ class Run:
 
     def checkpoints(self):
         """This run's checkpoints (its prefix, in its folder), oldest first."""
+        if self.folder is None:
+            return []
         return [p for p in list_checkpoints(self.folder) if p.name.startswith(f"{self.prefix}_epoch")]
 
     def latest(self):
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def resolve(self, spec, where):
-        """The checkpoint `spec` names (None, latest, a file of the folder, a path); see resolve_checkpoint."""
-        return resolve_checkpoint(spec, self.folder, where)
+    # ---- while training (rank 0) ----
+    def start(self, cfg, last_step, about, tensorboard):
+        """Make the folder of a new run, or clear what a kill -9 cut short in a resumed one; write
+        the config snapshot and this start's record (`about`: devices, world size, checkpoint);
+        open metrics.jsonl and the dashboard. A resumed run redoes the steps after its
+        checkpoint: their rows (and any line cut short) are dropped, so that every step appears
+        once."""
+        from dashboard import Dashboard  # (imports TensorBoard only when it is used)
 
-    # ---- while training ----
-    def start(self, last_step):
-        """Clear what a kill -9 cut short, and open metrics.jsonl. A resumed run redoes the
-        steps after its checkpoint: their rows (and any line cut short) are dropped, so that
-        every step appears once."""
+        if self.folder is None:
+            self.claim()
+        self.folder.mkdir(parents=True, exist_ok=True)
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         path = self.folder / METRICS
-        text = "".join(json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= last_step).encode()
+        kept = [row for row in read_metrics(path) if row["step"] <= last_step]
+        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept).encode()
         atomic_write(path, lambda f: f.write(text))
+        self.snapshot(cfg)
+        self.write_record(about)
         self.metrics_file = open(path, "a")
+        self.dashboard = Dashboard(self.folder, tensorboard, cfg, resumed_at=last_step)
 
     def log(self, rows):
-        """Append rows to metrics.jsonl (if this process writes it)."""
-        if self.metrics_file is not None:
-            self.metrics_file.write("".join(json.dumps(row) + "\n" for row in rows))
-            self.metrics_file.flush()
+        """Append rows to metrics.jsonl, as strict JSON (a NaN or inf as null, its key listed
+        under "nonfinite"), and to the dashboard (if this process writes them)."""
+        if self.metrics_file is None:
+            return
+        rows = [strict_row(row) for row in rows]
+        self.metrics_file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        self.metrics_file.flush()
+        self.dashboard.scalars(rows)
+
+    def log_images(self, epoch, step, outputs):
+        """The generator's outputs on the run's fixed inputs, as a grid (TensorBoard or a PNG)."""
+        if self.dashboard is not None:
+            self.dashboard.images(epoch, step, outputs)
 
     def close(self):
         if self.metrics_file is not None:
             self.metrics_file.close()
             self.metrics_file = None
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
 
     def snapshot(self, cfg):
         """The config this start or resume runs with, beside its checkpoints."""
         text = to_yaml(cfg).encode()
         return atomic_write(self.folder / f"training_cfg_{timestamp()}.yaml", lambda f: f.write(text))
 
+    def write_record(self, about):
+        """Add this start to run.json: what a reader needs to reproduce the run months later."""
+        path = self.folder / RECORD
+        try:
+            starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+        except (ValueError, KeyError, TypeError):
+            starts = []  # a record cut short or edited by hand: start it afresh rather than refuse to train
+        starts.append({**start_record(), **about})
+        text = json.dumps({"starts": starts}, indent=2).encode()
+        atomic_write(path, lambda f: f.write(text))
+
     def metrics(self):
         return read_metrics(self.folder / METRICS)
 
     # ---- outputs of the other scripts ----
     def write_result(self, name, write):
-        """results/<model>/<save_folder_name>/<name>, written by `write(file)`."""
+        """results/<model>/<save_folder_name>/<run>/<name>, written by `write(file)`."""
         return atomic_write(self.results / name, write)
 
     def save_figure(self, name, fig):
-        """A matplotlib figure as results/<model>/<save_folder_name>/<name> (PNG)."""
+        """A matplotlib figure as results/<model>/<save_folder_name>/<run>/<name> (PNG)."""
         return self.write_result(name, lambda f: fig.savefig(f, format="png", dpi=100))
 
     def write_export(self, name, write):
         """jit/<name> beside the checkpoints: an exported model or its example input."""
         return atomic_write(self.folder / "jit" / name, write)
+
+
+def strict_row(row):
+    """`row` with every non-finite float as None, and their keys under "nonfinite"."""
+    bad = [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not bad:
+        return row
+    return {**{key: None if key in bad else value for key, value in row.items()}, "nonfinite": bad}
+
+
+def start_record(repo=REPO_ROOT):
+    """The command line, time, software versions and git state of this start."""
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [Path(sys.executable).name, *sys.argv],
+            "cwd": os.getcwd(), "host": platform.node(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "git": git_state(repo)}
+
+
+def git_state(repo):
+    """{"commit", "dirty"} of the checkout `repo` is in, or None where it is none (or git is missing)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- finding runs and checkpoints ----
+def run_folders(cfg):
+    """The runs of `cfg`'s save_folder_name, oldest first: run_1, run_2, ... (and, first, the
+    save_folder_name folder itself where it holds checkpoints from before run folders)."""
+    root = checkpoint_dir(cfg)
+    if not root.is_dir():
+        return []
+    numbered = sorted((int(m["n"]), p) for p in root.iterdir() if p.is_dir() and (m := RUN.match(p.name)))
+    return ([root] if list_checkpoints(root) else []) + [p for _, p in numbered]
+
+
+def results_of(cfg, folder):
+    """The results folder of the run in `folder`: results/<model>/<the folder's path under
+    model_checkpoints/>, or results/<model>/<save_folder_name>/<folder name> for a folder
+    elsewhere."""
+    folder = Path(folder).resolve()
+    checkpoints = (model_dir(cfg) / "model_checkpoints").resolve()
+    if folder.is_relative_to(checkpoints) and folder != checkpoints:
+        return REPO_ROOT / "results" / model_dir(cfg).name / folder.relative_to(checkpoints)
+    return results_dir(cfg) / folder.name
+
+
+def run_config(folder):
+    """The config a run last started with (its newest training_cfg_*.yaml), or None."""
+    snapshots = sorted(Path(folder).glob("training_cfg_*.yaml"))
+    return yaml.safe_load(snapshots[-1].read_text()) if snapshots else None
+
+
+def newest_checkpoint(cfg):
+    """The newest checkpoint of the newest run of `cfg`'s save_folder_name that has one, or None."""
+    for folder in reversed(run_folders(cfg)):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    return None
+
+
+def find_checkpoint(cfg, spec, where):
+    """The checkpoint `spec` names among the runs of `cfg`'s save_folder_name: None; latest (the
+    newest of the newest run); a run folder (its newest); a checkpoint file name (found in
+    whichever run holds it; in several, a user error listing them); or a path."""
+    if spec is None:
+        return None
+    root, runs = checkpoint_dir(cfg), run_folders(cfg)
+    if spec == "latest":
+        found = newest_checkpoint(cfg)
+        if found is None:
+            raise UserError(f"{where}: 'latest' but there is no checkpoint in {root}; train first "
+                            "(python train.py -t <training config>)")
+        return found
+    for candidate in (root / spec, Path(spec), resolve_path(spec)):  # a run folder, or a path from here or the repo
+        if candidate.is_dir():
+            found = list_checkpoints(candidate)
+            if not found:
+                raise UserError(f"{where}: {spec!r}: the folder {candidate} holds no checkpoint")
+            return found[-1]
+        if candidate.is_file():
+            return candidate
+    matches = [folder / spec for folder in runs if (folder / spec).is_file()]
+    if len(matches) > 1:
+        raise UserError(f"{where}: {spec!r} is a checkpoint of several runs: "
+                        f"{', '.join(str(m.parent.relative_to(root)) for m in matches)}; name one as <run>/{spec}")
+    if matches:
+        return matches[0]
+    names = [p.name for folder in runs for p in list_checkpoints(folder)]
+    choices = [p.name for p in runs if p != root] + ["latest"]
+    listing = ", ".join(names[-5:]) if names else "none"
+    raise UserError(f"{where}: checkpoint {spec!r} not found in the runs of {root}"
+                    f"{did_you_mean(spec, names + choices)}; use latest, a run folder ({', '.join(choices[-4:])}), "
+                    f"a path, or a file name such as: {listing}")
+
+
+def select_runs(cfg, specs, where):
+    """The run folders that `specs` pick among `cfg`'s runs (oldest first, each once): all, latest,
+    run folder names, globs over them (run_1*), or paths to run folders."""
+    runs, root, picked = run_folders(cfg), checkpoint_dir(cfg), []
+    names = {str(p.relative_to(root)) if p != root else ".": p for p in runs}
+    for spec in specs if isinstance(specs, list) else [specs]:
+        if not isinstance(spec, str):
+            raise UserError(f"{where}: {spec!r} is not a run: use all, latest, a run folder or a glob")
+        if spec == "all":
+            found = runs
+        elif spec == "latest":
+            found = runs[-1:]
+        elif any(c in spec for c in "*?["):
+            found = [p for name, p in names.items() if fnmatch.fnmatchcase(name, spec)]
+        elif spec in names:
+            found = [names[spec]]
+        elif Path(spec).is_dir() or resolve_path(spec).is_dir():
+            found = [Path(spec) if Path(spec).is_dir() else resolve_path(spec)]
+        else:
+            found = []
+        if not found:
+            listing = ", ".join(names) if names else f"none yet: train first (python train.py -t {cfg['config_path']})"
+            raise UserError(f"{where}: {spec!r} picks no run of {root}{did_you_mean(spec, list(names))}; "
+                            f"runs: {listing}")
+        picked += found
+    return list(dict.fromkeys(picked))
 
 
 def timestamp():
@@ -182,26 +384,6 @@ def list_checkpoints(folder):
     return [path for _, path in sorted(found)]
 
 
-def resolve_checkpoint(spec, folder, where):
-    """The checkpoint path that `spec` names: None, 'latest', a file in `folder`, or a path."""
-    if spec is None:
-        return None
-    folder = Path(folder)
-    if spec == "latest":
-        found = list_checkpoints(folder)
-        if not found:
-            raise UserError(f"{where}: 'latest' but there is no checkpoint in {folder}; train first "
-                            "(python train.py -t <training config>)")
-        return found[-1]
-    for candidate in (folder / spec, Path(spec), resolve_path(spec)):  # run's file, or a path from here or the repo
-        if candidate.is_file():
-            return candidate
-    names = [p.name for p in list_checkpoints(folder)]
-    listing = ", ".join(names[-5:]) if names else "none"
-    raise UserError(f"{where}: checkpoint {spec!r} not found in {folder}{did_you_mean(spec, names + ['latest'])}; "
-                    f"use 'latest' or one of: {listing}")
-
-
 # ---- loading a trained run (evaluate.py, evaluate_training.py, jit_trace_model.py) ----
 def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=(), use_ema=True):
     """(config, model with the checkpoint's weights, checkpoint path, checkpoint dict). The model
@@ -209,7 +391,7 @@ def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=(), us
     `use_ema`, a checkpoint's moving average of the generator's weights (training.ema_decay)
     replaces the generator's own."""
     cfg = load_training_config(training_cfg_path, overrides)
-    path = Run.of(cfg).resolve(checkpoint_spec, where)
+    path = find_checkpoint(cfg, checkpoint_spec, where)
     state = load_checkpoint(path)
     torch.manual_seed(cfg["training"]["seed"])
     saved = state.get("architecture") if isinstance(state, dict) else None

@@ -3,6 +3,7 @@
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """  # noqa: E501  (the commands as the README gives them)
+import torch
 import torch.distributed as dist
 
 from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, make_parser
@@ -11,7 +12,8 @@ from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings,
 from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
 from model_base import build_model
-from runs import Run, list_checkpoints, load_checkpoint, load_weights, saved_config
+from preflight import check_step
+from runs import Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
 from train_base import Trainer, seed_everything, setup_placement
 
 
@@ -33,31 +35,67 @@ def train(cfg, placement, source):
     seed_everything(seed)
     model = build_model(cfg["model"])
     loader, validation_loader = make_loaders(cfg, model, placement, source)
-    run = Run.of(cfg)
-    path = resume_path(cfg, run, source)
+    path = resume_path(cfg, source)
     resume = load_checkpoint(path) if path else None
     if resume:
         load_weights(model, resume, path)
+    run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)
     trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run)
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
+    check_step(trainer.losses, first_batch(loader), source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
-        print(model.summary())
+        if run.folder is None:
+            run.claim()
+        print(header(trainer, loader, validation_loader, run, path, placement))
         if resume:
             changes = config_changes(saved_config(resume, cfg), cfg)
             print(f"config changes since {path.name}:" + "".join(f"\n  {c}" for c in changes) if changes else
                   f"same config as {path.name}")
             for note in trainer.notes:
                 print(note)
-        held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
-        print(f"{'resuming from ' + str(path) if path else 'training from scratch'}; "
-              f"{len(loader.dataset)} training samples{held_out}, {trainer.steps_per_epoch} steps per epoch, "
-              f"device {placement.device}"
-              f"{f' x {placement.world_size} DDP process(es)' if placement.distributed else ''}")
-        run.snapshot(cfg)
     trainer.fit()
+
+
+def header(trainer, loader, validation_loader, run, path, placement):
+    """What will run, before it runs: the networks' settings, the data and the run's folder."""
+    if path is None:
+        start = "a new run, from scratch"
+    elif path.parent == run.folder:
+        start = f"resuming {path.name}"
+    else:  # see holds_run
+        start = f"a new run, from {path} (a checkpoint of another save_folder_name)"
+    lines = [trainer.model.summary(), f"run folder: {run.folder}", f"  {start}"]
+    lines += [f"  {net.describe()}" for net in trainer.networks.values()]
+    train = trainer.cfg["training"]
+    lines.append(f"  precision {train['precision']}, batch {train['batch_size']} x {trainer.accumulate} batch(es) "
+                 f"per step x {placement.world_size} process(es), {trainer.steps_per_epoch} steps per epoch, "
+                 f"{trainer.n_epochs} epochs, device {placement.device}{' (DDP)' if placement.distributed else ''}")
+    held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
+    lines.append(f"  data: {len(loader.dataset)} training samples{held_out}; streams:")
+    lines += [f"    {name}: {len(stream)} x {list(stream.shape[1:])} {str(stream.dtype).removeprefix('torch.')}"
+              for name, stream in loader.dataset.streams.items()]
+    logging = trainer.cfg["logging"]
+    lines.append(f"  logging: metrics.jsonl every {train['log_interval']} steps; TensorBoard "
+                 f"{'on (tensorboard --logdir ' + str(run.folder.parent) + ')' if trainer.tensorboard else 'off'}; "
+                 f"samples every {logging['image_every']} epoch(s)")
+    return "\n".join(lines)
+
+
+def holds_run(cfg, folder):
+    """Whether `folder` is one of the runs of cfg's save_folder_name: a resume continues in its
+    checkpoint's run; one from another save_folder_name's checkpoint starts a new run of this one
+    (from that checkpoint), so that two configs never write into one run."""
+    return folder.resolve() in {f.resolve() for f in run_folders(cfg)}
+
+
+def first_batch(loader):
+    """A batch of the loader's first two samples (as its batches are made, without drawing from
+    the run's random numbers), for the check that a step can run."""
+    data = loader.dataset
+    return data.__getitems__(((0,), torch.arange(min(2, len(data)))))
 
 
 def make_loaders(cfg, model, placement, source):
@@ -83,14 +121,14 @@ def make_loaders(cfg, model, placement, source):
                                **loading)
 
 
-def resume_path(cfg, run, source):
-    """The checkpoint to resume from, if any. `latest` in a run with no checkpoints yet starts it,
+def resume_path(cfg, source):
+    """The checkpoint to resume from, if any. `latest` with no checkpoint yet starts a new run,
     so one command both starts a (preemptible) job and resumes it."""
     spec = cfg["model"]["model_checkpoint_filename"]
-    if spec == "latest" and not list_checkpoints(run.folder):
-        print(f"model.model_checkpoint_filename: latest, but {run.folder} has no checkpoint yet: starting from scratch")
+    if spec == "latest" and newest_checkpoint(cfg) is None:
+        print("model.model_checkpoint_filename: latest, but there is no checkpoint yet: starting a new run")
         return None
-    return run.resolve(spec, f"{source}: model.model_checkpoint_filename")
+    return find_checkpoint(cfg, spec, f"{source}: model.model_checkpoint_filename")
 
 
 if __name__ == "__main__":

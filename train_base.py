@@ -14,6 +14,7 @@ import inspect
 import itertools
 import operator
 import os
+import platform
 import random
 import signal
 import sys
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from cli import select_device
 from config import to_yaml
+from dashboard import use_tensorboard
 from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
 from registry import loss_functions
@@ -39,7 +41,10 @@ class Trainer:
         train, adv = cfg["training"], cfg["adversarial"]
         self.cfg, self.model, self.loader, self.placement = cfg, model, loader, placement
         self.source, self.validation_loader = cfg["config_path"], validation_loader
-        self.run = run or Run.of(cfg)
+        self.run = run or Run.new(cfg)
+        logging = cfg["logging"]
+        self.tensorboard = use_tensorboard(logging["tensorboard"], f"{self.source}: logging")
+        self.image_every = logging["image_every"]
         prepare_model(model, train, placement, self.source)  # before any optimizer holds its parameters
         self.losses = Losses(model, cfg, placement.device)
         self.accumulate = train["grad_accumulation_steps"]  # loader batches per optimizer step
@@ -57,6 +62,10 @@ class Trainer:
         self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
         self.validation_steps = []  # the step at each validation (one per epoch)
         self.stop = StopSignal(placement)
+        # the generator's inputs whose outputs the dashboard shows every image_every epochs
+        self.fixed_inputs = first_inputs(validation_loader or loader, model, logging["n_images"])
+        # samples per optimizer step, over all processes (a short last batch counts as a full one)
+        self.samples_per_step = train["batch_size"] * self.accumulate * placement.world_size
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state)
@@ -124,7 +133,7 @@ class Trainer:
         try:
             with self.stop:
                 if main:
-                    self.run.start(self.step)
+                    self.run.start(self.cfg, self.step, self.about(), self.tensorboard)
                 last = self.save() if self.step == 0 else self.run.latest()  # the initial weights
                 for epoch in range(self.epoch + 1, self.n_epochs + 1):
                     bar.set_description(f"epoch {epoch}/{self.n_epochs}")
@@ -133,6 +142,8 @@ class Trainer:
                     self.epoch = epoch
                     validation = self.validate(bar) if self.validation_loader is not None else None
                     self.step_epoch_schedules(validation)
+                    if main and epoch % self.image_every == 0:
+                        self.run.log_images(epoch, self.step, self.sample_outputs())
                     if epoch % self.save_every == 0 or epoch == self.n_epochs:
                         last = self.save()
         except NonFiniteLoss as e:
@@ -153,6 +164,24 @@ class Trainer:
             print(f"trained to epoch {self.epoch}; latest checkpoint: {last}")
         return last
 
+    def about(self):
+        """What run.json records of this start, beside the command line and versions."""
+        device = self.placement.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        return {"device": str(device), "device_name": name, "world_size": self.placement.world_size,
+                "resumed_at_step": self.step, "resumed_at_epoch": self.epoch}
+
+    @torch.no_grad()
+    def sample_outputs(self):
+        """The generator's outputs on the fixed inputs, in eval mode, on the CPU (and without
+        drawing from the training's random numbers)."""
+        self.model.eval()
+        devices = [self.placement.device] if self.placement.device.type == "cuda" else []
+        with torch.random.fork_rng(devices):
+            outputs = self.losses.forward(self.fixed_inputs.to(self.placement.device)).float().cpu()
+        self.model.train()
+        return outputs
+
     @property
     def finished(self):
         return self.epoch >= self.n_epochs
@@ -169,21 +198,21 @@ class Trainer:
             if not group:
                 break
             try:
-                pending.append(self.train_step(group if self.accumulate > 1 else group[0]))
+                pending.append((*self.train_step(group if self.accumulate > 1 else group[0]), time.time()))
             except NonFiniteLoss:
                 if pending:  # keep the good steps before it in loss_history and metrics.jsonl
-                    self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
+                    self.record(pending, epoch, bar, waited, time.perf_counter() - since)
                 raise
             self.step += 1
             self.batches_done += 1
             bar.update()
             if len(pending) == self.log_interval:
-                self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
+                self.record(pending, epoch, bar, waited, time.perf_counter() - since)
                 pending, waited, since = [], 0.0, time.perf_counter()
             if self.stop.requested(agree=not pending):
                 break
         if pending:
-            self.record(pending, epoch, bar, waited / (time.perf_counter() - since))
+            self.record(pending, epoch, bar, waited, time.perf_counter() - since)
         if self.stop.requested(agree=True):
             return False
         self.batches_done = 0
@@ -223,25 +252,26 @@ class Trainer:
                 f"{name} {terms['total']:.4f}" for name, terms in result.items()))
         return result
 
-    def record(self, pending, epoch, bar, data_share):
+    def record(self, pending, epoch, bar, waited, elapsed):
         """Move pending per-step losses to the networks' loss_history and to metrics.jsonl (one
-        device sync per log_interval steps), and show the latest losses and the share of time
-        spent waiting for data (data_wait, the same for each of these steps)."""
+        device sync per log_interval steps), and show the latest losses and the share of the
+        `elapsed` seconds of these steps spent waiting for data (`waited`)."""
         first_step = self.step - len(pending) + 1
-        rows = [{"epoch": epoch, "step": first_step + i, "data_wait": round(data_share, 4)}
-                for i in range(len(pending))]
+        speed = round(self.samples_per_step * len(pending) / elapsed, 1)  # the same for each of these steps
+        rows = [{"epoch": epoch, "step": first_step + i, "time": round(stamp, 3), "samples_per_s": speed,
+                 "data_wait": round(waited / elapsed, 4)} for i, (_, _, stamp) in enumerate(pending)]
         for name in pending[0][0]:
             terms = list(pending[0][0][name])
-            values = torch.stack([torch.stack([step[name][k] for k in terms]) for step, _ in pending]).cpu().tolist()
+            values = torch.stack([torch.stack([step[name][k] for k in terms]) for step, _, _ in pending]).cpu().tolist()
             history = self.networks[name].loss_history
             for i, term in enumerate(terms):
                 history.setdefault(term, []).extend(row[i] for row in values)
-            for row, step_values, (_, lrs) in zip(rows, values, pending):
+            for row, step_values, (_, lrs, _) in zip(rows, values, pending):
                 row |= {f"{name}/{term}": v for term, v in zip(terms, step_values)}
                 row[f"{name}/lr"] = lrs[name]
         self.run.log(rows)
         shown = {f"{name} loss": f"{net.loss_history['total'][-1]:.4f}" for name, net in self.networks.items()}
-        bar.set_postfix({**shown, "data wait": f"{data_share:.0%}"}, refresh=False)
+        bar.set_postfix({**shown, "data wait": f"{waited / elapsed:.0%}"}, refresh=False)
 
     # ---- checkpoints ----
     def state(self, early_stop):
@@ -435,6 +465,13 @@ def split_record(cfg, loader):
     return {"n_samples": len(loader.dataset.streams[data["data_len_key"]]),
             "validation_fraction": data["validation_fraction"], "split_seed": data["split_seed"],
             "batch_size": cfg["training"]["batch_size"]}  # of the validation batches
+
+
+def first_inputs(loader, model, n):
+    """The model's inputs of the first `n` samples of the loader's dataset, in the dataset's own
+    order (not the shuffled one): the same samples at every epoch and in every run of a config."""
+    data = loader.dataset
+    return model.split_batch(data.__getitems__(((0,), torch.arange(min(n, len(data))))))[0]
 
 
 def check_training_setup(model, adversarial, loss_fn, source):

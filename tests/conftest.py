@@ -60,6 +60,20 @@ def checkpoints(folder):
     return sorted(Path(folder).glob("*.pth"))
 
 
+def newest_run(save_folder):
+    """The newest run_<N> folder of a save_folder_name's folder (the folder itself while it has none)."""
+    numbered = [(int(p.name[4:]), p) for p in Path(save_folder).glob("run_*") if p.name[4:].isdigit()]
+    return max(numbered)[1] if numbered else Path(save_folder)
+
+
+def run_folder_of(proc):
+    """The run folder a train.py run says it trains in (its start-up header: 'run folder: <folder>')."""
+    for line in proc.stdout.splitlines():
+        if line.startswith("run folder: "):
+            return Path(line.removeprefix("run folder: "))
+    raise AssertionError(f"train.py printed no run folder:\n{proc.stdout}")
+
+
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory):
     """A fresh copy of the repository (no git data, no run outputs) to run the scripts in."""
@@ -76,5 +90,5 @@ def trained_run(repo):
 
 @pytest.fixture(scope="session")
 def trained(repo, trained_run):
-    """(repository copy, checkpoint folder) of the tiny training run."""
-    return repo, repo / CHECKPOINTS / "example_run"
+    """(repository copy, run folder) of the tiny training run."""
+    return repo, run_folder_of(trained_run)

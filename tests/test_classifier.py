@@ -6,6 +6,7 @@ epochs of the shipped config); the three scripts that read it then run side by s
 """
 import importlib.util
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 import evaluate
 import loss
-from conftest import SRC, checkpoints, run
+from conftest import SRC, checkpoints, newest_run, run
 from errors import UserError
 
 CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
@@ -134,7 +135,7 @@ def classifier_run(repo):
 @pytest.mark.slow
 def test_classifier_trains_with_a_validation_split(classifier_run):
     repo, _ = classifier_run
-    folder = repo / "models/shape_classifier/model_checkpoints" / RUN
+    folder = newest_run(repo / "models/shape_classifier/model_checkpoints" / RUN)
     latest = checkpoints(folder)[-1]
     state = torch.load(latest, map_location="cpu", weights_only=True)
     assert state["epoch"] == 2
@@ -146,12 +147,14 @@ def test_classifier_trains_with_a_validation_split(classifier_run):
 @pytest.mark.slow
 def test_classifier_evaluates_on_the_held_out_images(classifier_run):
     repo, procs = classifier_run
-    out = repo / "results/shape_classifier" / RUN
+    run_folder = newest_run(repo / "models/shape_classifier/model_checkpoints" / RUN)
+    out = repo / "results/shape_classifier" / RUN / run_folder.name  # the run's own results
     [metrics_path] = out.glob("*_metrics.json")
-    assert metrics_path.name.endswith("_validation_metrics.json")  # <checkpoint>_<split>_metrics.json
-    stem = metrics_path.name[:-len("_metrics.json")]
+    stem = metrics_path.name[:-len("_metrics.json")]  # <checkpoint>_<split>_<settings hash>
+    assert re.fullmatch(r".+_validation_[0-9a-f]{8}", stem), metrics_path.name
     metrics = json.loads(metrics_path.read_text())
     assert metrics["data_split"] == "validation" and metrics["n_samples"] == N_VALIDATION
+    assert metrics["evaluation"]["data_split"] == "validation"
     assert metrics["accuracy"] > 0.6  # chance is 1/3; two epochs reach far more
     assert metrics["n_classes"] == 3 and set(metrics["accuracy_per_class"]) == {"circle", "square", "triangle"}
     assert sum(metrics["class_counts"].values()) == N_VALIDATION
@@ -168,7 +171,7 @@ def test_classifier_evaluates_on_the_held_out_images(classifier_run):
 @pytest.mark.slow
 def test_classifier_traces(classifier_run):
     repo, _ = classifier_run
-    jit = repo / "models/shape_classifier/model_checkpoints" / RUN / "jit"
-    [traced] = jit.glob("*_traced.pt")
+    jit = newest_run(repo / "models/shape_classifier/model_checkpoints" / RUN) / "jit"
+    [traced] = jit.glob("*_1x1x16x16_traced.pt")  # <checkpoint>_<input shape>_traced.pt
     model = torch.jit.load(traced)
     assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)

@@ -35,7 +35,9 @@ from conftest import (
     TRAIN_CFG,
     TRAIN_EVAL_CFG,
     checkpoints,
+    newest_run,
     run,
+    run_folder_of,
     script_env,
 )
 
@@ -89,7 +91,8 @@ def n_model_params():
 @pytest.mark.slow
 def test_train_writes_initial_and_epoch_checkpoints(trained, trained_run):
     repo, folder = trained
-    assert folder == repo / "models/example_model/model_checkpoints/example_run"
+    assert folder.parent == repo / "models/example_model/model_checkpoints/example_run"
+    assert folder.name == "run_1"  # the first run of its save_folder_name
     names = [p.name for p in checkpoints(folder)]
     assert names and all(NAME.match(n) for n in names), names
     for name in names:
@@ -159,17 +162,18 @@ def test_config_snapshot_beside_checkpoints(trained):
 # ---- 2. python evaluate_training.py -te ... ---------------------------------------------------
 @pytest.mark.slow
 def test_evaluate_training(trained):
+    """One run: its figure and its final/best table, from every step of its metrics.jsonl."""
     repo, folder = trained
     proc = run(repo, "evaluate_training.py", "-te", TRAIN_EVAL_CFG)
-    png = repo / "results/example_model/example_run/training_losses.png"
+    out = repo / "results/example_model/example_run" / folder.name
+    png = out / "training_losses.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
-    latest = by_epoch(folder)[2].name
-    table = [line for line in proc.stdout.splitlines() if line.startswith(latest)]
-    terms = {tuple(line.split()[1:3]) for line in table}
-    assert {("generator", "g_adv"), ("discriminator", "d_real"), ("discriminator", "d_fake")} <= terms
-    for line in table:
-        steps, final, best = line.split()[3:6]
-        assert int(steps) == 2 * STEPS_PER_EPOCH and float(best) <= float(final)
+    table = (out / "training_summary.md").read_text()
+    assert table.splitlines()[0] == f"| | {folder.name} |" and table in proc.stdout
+    rows = {line.split(",")[0]: line.split(",")[1:] for line in (out / "training_summary.csv").read_text().splitlines()}
+    assert rows["steps"] == [str(2 * STEPS_PER_EPOCH)]
+    assert {"final generator/g_adv", "final discriminator/d_real", "final discriminator/d_fake"} <= set(rows)
+    assert not [name for name in rows if name.startswith("best ")]  # a GAN's losses have no "best"
 
 
 # ---- 3. python evaluate.py -t ... -e ... --------------------------------------------------------
@@ -177,17 +181,27 @@ def test_evaluate_training(trained):
 def test_evaluate(trained):
     repo, folder = trained
     run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)
-    out = repo / "results/example_model/example_run"
+    out = repo / "results/example_model/example_run" / folder.name  # the run's own results
     stem = by_epoch(folder)[2].stem  # `latest`
-    samples, metrics_path = out / f"{stem}_all_samples.png", out / f"{stem}_all_metrics.json"  # no split: all
-    assert samples.read_bytes()[:8] == PNG_MAGIC
+    metrics_path = out / f"{stem}_all_{evaluation_hash(out, stem, 'all')}_metrics.json"  # no split: all
+    assert metrics_path.with_name(metrics_path.name.replace("_metrics.json", "_samples.png")).read_bytes()[:8] \
+        == PNG_MAGIC
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["n_samples"] == 64
+    assert metrics["n_samples"] == 64 and metrics["evaluation"]["n_samples"] == 64
     assert Path(metrics["checkpoint"]).name == f"{stem}.pth"
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     assert len(numbers) >= 5 and all(math.isfinite(v) for v in numbers.values())
     assert -1 <= metrics["output_min"] <= metrics["output_mean"] <= metrics["output_max"] <= 1  # Tanh output
     assert "discriminator_score_real" in metrics and "target_to_nearest_output" in metrics
+
+
+def evaluation_hash(out, stem, split):
+    """The settings hash of the one evaluation of `stem` on `split` in the results folder `out`
+    (<checkpoint>_<split>_<hash>_metrics.json)."""
+    [path] = out.glob(f"{stem}_{split}_*_metrics.json")
+    digest = path.name[len(f"{stem}_{split}_"):-len("_metrics.json")]
+    assert re.fullmatch(r"[0-9a-f]{8}", digest) and json.loads(path.read_text())["settings_hash"] == digest
+    return digest
 
 
 def test_paired_metrics_of_known_errors():
@@ -242,7 +256,7 @@ def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
     jit = checkpoint.parent / "jit"
     tag = "x".join(map(str, shape))
     suffix = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}[fmt]
-    artifact, raw_path = jit / f"{checkpoint.stem}{suffix}", jit / f"{checkpoint.stem}_input_{tag}.raw"
+    artifact, raw_path = jit / f"{checkpoint.stem}_{tag}{suffix}", jit / f"{checkpoint.stem}_input_{tag}.raw"
     assert raw_path.stat().st_size == 4 * math.prod(shape)  # float32
     sidecar = json.loads(raw_path.with_suffix(".json").read_text())
     assert sidecar["shape"] == list(shape) and sidecar["dtype"] == "float32"
@@ -364,7 +378,7 @@ UNET_DATA = ["dataset.noisy_images.n_inputs=32", "dataset.clean_images.n_inputs=
 @pytest.fixture(scope="module")
 def unet_trained(repo):
     run(repo, "train.py", "-t", UNET_CFG, *sets("training.n_epochs=1", "training.batch_size=8", *UNET_DATA))
-    return repo, repo / "models/unet_gan/model_checkpoints/denoise_run"
+    return repo, newest_run(repo / "models/unet_gan/model_checkpoints/denoise_run")
 
 
 @pytest.mark.slow
@@ -386,14 +400,15 @@ def test_unet_example_evaluates_and_traces(unet_trained):
     repo, folder = unet_trained
     stem = by_epoch(folder)[1].stem
     run(repo, "evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *sets("evaluation.n_samples=8", *UNET_DATA))
-    out = repo / "results/unet_gan/denoise_run"
-    metrics = json.loads((out / f"{stem}_validation_metrics.json").read_text())  # its held-out images
+    out = repo / "results/unet_gan/denoise_run" / folder.name
+    digest = evaluation_hash(out, stem, "validation")
+    metrics = json.loads((out / f"{stem}_validation_{digest}_metrics.json").read_text())  # its held-out images
     assert metrics["n_samples"] == 3 and "discriminator_score_generated" in metrics  # all 3 held out
     # paired data: output vs target and, for reference, the noisy input vs target
     assert metrics["l1"] >= 0 and metrics["mse"] >= 0 and math.isfinite(metrics["psnr_db"])
     assert 10 < metrics["input_psnr_db"] < 14  # noise of std 0.5 on data in [-1, 1]: about 12 dB
     assert "output_to_nearest_target" not in metrics
-    assert (out / f"{stem}_validation_samples.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / f"{stem}_validation_{digest}_samples.png").read_bytes()[:8] == PNG_MAGIC
     run(repo, "evaluate_training.py", "-te", UNET_TRAIN_EVAL_CFG)
     assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC
     run(repo, "jit_trace_model.py", "-t", UNET_CFG, "-c", "latest", "-i", "2", "1", "32", "32")
@@ -441,7 +456,7 @@ DDP_SETS = ["training.gpus=[]", "training.n_epochs=1", f"training.batch_size={DD
 def ddp_run(repo):
     proc = run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                "train.py", "-t", MULTIGPU_CFG, *sets(*DDP_SETS))
-    return proc, repo / CHECKPOINTS / "example_multigpu_run"
+    return proc, newest_run(repo / CHECKPOINTS / "example_multigpu_run")
 
 
 @pytest.mark.slow
@@ -475,7 +490,7 @@ def test_two_nodes_over_loopback_rendezvous_train_as_one_run(repo):
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
     assert sum("trained to epoch 1" in out for out, _ in outputs) == 1  # rank 0's node alone reports
-    ckpts = by_epoch(repo / CHECKPOINTS / "two_nodes")
+    ckpts = by_epoch(newest_run(repo / CHECKPOINTS / "two_nodes"))
     assert sorted(ckpts) == [0, 1]
     history = load(ckpts[1])["loss_history"]
     assert all(len(v) == 512 // (2 * DDP_BATCH) for terms in history.values() for v in terms.values())
@@ -525,7 +540,7 @@ def test_ddp_with_accumulation_and_a_gradient_penalty_matches_one_process(repo):
     run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py", "-t",
         MULTIGPU_CFG, *sets(*strained, f"training.batch_size={DDP_BATCH // 2}", "training.grad_accumulation_steps=2"))
     whole_batch = [*strained, f"training.batch_size={2 * DDP_BATCH}"]
-    assert_trained_alike(repo / CHECKPOINTS / "ddp_r1_accumulated", one_process_weights(*whole_batch))
+    assert_trained_alike(newest_run(repo / CHECKPOINTS / "ddp_r1_accumulated"), one_process_weights(*whole_batch))
 
 
 @pytest.mark.slow
@@ -564,8 +579,8 @@ def resumed(trained):
     (there is no checkpoint yet) and trains 1 epoch, the second resumes to 2, the third has
     nothing left to do."""
     repo, _ = trained
-    folder = repo / CHECKPOINTS / "resume_run"
     first = run(repo, *train_args("resume_run", "training.n_epochs=1", "model.model_checkpoint_filename=latest"))
+    folder = run_folder_of(first)
     after_first = by_epoch(folder)
     second = run(repo, *train_args("resume_run", "training.n_epochs=2", "model.model_checkpoint_filename=latest"))
     after_second = by_epoch(folder)
@@ -589,8 +604,8 @@ def test_resume_continues_to_n_epochs(resumed):
     assert sorted(resumed["after_first"]) == [0, 1]
     assert sorted(resumed["after_second"]) == [0, 1, 2]
     assert resumed["after_second"][1] == resumed["after_first"][1]  # no epoch trained twice
-    assert "starting from scratch" in resumed["runs"][0].stdout
-    assert "resuming from" in resumed["runs"][1].stdout
+    assert "no checkpoint yet: starting a new run" in resumed["runs"][0].stdout
+    assert "resuming example_gan_epoch1_" in resumed["runs"][1].stdout
     state = load(resumed["after_second"][2])
     assert state["epoch"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH
     for net in ("generator", "discriminator"):
@@ -819,11 +834,11 @@ def train_then_signal(repo, folder, signum, log_dir):
     with open(out_path, "w") as out, open(err_path, "w") as err:  # files, not pipes: tqdm writes a lot
         proc = subprocess.Popen([sys.executable, *args], cwd=repo, stdout=out, stderr=err, env=script_env())
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while not by_epoch(repo / CHECKPOINTS / folder) and proc.poll() is None and time.monotonic() < deadline:
+            deadline, saves = time.monotonic() + TIMEOUT, repo / CHECKPOINTS / folder
+            while not by_epoch(newest_run(saves)) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert proc.poll() is None, f"training ended early:\n{err_path.read_text()}"
-            assert by_epoch(repo / CHECKPOINTS / folder), "no checkpoint before the deadline"
+            assert by_epoch(newest_run(repo / CHECKPOINTS / folder)), "no checkpoint before the deadline"
             proc.send_signal(signum)
             status = proc.wait(timeout=120)
         finally:
@@ -849,8 +864,8 @@ def test_signal_saves_early_stop_checkpoint(trained, interrupted, tmp_path, sign
         status, out, err = train_then_signal(repo, folder, signum, tmp_path)
     assert status == 128 + signum, err
     assert "Traceback" not in err
-    early = by_epoch(repo / CHECKPOINTS / folder, early_stop=True)
-    assert len(early) == 1, list((repo / CHECKPOINTS / folder).iterdir())
+    early = by_epoch(newest_run(repo / CHECKPOINTS / folder), early_stop=True)
+    assert len(early) == 1, list(newest_run(repo / CHECKPOINTS / folder).iterdir())
     (epoch, path), = early.items()
     state = load(path)
     assert state["epoch"] == epoch < 1000
@@ -862,12 +877,13 @@ def test_signal_saves_early_stop_checkpoint(trained, interrupted, tmp_path, sign
 def resumed_after_interrupt(repo, interrupted):
     """The Ctrl-C'd run resumed with `latest` to one epoch past its _et checkpoint, and the same
     number of epochs run without interruption."""
-    folder = repo / CHECKPOINTS / "sigint_run"
+    folder = newest_run(repo / CHECKPOINTS / "sigint_run")
     (k, _), = by_epoch(folder, early_stop=True).items()
     common = [f"training.batch_size={SIGNAL_BATCH}", f"training.n_epochs={k + 1}"]
     run(repo, *train_args("sigint_run", *common, "model.model_checkpoint_filename=latest"))
     run(repo, *train_args("sigint_reference", *common))
-    return (k + 1, load(by_epoch(folder)[k + 1]), load(by_epoch(repo / CHECKPOINTS / "sigint_reference")[k + 1]))
+    reference = newest_run(repo / CHECKPOINTS / "sigint_reference")
+    return k + 1, load(by_epoch(folder)[k + 1]), load(by_epoch(reference)[k + 1])
 
 
 @pytest.mark.slow
@@ -882,19 +898,19 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(resumed_after_interrupt):
 
 @pytest.mark.slow
 def test_evaluate_training_sends_other_overrides_to_the_training_config(resumed):
-    """--set saving.save_folder_name=... picks another run of the same training config."""
-    repo = resumed["folder"].parents[3]
-    png = repo / "results/example_model/resume_run/training_losses.png"
-    proc = run(repo, "evaluate_training.py", "-te", TRAIN_EVAL_CFG, "--set", "saving.save_folder_name=resume_run")
-    assert png.read_bytes()[:8] == PNG_MAGIC
-    assert resumed["after_second"][2].name in proc.stdout
+    """--set saving.save_folder_name=... picks the runs of another save_folder_name."""
+    repo = resumed["folder"].parents[4]
+    out = repo / "results/example_model/resume_run" / resumed["folder"].name
+    run(repo, "evaluate_training.py", "-te", TRAIN_EVAL_CFG, "--set", "saving.save_folder_name=resume_run")
+    assert (out / "training_losses.png").read_bytes()[:8] == PNG_MAGIC
+    assert f"steps,{2 * STEPS_PER_EPOCH}" in (out / "training_summary.csv").read_text()  # both starts' steps
 
 
 # ---- from another folder ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_evaluate_training_from_another_folder(trained, tmp_path):
-    repo, _ = trained
-    png = repo / "results/example_model/example_run/training_losses.png"
+    repo, folder = trained
+    png = repo / "results/example_model/example_run" / folder.name / "training_losses.png"
     png.unlink(missing_ok=True)
     proc = run(repo, repo / "evaluate_training.py", "-te", repo / TRAIN_EVAL_CFG, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -909,10 +925,9 @@ def test_moving_average_uses_the_configured_window():
 
 
 @pytest.mark.slow
-def test_evaluate_training_compares_runs_and_checkpoints(trained, resumed, tmp_path):
-    """Several runs (a list of training configs) and checkpoints (a glob and latest) in one figure and
-    table, labelled by run folder and learning rate; learning rates come from metrics.jsonl."""
-    import evaluate_training
+def test_evaluate_training_compares_checkpoints_of_two_configs(trained, resumed, tmp_path):
+    """Two training configs (save_folder_names) and checkpoints of each run (a glob and latest):
+    one figure and table, a column per run and checkpoint, curves up to each checkpoint's step."""
     repo, _ = trained
     cfgs = []
     for folder in ("example_run", "resume_run"):
@@ -924,19 +939,17 @@ def test_evaluate_training_compares_runs_and_checkpoints(trained, resumed, tmp_p
     te.write_text(yaml.safe_dump({"training_evaluation": {
         "training_cfg_path": [str(c) for c in cfgs], "model_checkpoint_filename": ["*_epoch1_*", "latest"],
         "loss_average_window": 4}}))
-    png = repo / "results/example_model/example_run/training_losses.png"
-    png.unlink(missing_ok=True)
     proc = run(repo, "evaluate_training.py", "-te", te)
-    assert png.read_bytes()[:8] == PNG_MAGIC
-    rows = [line for line in proc.stdout.splitlines() if " g_adv " in line]
-    assert len(rows) == 4  # two runs x (epoch 1, latest = epoch 2)
-    assert sum(line.endswith("example_run (lr 0.001)") for line in rows) == 2
-    assert sum(line.endswith("resume_run (lr 0.001)") for line in rows) == 2
-    assert sorted((line.split()[3], line.split()[6]) for line in rows) == [(str(STEPS_PER_EPOCH), "1")] * 2 + [
-        (str(2 * STEPS_PER_EPOCH), "2")] * 2  # steps and epoch of each checkpoint
-    latest = by_epoch(repo / CHECKPOINTS / "resume_run")[2]
-    run_info = evaluate_training.read_run(config.load_training_config(cfgs[1]), latest)
-    assert run_info["lrs"]["generator"] == [0.001] * (2 * STEPS_PER_EPOCH)  # metrics.jsonl, up to the checkpoint
+    saved = [Path(line.removeprefix("saved ")) for line in proc.stdout.splitlines() if line.startswith("saved ")]
+    assert [p.suffix for p in saved] == [".png", ".md", ".csv"]
+    assert all(p.parent == repo / "results/example_model/example_run" for p in saved)  # the first config's
+    assert saved[0].read_bytes()[:8] == PNG_MAGIC and saved[0].name.startswith("compare_")
+    rows = {line.split(",")[0]: line.split(",")[1:] for line in saved[2].read_text().splitlines()}
+    assert [re.sub(r"/run_\d+ @ ", " ", label) for label in rows[""]] == [
+        f"{name} epoch {epoch}" for name in ("example_run", "resume_run") for epoch in (1, 2)]
+    assert rows["steps"] == [str(STEPS_PER_EPOCH), str(2 * STEPS_PER_EPOCH)] * 2
+    assert rows["config: config file"] == [str(cfgs[0])] * 2 + [str(cfgs[1])] * 2
+    assert rows["config: saving.save_folder_name"] == ["example_run"] * 2 + ["resume_run"] * 2
     te.write_text(te.read_text().replace("'*_epoch1_*'", "'*_epoch7_*'"))
     proc = run(repo, "evaluate_training.py", "-te", te, check=False)
     assert proc.returncode == 2 and "'*_epoch7_*' matches no checkpoint" in proc.stderr, proc.stderr

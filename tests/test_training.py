@@ -27,7 +27,7 @@ import dataset as dataset_mod
 import loss
 import registry
 import runs
-from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, script_env
+from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, newest_run, script_env
 from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
 
 STEPS = 512 // 32  # steps per epoch of the toy config
@@ -40,7 +40,7 @@ BAD_STEP = 13  # the step of epoch 1 at which the NaN sample is first read (log_
 
 
 def folder_of(repo, name):
-    return repo / CHECKPOINTS / f"tt_{name}"
+    return newest_run(repo / CHECKPOINTS / f"tt_{name}")
 
 
 def rows_of(folder):
@@ -227,9 +227,10 @@ def test_kill_during_saves_never_leaves_an_unloadable_checkpoint(tmp_path):
     # the next run removes such leftovers (one planted, in case no kill landed mid-save)
     (folder / ".m_epoch3_20260101-000000.pth.abc123.tmp").write_bytes(b"partial")
     run = runs.Run(folder, folder, "m")
-    run.start(last_step=0)
+    run.start({}, last_step=0, about={}, tensorboard=False)
     run.close()
-    assert sorted(p for p in folder.iterdir() if p.name != "metrics.jsonl") == sorted(found)
+    assert not list(folder.glob(".*.tmp"))
+    assert runs.list_checkpoints(folder) == found
 
 
 # ---- the training runs ----------------------------------------------------------------------------
