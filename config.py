@@ -313,8 +313,8 @@ TRAINING_EVALUATION = {
                         "(run_3), a glob over run folders (run_1*), or a list of them"),
         "model_checkpoint_filename": Key(None, str, list,
                                          doc="null: each run's whole metrics.jsonl; else curves up to these "
-                                             "checkpoints: latest, a file name, a glob such as '*_epoch*0_*.pth', "
-                                             "or a list of them"),
+                                             "checkpoints of each run: latest, a file name, a glob such as "
+                                             "'*_epoch*0_*.pth', a path, or a list of them"),
         "loss_average_window": Key(10, int, check=at_least(1), doc="steps in the moving average"),
     },
 }

@@ -16,6 +16,7 @@ import hashlib
 import io
 import math
 import re
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -45,15 +46,7 @@ def main(argv):
                      "training-evaluation config")["training_evaluation"]
     where = f"{args.training_evaluation_cfg}: training_evaluation"
     cfgs = [load_training_config(resolve_path(p), train_sets) for p in as_list(te["training_cfg_path"])]
-    specs = te["model_checkpoint_filename"]
-    runs = []
-    for cfg in cfgs:
-        for folder in select_runs(cfg, te["runs"], f"{where}.runs"):
-            if specs is None:
-                runs.append(read_run(cfg, folder, where))
-            else:
-                runs += [read_run(cfg, folder, where, path)
-                         for path in checkpoints_of(folder, as_list(specs), f"{where}.model_checkpoint_filename")]
+    runs = gather_runs(cfgs, te, where)
     if not any(run["curves"] for run in runs):
         raise UserError(f"{where}.runs: the runs picked have logged no step yet (a run stopped before its first "
                         "step?); train further, or pick other runs")
@@ -61,23 +54,48 @@ def main(argv):
     window = te["loss_average_window"]
     table = summary_table(runs, window)
     print(markdown(table))
-    if len(runs) == 1:
-        out, stem = runs[0]["results"], "training"
-        names = {"figure": "training_losses.png", "md": "training_summary.md", "csv": "training_summary.csv"}
+    if len(runs) == 1:  # into the run's own results folder
+        writer, files = Run(runs[0]["results"], runs[0]["results"]), ("training_losses.png", "training_summary")
     else:
-        out, stem = results_dir(cfgs[0]), comparison_name(runs)
-        names = {"figure": f"{stem}.png", "md": f"{stem}.md", "csv": f"{stem}.csv"}
-    writer = Run(out, out)
+        stem = comparison_name(runs)
+        writer, files = Run(results_dir(cfgs[0]), results_dir(cfgs[0])), (f"{stem}.png", stem)
     fig = plot(runs, window)
-    print(f"saved {writer.save_figure(names['figure'], fig)}")
+    print(f"saved {writer.save_figure(files[0], fig)}")
     plt.close(fig)
     md, rows = markdown(table).encode(), csv_text(table).encode()
-    print(f"saved {writer.write_result(names['md'], lambda f: f.write(md))}")
-    print(f"saved {writer.write_result(names['csv'], lambda f: f.write(rows))}")
+    print(f"saved {writer.write_result(files[1] + '.md', lambda f: f.write(md))}")
+    print(f"saved {writer.write_result(files[1] + '.csv', lambda f: f.write(rows))}")
+
+
+def gather_runs(cfgs, te, where):
+    """The curves to draw: each picked run of each training config, whole (model_checkpoint_filename
+    null) or up to the checkpoints named; a checkpoint given as a path is read wherever it lies."""
+    specs = te["model_checkpoint_filename"]
+    specs = None if specs is None else as_list(specs)
+    paths = [p for p in map(checkpoint_path, specs or []) if p is not None]
+    names = [s for s in specs or [] if checkpoint_path(s) is None]
+    runs = [read_run(cfgs[0], path.parent, where, path) for path in paths]
+    if specs is not None and not names:
+        return runs
+    for cfg in cfgs:
+        for folder in select_runs(cfg, te["runs"], f"{where}.runs"):
+            if specs is None:
+                runs.append(read_run(cfg, folder, where))
+            else:
+                runs += [read_run(cfg, folder, where, path)
+                         for path in checkpoints_of(folder, names, f"{where}.model_checkpoint_filename")]
+    return runs
 
 
 def as_list(value):
     return value if isinstance(value, list) else [value]
+
+
+def checkpoint_path(spec):
+    """The file `spec` names as a path (from here or from the repository), or None."""
+    if not isinstance(spec, str) or not spec.endswith(".pth"):
+        return None
+    return next((p for p in (Path(spec), resolve_path(spec)) if p.is_file()), None)
 
 
 def checkpoints_of(folder, specs, where):

@@ -44,7 +44,7 @@ def train(cfg, placement, source):
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
-    check_step(trainer.losses, first_batch(loader), source)
+    check_step(trainer.losses, first_batch(loader, cfg["training"]["batch_size"]), source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
@@ -91,11 +91,12 @@ def holds_run(cfg, folder):
     return folder.resolve() in {f.resolve() for f in run_folders(cfg)}
 
 
-def first_batch(loader):
-    """A batch of the loader's first two samples (as its batches are made, without drawing from
-    the run's random numbers), for the check that a step can run."""
+def first_batch(loader, batch_size):
+    """A batch of the loader's first two samples (one, with batch_size 1, as training would see),
+    made as its batches are made without drawing from the run's random numbers, for the check
+    that a step can run."""
     data = loader.dataset
-    return data.__getitems__(((0,), torch.arange(min(2, len(data)))))
+    return data.__getitems__(((0,), torch.arange(min(2, batch_size, len(data)))))
 
 
 def make_loaders(cfg, model, placement, source):

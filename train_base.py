@@ -32,6 +32,7 @@ from config import to_yaml
 from dashboard import use_tensorboard
 from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
+from preflight import eagerly
 from registry import loss_functions
 from runs import Run
 
@@ -174,10 +175,11 @@ class Trainer:
     @torch.no_grad()
     def sample_outputs(self):
         """The generator's outputs on the fixed inputs, in eval mode, on the CPU (and without
-        drawing from the training's random numbers)."""
+        drawing from the training's random numbers). Compiled submodels run eagerly: eval mode
+        would otherwise compile them a second time."""
         self.model.eval()
         devices = [self.placement.device] if self.placement.device.type == "cuda" else []
-        with torch.random.fork_rng(devices):
+        with torch.random.fork_rng(devices), eagerly():
             outputs = self.losses.forward(self.fixed_inputs.to(self.placement.device)).float().cpu()
         self.model.train()
         return outputs

@@ -180,10 +180,12 @@ def test_evaluate_training(trained):
 @pytest.mark.slow
 def test_evaluate(trained):
     repo, folder = trained
-    run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)
+    proc = run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)
     out = repo / "results/example_model/example_run" / folder.name  # the run's own results
     stem = by_epoch(folder)[2].stem  # `latest`
-    metrics_path = out / f"{stem}_all_{evaluation_hash(out, stem, 'all')}_metrics.json"  # no split: all
+    metrics_path = saved_metrics(proc)
+    assert re.fullmatch(rf"{stem}_all_[0-9a-f]{{8}}_metrics.json", metrics_path.name)  # no split: all
+    assert metrics_path.parent == out
     assert metrics_path.with_name(metrics_path.name.replace("_metrics.json", "_samples.png")).read_bytes()[:8] \
         == PNG_MAGIC
     metrics = json.loads(metrics_path.read_text())
@@ -193,6 +195,27 @@ def test_evaluate(trained):
     assert len(numbers) >= 5 and all(math.isfinite(v) for v in numbers.values())
     assert -1 <= metrics["output_min"] <= metrics["output_mean"] <= metrics["output_max"] <= 1  # Tanh output
     assert "discriminator_score_real" in metrics and "target_to_nearest_output" in metrics
+
+
+@pytest.mark.slow
+def test_evaluating_with_other_settings_adds_files(trained):
+    """--set evaluation.n_samples=16 writes files of its own beside the 64-sample ones; the same
+    evaluation again replaces only its own, identical, metrics."""
+    repo, _ = trained
+    default = saved_metrics(run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG))
+    before = default.read_bytes()
+    fewer = saved_metrics(run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG, *sets("evaluation.n_samples=16")))
+    assert fewer != default and fewer.parent == default.parent
+    assert json.loads(fewer.read_text())["n_samples"] == 16 and default.read_bytes() == before
+    assert saved_metrics(run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG)) == default
+    assert default.read_bytes() == before
+
+
+def saved_metrics(proc):
+    """The metrics file an evaluate.py run says it saved."""
+    [path] = [line.removeprefix("saved ") for line in proc.stdout.splitlines()
+              if line.startswith("saved ") and line.endswith("_metrics.json")]
+    return Path(path)
 
 
 def evaluation_hash(out, stem, split):
@@ -279,10 +302,16 @@ def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
 
 
 @pytest.mark.slow
-def test_jit_trace_latest(trained):
+def test_jit_trace_latest_for_two_shapes(trained):
+    """Exports for two input shapes are two sets of files: the second leaves the first as it was."""
     repo, folder = trained
+    latest = by_epoch(folder)[2]
     run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "1", "1", "4", "4")
-    check_traced(by_epoch(folder)[2], (1, 1, 4, 4))
+    first = (latest.parent / "jit" / f"{latest.stem}_1x1x4x4_traced.pt").read_bytes()
+    run(repo, "jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "5", "1", "4", "4")
+    assert (latest.parent / "jit" / f"{latest.stem}_1x1x4x4_traced.pt").read_bytes() == first
+    check_traced(latest, (1, 1, 4, 4))
+    check_traced(latest, (5, 1, 4, 4))
 
 
 @pytest.mark.slow

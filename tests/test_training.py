@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -504,7 +505,7 @@ def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
     assert column(r.rows, "step") == list(range(1, 2 * STEPS + 1))
     assert column(r.rows, "epoch") == [1] * STEPS + [2] * STEPS
     history = load(r.ckpts[2])["loss_history"]
-    keys = {"epoch", "step", "data_wait", "generator/lr", "discriminator/lr"}
+    keys = {"epoch", "step", "time", "samples_per_s", "data_wait", "generator/lr", "discriminator/lr"}
     for net, terms in history.items():
         assert "total" in terms
         for term, values in terms.items():
@@ -512,7 +513,9 @@ def test_metrics_has_one_row_per_step_matching_loss_history(training_runs):
             assert column(r.rows, f"{net}/{term}") == values, (net, term)
     assert keys >= {"generator/g_adv", "discriminator/d_real", "discriminator/d_fake"}
     assert all(row.keys() == keys for row in r.rows)
-    assert all(0 <= row["data_wait"] <= 1 for row in r.rows)
+    assert all(0 <= row["data_wait"] <= 1 and row["samples_per_s"] > 0 for row in r.rows)
+    times = column(r.rows, "time")
+    assert times == sorted(times) and times[-1] - times[0] < 600  # wall-clock seconds, in step order
 
 
 @pytest.mark.slow
@@ -534,11 +537,13 @@ def test_metrics_after_resume_by_file_name_has_each_step_once(training_runs, res
 # ---- 8. keep_last ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_keep_last_keeps_the_newest_checkpoints(training_runs):
-    """keep_last: 2 leaves the epoch-3 and epoch-4 checkpoints, the config snapshot and metrics.jsonl."""
+    """keep_last: 2 leaves the epoch-3 and epoch-4 checkpoints, and the run's other files."""
     r = succeeded(training_runs["keep_last"])
     assert sorted(r.ckpts) == [3, 4]
-    others = sorted(p.name for p in r.folder.iterdir() if p.suffix != ".pth" and not p.name.startswith("."))
-    assert len(others) == 2 and others[0] == "metrics.jsonl" and others[1].startswith("training_cfg_"), others
+    run_files = re.compile(r"metrics\.jsonl|run\.json|training_cfg_\d{8}-\d{6}\.yaml|events\.out\.tfevents\..+|"
+                           r"samples_epoch\d+\.png")
+    others = [p.name for p in r.folder.iterdir() if p.suffix != ".pth"]
+    assert all(run_files.fullmatch(name) for name in others), others
     assert sorted(r.folder.glob("*.pth")) == sorted(r.ckpts.values())
     assert load(r.ckpts[4])["epoch"] == 4
 

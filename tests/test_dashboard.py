@@ -1,0 +1,80 @@
+"""dashboard.py: what a run shows while it trains, in TensorBoard or, without it, as PNG files."""
+import importlib.util
+
+import pytest
+import torch
+
+import dashboard
+from errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+CFG = {"training": {"learning_rate": 0.001, "gpus": [0, 1], "seed": 1}, "loss": {"loss_args": {}},
+       "saving": {"save_folder_name": "run"}}
+
+
+def rows(steps, offset=0.0):
+    return [{"epoch": 1, "step": s, "time": 1.0e9 + s, "generator/total": s + offset, "generator/lr": 0.001,
+             "data_wait": 0.1} for s in steps]
+
+
+def test_tensorboard_setting(monkeypatch):
+    assert dashboard.use_tensorboard(False, "cfg: logging") is False
+    assert dashboard.use_tensorboard(None, "cfg: logging") is HAS_TENSORBOARD
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert dashboard.use_tensorboard(None, "cfg: logging") is False  # null: on only when installed
+    with pytest.raises(UserError, match=r"cfg: logging.tensorboard: true, but .* pip install tensorboard"):
+        dashboard.use_tensorboard(True, "cfg: logging")
+
+
+def test_without_tensorboard_sample_grids_are_pngs(tmp_path):
+    board = dashboard.Dashboard(tmp_path, False, CFG)
+    assert board.images(3, 48, torch.rand(5, 1, 4, 4) * 2 - 1) == tmp_path / "samples_epoch3.png"
+    assert (tmp_path / "samples_epoch3.png").read_bytes()[:8] == PNG_MAGIC
+    assert board.images(4, 64, torch.rand(5, 3)) is None  # a classifier's scores are no picture
+    board.scalars(rows([1, 2]))
+    board.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples_epoch3.png"]  # nothing else, no temp files
+
+
+def test_values_are_mapped_to_the_unit_range():
+    unit = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.equal(dashboard.to_unit_range(unit), unit)
+    assert torch.allclose(dashboard.to_unit_range(torch.tensor([-1.0, 0.0, 1.0])), unit)  # tanh outputs
+    assert torch.allclose(dashboard.to_unit_range(torch.tensor([10.0, 15.0, 20.0])), unit)  # anything else
+    assert torch.equal(dashboard.to_unit_range(torch.full((3,), 7.0)), torch.zeros(3))
+
+
+def test_flat_config_names_keys_by_their_path():
+    flat = dashboard.flat_config(CFG)
+    assert flat["training.learning_rate"] == 0.001 and flat["saving.save_folder_name"] == "run"
+    assert flat["training.gpus"] == "[0, 1]" and flat["loss.loss_args"] == "{}"  # hparams take scalars only
+
+
+def test_scalars_leave_out_bookkeeping_and_nulls(tmp_path):
+    board = dashboard.Dashboard(tmp_path, False, CFG)
+    board.scalars([{"epoch": 1, "step": 3, "time": 5.0, "generator/total": None, "nonfinite": ["generator/total"],
+                    "flag": True, "generator/lr": 0.01}])
+    assert board.last == {"generator/lr": 0.01}
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs tensorboard (requirements-dev.txt)")
+def test_a_resumed_run_replaces_the_steps_it_trains_again(tmp_path):
+    """A run resumed from step 10 trains steps 11.. again: TensorBoard shows each step once, with
+    the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = dashboard.Dashboard(tmp_path, True, CFG)
+    first.scalars(rows(range(1, 21)))
+    first.close()
+    resumed = dashboard.Dashboard(tmp_path, True, CFG, resumed_at=10)
+    resumed.scalars(rows(range(11, 16), offset=0.5))
+    resumed.images(1, 15, torch.rand(4, 1, 4, 4))
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("generator/total")
+    assert [e.step for e in events] == list(range(1, 16))
+    assert [e.value for e in events] == [float(s) for s in range(1, 11)] + [s + 0.5 for s in range(11, 16)]
+    assert [e.step for e in acc.Images("samples")] == [15]
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
