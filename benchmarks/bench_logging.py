@@ -91,7 +91,7 @@ def main():
         return
     print(f"{args.training_cfg}: {trainer.steps_per_epoch} steps per epoch, metrics every "
           f"{cfg['training']['log_interval']} steps, {args.rounds} rounds (+1 warm-up) of {args.epochs} epochs a side")
-    times, images, once, inside = {False: [], True: []}, {False: [], True: []}, {}, []
+    times, cpu_times, images, once, inside = {False: [], True: []}, {False: [], True: []}, {False: [], True: []}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         runs = {tensorboard: Run(Path(tmp) / str(tensorboard), Path(tmp) / "results") for tensorboard in (False, True)}
         for tensorboard, run in runs.items():
@@ -102,15 +102,16 @@ def main():
         for round_ in range(args.rounds + 1):
             for tensorboard in ((False, True) if round_ % 2 else (True, False)):
                 trainer.run = runs[tensorboard]
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for epoch in range(1, args.epochs + 1):
                     trainer.run_epoch(epoch, bar)
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
                 start = time.perf_counter()
                 trainer.run.log_images(1, trainer.step, trainer.sample_outputs())
                 images[tensorboard].append(time.perf_counter() - start)
                 if round_:  # the first round warms up
                     times[tensorboard].append(elapsed)
+                    cpu_times[tensorboard].append(cpu)
                 if not round_ and tensorboard:
                     inside.clear()
         for tensorboard, run in runs.items():
@@ -124,6 +125,9 @@ def main():
     print(f"{args.epochs} epochs, TensorBoard on:  {statistics.median(on) * 1e3:8.1f} ms")
     print(f"TensorBoard's cost: {statistics.median(costs):+.1%} of the training time (quartiles {q1:+.1%} .. "
           f"{q3:+.1%}); target: at most +2.0%")
+    cpu_costs = [b / a - 1 for a, b in zip(cpu_times[False], cpu_times[True])]
+    q1, q3 = quartiles(cpu_costs)
+    print(f"in CPU time (all threads): {statistics.median(cpu_costs):+.1%} (quartiles {q1:+.1%} .. {q3:+.1%})")
     share, per_side = sum(inside) / sum(on), sum(inside) / len(on)
     print(f"inside Dashboard.scalars: {per_side * 1e3:.2f} ms of the {statistics.median(on) * 1e3:.0f} ms, "
           f"{share:.2%} of the training time ({len(inside) / len(on):.0f} calls, "
