@@ -50,7 +50,8 @@ class Run:
     metrics.jsonl and the dashboard (dashboard.py), and the places where results and exported
     models go. Nothing else writes into a run's folder.
 
-    `folder` None: a new run, whose run_<N> under `runs_root` is claimed by `start`."""
+    `folder` None: a new run, whose run_<N> under `runs_root` is made by `claim` (train.py calls
+    it once every check has passed; `start` does if nobody has)."""
 
     def __init__(self, folder, results, prefix="model", keep_last=None, runs_root=None):
         self.folder, self.results = (Path(folder), Path(results)) if folder is not None else (None, None)
