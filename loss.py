@@ -11,6 +11,8 @@ The trainer calls a loss as
 - fake_scores / real_scores: the discriminator's raw scores (logits) for outputs / targets in
   adversarial training (real_scores only for the discriminator's update), else None. A GAN loss
   leaves them without defaults, so that using it without adversarial training is caught early.
+  A discriminator that ends on a bounding layer (Sigmoid, Tanh, ...) is refused with these
+  losses; a loss that takes probabilities instead says so with `fn.takes_probabilities = True`.
 - loss_args: the config's `loss.loss_args`, which must be keyword-only arguments (after `*`).
 - discriminator: if the function has a keyword-only argument of this name, the trainer passes
   a callable `samples -> scores` (conditional inputs already bound), for penalties that need the

@@ -113,6 +113,9 @@ class PyNet(nn.Module):
     # Whether target i belongs to input i (image-to-image, regression), so evaluate.py compares
     # them pairwise; a GAN's real samples are not paired with its noise.
     paired_targets = False
+    # Whether a discriminator that ends on a bounding layer (Sigmoid, Tanh, ...) is meant with a
+    # loss that takes raw scores; train.py refuses the pair otherwise (see train_base.BOUNDING).
+    bounded_scores = False
 
     def __init__(self, architecture_cfg_path):
         super().__init__()
@@ -171,6 +174,13 @@ class PyNet(nn.Module):
     @property
     def has_discriminator(self):
         return "discriminator" in self.adv_types.values()
+
+    def last_layer(self, adv_type):
+        """(submodel name, index, layer name, module) of the last layer of the last submodel of
+        this kind (generator or discriminator): what its output usually comes from."""
+        names = self._generator_submodels if adv_type == "generator" else self._discriminator_submodels
+        layers = list(self.submodels[names[-1]].layers.items())
+        return names[-1], len(layers) - 1, *layers[-1]
 
     def components_of(self, adv_type):
         """The components of one kind (generator or discriminator) as one module, sharing their

@@ -476,6 +476,12 @@ def first_inputs(loader, model, n):
     return model.split_batch(data.__getitems__(((0,), torch.arange(min(n, len(data))))))[0]
 
 
+# Layers whose output is bounded: a discriminator ending on one cannot give the raw scores that
+# the GAN losses of loss.py take (bce_gan_loss applies the sigmoid itself).
+BOUNDING = (torch.nn.Sigmoid, torch.nn.Hardsigmoid, torch.nn.Tanh, torch.nn.Hardtanh, torch.nn.Softsign,
+            torch.nn.Softmax, torch.nn.Softmin, torch.nn.LogSoftmax, torch.nn.LogSigmoid)
+
+
 def check_training_setup(model, adversarial, loss_fn, source):
     """The model, the training mode and the loss fit together (checked before anything is written)."""
     scores = inspect.signature(loss_fn).parameters.get("fake_scores")
@@ -490,6 +496,24 @@ def check_training_setup(model, adversarial, loss_fn, source):
         raise UserError(f"{source}: loss.loss_fn {loss_fn.__name__} is a GAN loss, but "
                         "adversarial.enable_adversarial_training is false; use weighted_reconstruction_loss "
                         "or enable adversarial training")
+    if adversarial and not getattr(loss_fn, "takes_probabilities", False) and not model.bounded_scores:
+        check_raw_scores(model, loss_fn, source)
+
+
+def check_raw_scores(model, loss_fn, source):
+    """The discriminator does not squash its scores before a loss that squashes them itself: a
+    DCGAN ported with its final Sigmoid and bce_gan_loss trains (exit 0) with the sigmoid applied
+    twice, and its discriminator's loss stays near 1.09."""
+    submodel, index, name, layer = model.last_layer("discriminator")
+    if isinstance(layer, BOUNDING):
+        kind = type(layer).__name__
+        raise UserError(
+            f"{model.architecture_path}: {submodel}.layers[{index}] ({name}, {kind}) bounds the discriminator's "
+            f"scores, but loss.loss_fn {loss_fn.__name__} ({source}) takes raw scores (logits) and would squash "
+            f"them again, so the discriminator would barely learn. Drop the {kind} layer (bce_gan_loss applies "
+            "the sigmoid itself, in a numerically stable form), or use a loss that takes probabilities (a loss.py "
+            "function marked `takes_probabilities = True`); if the bound is meant, set `bounded_scores = True` "
+            f"in the flow class {type(model).__name__}")
 
 
 def prepare_model(model, train, placement, source):

@@ -220,3 +220,47 @@ def test_train_stops_before_writing_when_real_stream_does_not_fit(repo):
     assert "submodel disc_cnn, layer disc_cnn_Linear_5 (Linear)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (repo / CHECKPOINTS / "preflight_misfit").exists()
+
+
+# ---- a discriminator that squashes its scores --------------------------------------------------
+def sigmoid_architecture(tmp_path):
+    """The toy GAN's architecture with a final Sigmoid in its discriminator, as pytorch/examples'
+    DCGAN has one."""
+    text = (SRC / "models/example_model/example_model_architecture.yaml").read_text()
+    path = tmp_path / "sigmoid_arch.yaml"
+    path.write_text(text.replace("    - {Linear: {out_features: 1}}", "    - {Linear: {out_features: 1}}\n"
+                                 "    - {Sigmoid: null}"))
+    return path
+
+
+def test_a_bounded_discriminator_with_a_loss_on_raw_scores_is_refused(tmp_path):
+    import loss
+    check_training_setup = train_base.check_training_setup
+
+    class Flow(model_base.PyNet):
+        target_key = "real_images"
+
+    model = Flow(sigmoid_architecture(tmp_path))
+    with pytest.raises(UserError, match=r"disc_cnn\.layers\[6\] \(disc_cnn_Sigmoid_6, Sigmoid\) bounds the "
+                                        r"discriminator's scores, but loss.loss_fn bce_gan_loss \(cfg.yaml\)"):
+        check_training_setup(model, True, loss.bce_gan_loss, "cfg.yaml")
+
+    def probability_loss(network, outputs, targets, fake_scores, real_scores):
+        return {}
+    probability_loss.takes_probabilities = True
+    check_training_setup(model, True, probability_loss, "cfg.yaml")  # a loss on probabilities: fine
+    Flow.bounded_scores = True
+    check_training_setup(model, True, loss.bce_gan_loss, "cfg.yaml")  # the flow says it is meant
+    check_training_setup(model_base.PyNet(SRC / "models/example_model/example_model_architecture.yaml"),
+                         False, loss.weighted_reconstruction_loss, "cfg.yaml")  # no discriminator trained
+
+
+@pytest.mark.slow
+def test_train_refuses_a_sigmoid_discriminator_before_writing(repo, tmp_path):
+    proc = run(repo, "train.py", "-t", TRAIN_CFG, "--set", "saving.save_folder_name=preflight_sigmoid",
+               "--set", f"model.architecture_cfg_path={sigmoid_architecture(tmp_path)}",
+               "--set", "loss.loss_fn=bce_gan_loss", "--set", "loss.loss_args={}", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "disc_cnn_Sigmoid_6" in proc.stderr and "Drop the Sigmoid layer" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (repo / CHECKPOINTS / "preflight_sigmoid").exists()
