@@ -36,11 +36,12 @@ class Dashboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.Summary = Summary
-            # A resumed run trains the steps after its checkpoint again: purge_step drops their old
-            # events. The queue holds many log_intervals of rows: at the default of 10 events, each
-            # burst of rows would wait in the training loop for the writer's thread to catch up.
-            # Events reach the file every 15 s (TensorBoard re-reads it about as often).
-            self.writer = SummaryWriter(log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None,
+            # A resumed run trains the steps after its checkpoint again (all of them, resumed from
+            # epoch 0): purge_step drops their old events. The queue holds many log_intervals of
+            # rows: at the default of 10 events, each burst of rows would wait in the training loop
+            # for the writer's thread to catch up. Events reach the file every 15 s (TensorBoard
+            # re-reads it about as often).
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=resumed_at + 1,
                                         max_queue=1000, flush_secs=15)
 
     def scalars(self, rows):
