@@ -671,19 +671,21 @@ def to_yaml(cfg):
     return yaml.safe_dump({k: v for k, v in cfg.items() if k != "config_path"}, sort_keys=False)
 
 
+def flat_config(cfg, prefix=""):
+    """{"training.learning_rate": 0.0002, ...}: every leaf of a config by its key path."""
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_changes(old, new):
     """['key.path: old -> new', ...] between two configs (dicts), ignoring where each was loaded
     from and which checkpoint it resumes."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out |= flat(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flat_config(old), flat_config(new)
     ignored = {"config_path", "model.model_checkpoint_filename"}
     def show(d, key):
         return "(not set)" if key not in d else "null" if d[key] is None else d[key]

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+import config
 from errors import UserError
 
 BOOKKEEPING = ("epoch", "step", "time", "nonfinite")  # row keys that are not metrics
@@ -120,15 +121,8 @@ def save_png(path, grid, title):
     return path
 
 
-def flat_config(cfg, prefix=""):
-    """{"training.learning_rate": 0.0002, ...}: TensorBoard's hparams take bool, int, float and str."""
-    flat = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat |= flat_config(value, f"{name}.")
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def flat_config(cfg):
+    """config.flat_config with every value TensorBoard's hparams cannot take (lists, None, ...)
+    as text: they take bool, int, float and str."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in config.flat_config(cfg).items()}

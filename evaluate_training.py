@@ -16,14 +16,14 @@ import hashlib
 import io
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 
 from cli import add_overrides, make_parser, split_overrides
-from config import TRAINING_EVALUATION, load_config, load_training_config, resolve_path, results_dir
-from dashboard import flat_config
+from config import TRAINING_EVALUATION, flat_config, load_config, load_training_config, resolve_path, results_dir
 from errors import UserError, run_main
 from runs import Run, list_checkpoints, load_checkpoint, read_metrics, results_of, run_config, saved_config, select_runs
 
@@ -200,8 +200,8 @@ def moving_average(values, window):
 
 def smoothed(key, steps, values, window):
     """(steps, values) as plotted and tabled: training terms as moving averages ending at each
-    step; validation and sample metrics (one value per epoch) as they are."""
-    if key.startswith(("validation/", "sample/")) or len(values) == 0:
+    step; validation and sample metrics (one value per epoch) and learning rates as they are."""
+    if key.startswith(("validation/", "sample/")) or key.endswith("/lr") or len(values) == 0:
         return steps, values
     smooth = moving_average(values, window)
     return steps[len(steps) - len(smooth):], smooth
@@ -217,9 +217,8 @@ def has_direction(key, run):
 def loss_keys(runs):
     """The loss terms of the runs in order of appearance: 'total' only where it sums several terms."""
     keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if not k.endswith("/lr")))
-    groups = {k.rsplit("/", 1)[0] for k in keys}
-    counts = {g: sum(k.rsplit("/", 1)[0] == g for k in keys) for g in groups}
-    return [k for k in keys if not k.endswith("/total") or counts[k.rsplit("/", 1)[0]] > 2]
+    terms_of = Counter(k.rsplit("/", 1)[0] for k in keys)  # per network (and validation of it): total + terms
+    return [k for k in keys if not k.endswith("/total") or terms_of[k.rsplit("/", 1)[0]] > 2]
 
 
 def summary_table(runs, window):
@@ -232,8 +231,8 @@ def summary_table(runs, window):
     for key in loss_keys(runs):
         finals, bests = [], []
         for run in runs:
-            _, values = smoothed(key, *run["curves"].get(key, ([], [])), window)
-            finite = values[np.isfinite(values)] if len(values) else values
+            _, values = smoothed(key, *run["curves"].get(key, (np.array([]), np.array([]))), window)
+            finite = values[np.isfinite(values)]
             finals.append(f"{values[-1]:.4g}" if len(values) else "-")
             bests.append(f"{finite.min():.4g}" if len(finite) and has_direction(key, run) else "-")
         table.append((f"final {key}", finals))
@@ -270,33 +269,29 @@ def plot(runs, window):
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n + 1.5, 4.8), squeeze=False, layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
-        terms = [k for k in keys if panel_of(k) == panel]
-        for i, key in enumerate(terms):
-            for j, run in enumerate(runs):
-                if key in run["curves"]:
-                    steps, values = smoothed(key, *run["curves"][key], window)
-                    marker = "o" if key.startswith("validation/") else None
-                    ax.plot(steps, values, color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
-                            marker=marker, markersize=3, linewidth=1.2)
-        term_legend(ax, terms)
-        log_scale_if_wide(ax)
+        draw(ax, runs, [k for k in keys if panel_of(k) == panel], window, colours)
         ax.set(title=f"{panel} (training: moving average over {window} steps)", xlabel="step", ylabel="loss")
     if with_lr:
-        ax = axes[0][-1]
         lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
-        for i, key in enumerate(lr_keys):
-            for j, run in enumerate(runs):
-                if key in run["curves"]:
-                    ax.plot(*run["curves"][key], color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
-                            linewidth=1.2)
-        term_legend(ax, lr_keys)
-        log_scale_if_wide(ax)
-        ax.set(title="learning rate", xlabel="step", ylabel="learning rate")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
+        draw(axes[0][-1], runs, lr_keys, window, colours)
+        axes[0][-1].set(title="learning rate", xlabel="step", ylabel="learning rate")
     handles = [plt.Line2D([], [], color=colours[j % len(colours)], linewidth=2.5) for j in range(len(runs))]
     fig.legend(handles, [run["label"] for run in runs], loc="outside right upper", title="run", fontsize="small")
     return fig
+
+
+def draw(ax, runs, keys, window, colours):
+    """The curves of `keys` for every run: colour by run, line style by key, validation as points;
+    the style legend below the panel, a log y axis for wide ranges."""
+    for i, key in enumerate(keys):
+        for j, run in enumerate(runs):
+            if key in run["curves"]:
+                steps, values = smoothed(key, *run["curves"][key], window)
+                ax.plot(steps, values, color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
+                        marker="o" if key.startswith("validation/") else None, markersize=3, linewidth=1.2)
+    term_legend(ax, keys)
+    log_scale_if_wide(ax)
+    ax.grid(alpha=0.3)
 
 
 def panel_of(key):

@@ -3,7 +3,6 @@
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """  # noqa: E501  (the commands as the README gives them)
-import torch
 import torch.distributed as dist
 
 from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, make_parser
@@ -14,7 +13,7 @@ from errors import UserError, run_main
 from model_base import build_model
 from preflight import check_step
 from runs import Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
-from train_base import Trainer, seed_everything, setup_placement
+from train_base import Trainer, first_samples, seed_everything, setup_placement
 
 
 def main(argv):
@@ -44,7 +43,8 @@ def train(cfg, placement, source):
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
-    check_step(trainer.losses, first_batch(loader, cfg["training"]["batch_size"]), source)
+    # two samples (one with batch_size 1, as training would see) through one whole step
+    check_step(trainer.losses, first_samples(loader.dataset, min(2, cfg["training"]["batch_size"])), source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
@@ -89,14 +89,6 @@ def holds_run(cfg, folder):
     checkpoint's run; one from another save_folder_name's checkpoint starts a new run of this one
     (from that checkpoint), so that two configs never write into one run."""
     return folder.resolve() in {f.resolve() for f in run_folders(cfg)}
-
-
-def first_batch(loader, batch_size):
-    """A batch of the loader's first two samples (one, with batch_size 1, as training would see),
-    made as its batches are made without drawing from the run's random numbers, for the check
-    that a step can run."""
-    data = loader.dataset
-    return data.__getitems__(((0,), torch.arange(min(2, batch_size, len(data)))))
 
 
 def make_loaders(cfg, model, placement, source):

@@ -469,11 +469,16 @@ def split_record(cfg, loader):
             "batch_size": cfg["training"]["batch_size"]}  # of the validation batches
 
 
+def first_samples(dataset, n):
+    """A batch of the dataset's first `n` samples (fewer if it has fewer), in its own order (not
+    the shuffled one) and made as its batches are made, without drawing from the run's random
+    numbers: the same samples at every epoch and in every run of a config."""
+    return dataset.__getitems__(((0,), torch.arange(min(n, len(dataset)))))
+
+
 def first_inputs(loader, model, n):
-    """The model's inputs of the first `n` samples of the loader's dataset, in the dataset's own
-    order (not the shuffled one): the same samples at every epoch and in every run of a config."""
-    data = loader.dataset
-    return model.split_batch(data.__getitems__(((0,), torch.arange(min(n, len(data))))))[0]
+    """The model's inputs of the first `n` samples of the loader's dataset (see first_samples)."""
+    return model.split_batch(first_samples(loader.dataset, n))[0]
 
 
 # Layers whose output is bounded: a discriminator ending on one cannot give the raw scores that
