@@ -23,6 +23,8 @@ import yaml
 
 from errors import UserError, did_you_mean
 from registry import batch_transforms, dataset_functions, loss_functions, optimizers, schedulers, unknown_name
+from sample_metrics import METRICS as SAMPLE_METRICS
+from sample_metrics import result_keys
 
 REPO_ROOT = Path(__file__).resolve().parent
 REQUIRED = object()
@@ -120,6 +122,26 @@ def gpu_list(v):
     return None
 
 
+@described("a list of: " + ", ".join(SAMPLE_METRICS))
+def metric_names(v):
+    for name in v:
+        if name not in SAMPLE_METRICS:
+            return (f"{name!r} is not a sample metric{did_you_mean(str(name), SAMPLE_METRICS)}; valid: "
+                    f"{', '.join(SAMPLE_METRICS)}")
+    if len(set(v)) != len(v):
+        return "names a metric twice"
+    return None
+
+
+@described("inception, pixels or checkpoint:&lt;path&gt;")
+def feature_extractor(v):
+    if v in ("inception", "pixels"):
+        return None
+    if v.startswith("checkpoint:"):
+        return existing_path(v.removeprefix("checkpoint:")) if v != "checkpoint:" else "checkpoint: needs a path"
+    return f"must be inception, pixels or checkpoint:<path>{did_you_mean(v, ['inception', 'pixels'])}"
+
+
 LOSS_TRAINER_ARGS = {"discriminator": "is passed by the trainer (the model's discriminate), not the config"}
 
 
@@ -128,6 +150,20 @@ BATCH_TRANSFORM_WHAT = "function in dataset_functions.py or torchvision.transfor
 BATCH_TRANSFORM_TEXT = "a function in dataset_functions.py or a torchvision.transforms.v2 class"
 DATASET_FUNCTION = "function in dataset_functions.py"
 SEED_RANGE = between(0, 2**32 - 1, "[]")
+
+# The feature extractor of the sample metrics (evaluation, and the training config's sample_metrics).
+FEATURE_KEYS = {
+    "feature_extractor": Key("inception", str, check=feature_extractor,
+                             doc="the features FID, KID and precision/recall compare: inception (Inception v3's, "
+                                 "comparable with papers; needs torch-fidelity), pixels (the flattened samples, for "
+                                 "tiny images; not comparable with published numbers) or checkpoint:<path> (a "
+                                 "network trained with this pipeline, e.g. a classifier of the domain)"),
+    "inception_weights": Key(None, str, check=existing_path,
+                             doc="a local copy of the Inception weights (null: downloaded once into torch.hub's "
+                                 "cache)"),
+    "feature_layer": Key(None, str, doc="with checkpoint:<path>: the layer (its name in that architecture) whose "
+                                        "input is the feature vector; null: the last layer's"),
+}
 
 # One entry of dataset.batch_transforms.
 BATCH_TRANSFORM = {
@@ -242,9 +278,10 @@ TRAINING = {
         "model_flow_path": Key(REQUIRED, str, check=python_file,
                                doc="the model flow module, models/<model>/<model>.py; its folder is the model's"),
         "model_checkpoint_filename": Key(None, str, doc="checkpoint to resume, in its run's folder: latest (the newest "
-                                                        "of the newest run; none yet: a new run), a run folder (run_3: "
-                                                        "its newest), a checkpoint file name of one of the runs, or a "
-                                                        "path; null: a new run from scratch"),
+                                                        "of the newest run; none yet: a new run), best "
+                                                        "(saving.keep_best's), a run folder (run_3: its newest), a "
+                                                        "checkpoint file name of one of the runs, or a path; null: a "
+                                                        "new run from scratch"),
     },
     "loss": {
         "loss_fn": Key(REQUIRED, str, check=name_in(loss_functions, "function in loss.py"),
@@ -260,6 +297,25 @@ TRAINING = {
                                                 "models/<model>/model_checkpoints/ and results/<model>/; each "
                                                 "from-scratch run gets its own run_<N> inside it"),
         "keep_last": Key(None, int, check=at_least(1), doc="keep only the newest N checkpoints of the run (null: all)"),
+        "keep_best": Key(None, str, doc="also keep the run's best checkpoint by this metrics.jsonl key, logged at "
+                                        "epoch ends (sample/fid, validation/generator/total, ...; fid, kid, "
+                                        "precision, recall for their sample/ keys), as <save_filename_prefix>_best.pth "
+                                        "(never deleted by keep_last; `best` names it like `latest`)"),
+        "keep_best_mode": Key(None, str, check=one_of("min", "max"),
+                              doc="whether lower (min) or higher (max) is better; null: max for precision, recall, "
+                                  "accuracy and PSNR, else min"),
+    },
+    "sample_metrics": {
+        "metrics": Key(["fid", "kid"], list, check=metric_names,
+                       doc="the sample metrics computed during training, logged as sample/<key> (sample/fid, "
+                           "sample/kid_mean, sample/kid_std, sample/precision, sample/recall)"),
+        "every_epochs": Key(None, int, check=at_least(1),
+                            doc="compute them after every this many epochs, and before the first (rank 0, with the "
+                                "generator's EMA weights when kept; null: never)"),
+        "n_samples": Key(2000, int, check=at_least(2),
+                         doc="generated and real samples compared: the first ones of the validation samples (or of "
+                             "the training samples, without training-only transforms); at most that many"),
+        **FEATURE_KEYS,
     },
     "logging": {
         "tensorboard": Key(None, bool, doc="write TensorBoard event files into the run's folder (loss terms, learning "
@@ -292,15 +348,20 @@ TRAINING = {
 EVALUATION = {
     "evaluation": {
         "model_checkpoint_filename": Key("latest", str, doc="checkpoint to evaluate: latest (the newest of the newest "
-                                                            "run), a run folder (run_3), a checkpoint file name, or a "
-                                                            "path"),
-        "n_samples": Key(64, int, check=at_least(1), doc="samples run through the model and shown"),
+                                                            "run), best (saving.keep_best's), a run folder (run_3), a "
+                                                            "checkpoint file name, or a path"),
+        "n_samples": Key(64, int, check=at_least(1),
+                         doc="samples run through the model (the grid shows the first grid_nrow x grid_nrow)"),
         "batch_size": Key(64, int, check=at_least(1), doc="samples per forward pass"),
         "gpus": Key([], list, check=gpu_list, doc="GPU to evaluate on (the first id); [] evaluates on the CPU"),
         "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
         "use_ema": Key(True, bool, doc="evaluate the generator's EMA weights when the checkpoint has them"),
         "data_split": Key(None, str, check=one_of("validation", "training", "all"),
                           doc="the samples to evaluate; null: validation if the run holds samples out, else all"),
+        "sample_metrics": Key([], list, check=metric_names,
+                              doc="sample metrics of a generator between its n_samples outputs and as many real "
+                                  "samples: any of fid, kid, precision_recall (papers use 10000 samples)"),
+        **FEATURE_KEYS,
     },
 }
 
@@ -637,9 +698,57 @@ def load_training_config(path, overrides=None):
         check_function_args(torch.compile, train["compile_args"], "training.compile_args", errors, passed=1)
     if adv["enable_adversarial_training"]:
         check_schedule(cfg, "adversarial", errors, copied)
+    check_keep_best(cfg, errors)
     raise_if(errors, path)
     cfg["config_path"] = str(path)
     return cfg
+
+
+# keep_best's short names, and the last parts of keys where higher is better
+BEST_ALIASES = {"fid": "sample/fid", "kid": "sample/kid_mean", "kid_mean": "sample/kid_mean",
+                "precision": "sample/precision", "recall": "sample/recall"}
+HIGHER_IS_BETTER = {"precision", "recall", "accuracy", "top5_accuracy", "psnr", "psnr_db", "ssim"}
+
+
+def keep_best(cfg):
+    """(metrics.jsonl key, "min" or "max") that saving.keep_best picks the best checkpoint by, or None."""
+    saving = cfg["saving"]
+    if saving["keep_best"] is None:
+        return None
+    key = BEST_ALIASES.get(saving["keep_best"], saving["keep_best"])
+    return key, saving["keep_best_mode"] or ("max" if key.rsplit("/", 1)[-1] in HIGHER_IS_BETTER else "min")
+
+
+def check_keep_best(cfg, errors):
+    """saving.keep_best names a key that this run logs at its epochs' ends: sample/<key> of a
+    sample metric it computes, or validation/<network>/<term> with samples held out (whose term
+    check_step confirms once the loss has run)."""
+    if cfg["saving"]["keep_best"] is None:
+        return
+    key, _ = keep_best(cfg)
+    where = f"saving.keep_best: {cfg['saving']['keep_best']!r}"
+    samples = cfg["sample_metrics"]
+    computed = [m for m in samples["metrics"] if m in SAMPLE_METRICS] if samples["every_epochs"] else []
+    logged = [f"sample/{k}" for k in result_keys(computed)]
+    networks = ["generator", "discriminator"] if cfg["adversarial"]["enable_adversarial_training"] else ["generator"]
+    if key.startswith("sample/"):
+        if key not in logged:
+            errors.append(f"{where}: {key} is not computed; sample_metrics.every_epochs must be set and "
+                          f"sample_metrics.metrics must give it (it gives: {', '.join(logged) or 'nothing'})")
+    elif key.startswith("validation/"):
+        parts = key.split("/")
+        if not cfg["dataset"]["validation_fraction"]:
+            errors.append(f"{where}: validation losses need held-out samples; set dataset.validation_fraction "
+                          "(e.g. 0.1)")
+        elif len(parts) != 3 or parts[1] not in networks:
+            errors.append(f"{where}: expected validation/<network>/<term> with network "
+                          f"{' or '.join(networks)}, e.g. validation/generator/total")
+    else:
+        examples = logged + [f"validation/{n}/total" for n in networks if cfg["dataset"]["validation_fraction"]]
+        none = "none (set sample_metrics.every_epochs or dataset.validation_fraction)"
+        errors.append(f"{where}: the best checkpoint is judged at an epoch's end, by a sample/ or validation/ "
+                      f"key of metrics.jsonl{did_you_mean(key, examples)}; this run logs: "
+                      f"{', '.join(examples) or none}")
 
 
 def load_config(path, schema, overrides=None, what="config"):

@@ -7,7 +7,8 @@ files named <checkpoint>_<split>_<hash>_<kind>: <split> the samples evaluated (v
 training or all) and <hash> 8 hex digits of the settings that shape the outputs (the resolved
 evaluation section, the training config's dataset section and training.seed), so that evaluating
 with other settings adds files and never replaces different ones; the same settings replace their
-own. The files: <...>_metrics.json (with the evaluation settings under "evaluation"),
+own. The files: <...>_metrics.json (with the evaluation settings under "evaluation"; with
+evaluation.sample_metrics, a generator's FID, KID and precision/recall, see sample_metrics.py),
 <...>_samples.png (outputs next to the data: generated beside real samples for a GAN; input,
 output and target for paired data; inputs titled with their predicted and true class for a
 classifier) and, for a classifier, <...>_confusion.png. Prints the metrics and the files' paths.
@@ -35,6 +36,7 @@ from dataset import FixedBatches, build_dataset
 from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
 from runs import Run, load_trained_run
+from sample_metrics import SampleMetrics, build_features
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -60,19 +62,26 @@ def main(argv):
                                            f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
     inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], batches))
+    samples = sample_metrics(ev, targets, device, args.evaluation_cfg)  # (its weights loaded before generating)
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     paired = targets_are_paired(model, adversarial)
     metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
+    if samples is not None:
+        metrics |= samples(outputs, f"{args.evaluation_cfg}: evaluation.sample_metrics")
+        metrics["feature_extractor"] = samples.features.name
     settings = resolved_settings(ev, path, split)
     digest = settings_hash(settings, cfg)
-    metrics |= {"checkpoint": str(path), "data_split": split, "settings_hash": digest, "evaluation": settings}
+    metrics |= {"checkpoint": str(path), "epoch": state.get("epoch"), "data_split": split, "settings_hash": digest,
+                "evaluation": settings}
     run, out = Run.of(cfg, path.parent), f"{path.stem}_{split}_{digest}"  # this checkpoint, split and settings
     text = json.dumps(metrics, indent=2).encode()
     print(json.dumps(metrics, indent=2))
     print(f"saved {run.write_result(f'{out}_metrics.json', lambda f: f.write(text))}")
     if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
-        save_figure(run, f"{out}_samples.png", sample_grid(inputs if paired else None, outputs, targets,
+        shown = ev["grid_nrow"] ** 2  # (thousands of samples for FID would make an unreadable grid)
+        save_figure(run, f"{out}_samples.png", sample_grid(inputs[:shown] if paired else None, outputs[:shown],
+                                                            None if targets is None else targets[:shown],
                                                             ev["grid_nrow"], title=path.name))
     if is_classification(outputs, targets):
         names = class_names(model, outputs.shape[1])
@@ -81,6 +90,19 @@ def main(argv):
         if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
             save_figure(run, f"{out}_samples.png", labelled_inputs(inputs, outputs.argmax(1), targets, names,
                                                                     ev["grid_nrow"], title=path.name))
+
+
+def sample_metrics(ev, real, device, source):
+    """evaluation.sample_metrics on these real samples, its feature extractor loaded (None if none asked for)."""
+    if not ev["sample_metrics"]:
+        return None
+    where = f"{source}: evaluation"
+    if real is None:
+        raise UserError(f"{where}.sample_metrics: sample metrics compare generated with real samples, but the model's "
+                        "flow sets no target_key (the data stream holding them)")
+    features = build_features(ev["feature_extractor"], f"{where}.feature_extractor", real.float(),
+                              ev["inception_weights"], ev["feature_layer"], device)
+    return SampleMetrics(ev["sample_metrics"], features, real.float())
 
 
 def resolved_settings(ev, path, split):

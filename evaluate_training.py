@@ -23,7 +23,15 @@ import matplotlib
 import numpy as np
 
 from cli import add_overrides, make_parser, split_overrides
-from config import TRAINING_EVALUATION, flat_config, load_config, load_training_config, resolve_path, results_dir
+from config import (
+    HIGHER_IS_BETTER,
+    TRAINING_EVALUATION,
+    flat_config,
+    load_config,
+    load_training_config,
+    resolve_path,
+    results_dir,
+)
 from errors import UserError, run_main
 from runs import Run, list_checkpoints, load_checkpoint, read_metrics, results_of, run_config, saved_config, select_runs
 
@@ -32,6 +40,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 NOT_PLOTTED = ("epoch", "step", "time", "nonfinite", "samples_per_s", "data_wait")  # metrics.jsonl bookkeeping
 STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))  # one per loss term in a panel
+# The panel of each sample metric (sample_metrics): (title, y label); kid_std is in the table only.
+SAMPLE_PANELS = {"fid": ("FID of generated samples (lower is better)", "FID"),
+                 "kid_mean": ("KID of generated samples (lower is better)", "KID"),
+                 "precision": ("precision and recall (higher is better)", "share of samples"),
+                 "recall": ("precision and recall (higher is better)", "share of samples")}
 
 
 def main(argv):
@@ -99,13 +112,15 @@ def checkpoint_path(spec):
 
 
 def checkpoints_of(folder, specs, where):
-    """The checkpoints that `specs` name in one run's folder: latest, file names or globs."""
+    """The checkpoints that `specs` name in one run's folder: latest, best, file names or globs."""
     found, have = [], list_checkpoints(folder)
     for spec in specs:
         if not isinstance(spec, str):
-            raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest or a glob")
+            raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest, best or a glob")
         if spec == "latest":
             matches = have[-1:]
+        elif spec == "best":  # saving.keep_best's <prefix>_best.pth
+            matches = sorted(Path(folder).glob("*_best.pth"))
         elif any(c in spec for c in "*?["):
             matches = [p for p in have if p.match(spec)]
         else:
@@ -233,8 +248,9 @@ def summary_table(runs, window):
         for run in runs:
             _, values = smoothed(key, *run["curves"].get(key, (np.array([]), np.array([]))), window)
             finite = values[np.isfinite(values)]
+            best = finite.max() if key.rsplit("/", 1)[-1] in HIGHER_IS_BETTER else finite.min() if len(finite) else 0
             finals.append(f"{values[-1]:.4g}" if len(values) else "-")
-            bests.append(f"{finite.min():.4g}" if len(finite) and has_direction(key, run) else "-")
+            bests.append(f"{best:.4g}" if len(finite) and has_direction(key, run) and not key.endswith("_std") else "-")
         table.append((f"final {key}", finals))
         if any(b != "-" for b in bests):
             table.append((f"best {key}", bests))
@@ -260,21 +276,30 @@ def csv_text(table):
 
 
 def plot(runs, window):
-    """One panel per network's losses (training terms smoothed, validation as markers), and one
-    for the learning rates. Colour: the run, the same in every panel; line style: the term."""
-    keys = loss_keys(runs)
+    """One panel per sample metric (FID, KID, precision and recall), per network's losses
+    (training terms smoothed, validation as markers), and one for the learning rates. Colour: the
+    run, the same in every panel; line style: the term."""
+    keys = [k for k in loss_keys(runs) if panel_of(k) is not None]
     panels = list(dict.fromkeys(panel_of(k) for k in keys))
     with_lr = any(k.endswith("/lr") for run in runs for k in run["curves"])
     n = len(panels) + with_lr
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + 1.5, 4.8), squeeze=False, layout="constrained")
+    cols = min(n, 3)  # rows of at most three panels, so that six stay readable
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1.5, 4.8 * rows), squeeze=False, layout="constrained")
+    axes = axes.reshape(1, -1)  # one row of panels, in reading order
+    for ax in axes[0][n:]:
+        ax.axis("off")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         draw(ax, runs, [k for k in keys if panel_of(k) == panel], window, colours)
-        ax.set(title=f"{panel} (training: moving average over {window} steps)", xlabel="step", ylabel="loss")
+        if panel in SAMPLE_PANELS.values():
+            ax.set(title=panel[0], xlabel="step", ylabel=panel[1])
+        else:
+            ax.set(title=f"{panel} (training: moving average over {window} steps)", xlabel="step", ylabel="loss")
     if with_lr:
         lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
-        draw(axes[0][-1], runs, lr_keys, window, colours)
-        axes[0][-1].set(title="learning rate", xlabel="step", ylabel="learning rate")
+        draw(axes[0][n - 1], runs, lr_keys, window, colours)
+        axes[0][n - 1].set(title="learning rate", xlabel="step", ylabel="learning rate")
     handles = [plt.Line2D([], [], color=colours[j % len(colours)], linewidth=2.5) for j in range(len(runs))]
     fig.legend(handles, [run["label"] for run in runs], loc="outside right upper", title="run", fontsize="small")
     return fig
@@ -288,22 +313,26 @@ def draw(ax, runs, keys, window, colours):
             if key in run["curves"]:
                 steps, values = smoothed(key, *run["curves"][key], window)
                 ax.plot(steps, values, color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
-                        marker="o" if key.startswith("validation/") else None, markersize=3, linewidth=1.2)
+                        marker="o" if key.startswith(("validation/", "sample/")) else None, markersize=3,
+                        linewidth=1.2)
     term_legend(ax, keys)
     log_scale_if_wide(ax)
     ax.grid(alpha=0.3)
 
 
 def panel_of(key):
-    """The network a loss key belongs to: generator/g_adv and validation/generator/g_adv -> generator."""
+    """The panel a key is drawn in: its network for losses (generator/g_adv and
+    validation/generator/g_adv -> generator), SAMPLE_PANELS' for sample metrics (None: not drawn)."""
     parts = key.split("/")
+    if parts[0] == "sample":
+        return SAMPLE_PANELS.get(parts[-1])
     return parts[1] if parts[0] == "validation" and len(parts) > 2 else parts[0]
 
 
 def term_legend(ax, keys):
     """The line style of each term, below the panel (outside the data)."""
     handles = [plt.Line2D([], [], color="0.3", linestyle=STYLES[i % len(STYLES)],
-                          marker="o" if k.startswith("validation/") else None, markersize=3)
+                          marker="o" if k.startswith(("validation/", "sample/")) else None, markersize=3)
                for i, k in enumerate(keys)]
     ax.legend(handles, [term_label(k) for k in keys], loc="upper center", bbox_to_anchor=(0.5, -0.14),
               ncols=min(3, len(keys)), fontsize="small", frameon=False)

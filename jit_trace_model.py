@@ -32,7 +32,8 @@ def main(argv):
                          "-t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4")
     add_training_cfg(parser)
     parser.add_argument("-c", "--checkpoint", required=True, metavar="PTH",
-                        help="checkpoint to export: latest (the newest of the newest run), a run folder (run_3: "
+                        help="checkpoint to export: latest (the newest of the newest run), best (saving.keep_best's), "
+                             "a run folder (run_3: "
                              "its newest), a checkpoint file name of one of the runs, or a path")
     parser.add_argument("-i", "--input_size", required=True, nargs="+", type=int, metavar="N",
                         help="shape of the example input, batch first, e.g. 1 1 4 4 (named 1x1x4x4 in the files)")

@@ -35,7 +35,8 @@ def check_step(losses, batch, where):
     the training loader makes them). A failure is a UserError starting with `where` (the
     training config's path) that names the phase, the data stream and its per-sample shape, the
     submodel and layer that failed with the shape it was given and the one it expects, and
-    torch's own message."""
+    torch's own message. Returns what the step made: the outputs' per-sample shape and each
+    network's loss term names, {"outputs": [..], "terms": {network: [term, ...]}}."""
     model = losses.model
     inputs, targets = losses.to_device({name: x[:SAMPLES] for name, x in batch.items()})
     flow = type(model).__name__
@@ -64,12 +65,14 @@ def check_step(losses, batch, where):
             fed_loss = f"loss.loss_fn {losses.fn.__name__}, given outputs: {samples(outputs)}; targets: "
             fed_loss += (f"dataset stream '{model.target_key}', {samples(targets)}" if targets is not None
                          else "none (the flow sets no target_key)")
+            terms = {}
             for net in networks:  # the terms exactly as training computes them
-                run_phase(layers, where, f"the {net}'s loss terms", fed_loss,
-                          lambda net=net: losses(net, inputs, targets, outputs), in_network=False)
+                _, terms[net] = run_phase(layers, where, f"the {net}'s loss terms", fed_loss,
+                                          lambda net=net: losses(net, inputs, targets, outputs), in_network=False)
     finally:
         layers.remove()
         restore_state(model, saved)
+    return {"outputs": list(outputs.shape[1:]), "terms": {net: ["total", *found] for net, found in terms.items()}}
 
 
 def run_phase(layers, where, phase, fed, step, in_network=True):

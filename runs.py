@@ -3,6 +3,7 @@
 Layout: models/<model>/model_checkpoints/<save_folder_name>/      the runs of one config's save_folder_name
             run_<N>/                                              one folder per from-scratch run (1, 2, ...)
                 <save_filename_prefix>_epoch<N>[_et]_<YYYYmmdd-HHMMSS>.pth   checkpoints (_et: stopped early)
+                <save_filename_prefix>_best.pth                   the best so far by saving.keep_best
                 training_cfg_<YYYYmmdd-HHMMSS>.yaml               the config of each start or resume
                 run.json                                          each start's command, versions, devices, git commit
                 metrics.jsonl                                     one strict-JSON row per step (and validation)
@@ -40,6 +41,7 @@ from model_base import architecture_text_for, build_model
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
 RUN = re.compile(r"^run_(?P<n>\d+)$")
+BEST = "{prefix}_best.pth"  # not a NAME: keep_last and `latest` pass it by
 METRICS = "metrics.jsonl"
 RECORD = "run.json"
 
@@ -101,8 +103,12 @@ class Run:
                 old.unlink(missing_ok=True)
         return path
 
+    def save_best(self, state):
+        """Write (or replace) the run's best checkpoint."""
+        return atomic_write(self.folder / BEST.format(prefix=self.prefix), lambda f: torch.save(state, f))
+
     def checkpoints(self):
-        """This run's checkpoints (its prefix, in its folder), oldest first."""
+        """This run's periodic checkpoints (its prefix, in its folder), oldest first."""
         if self.folder is None:
             return []
         return [p for p in list_checkpoints(self.folder) if p.name.startswith(f"{self.prefix}_epoch")]
@@ -254,13 +260,27 @@ def newest_checkpoint(cfg):
     return None
 
 
+def best_checkpoint(cfg):
+    """The best checkpoint (saving.keep_best) of the newest run of `cfg` that has one, or None."""
+    name = BEST.format(prefix=cfg["saving"]["save_filename_prefix"])
+    return next((folder / name for folder in reversed(run_folders(cfg)) if (folder / name).is_file()), None)
+
+
 def find_checkpoint(cfg, spec, where):
     """The checkpoint `spec` names among the runs of `cfg`'s save_folder_name: None; latest (the
-    newest of the newest run); a run folder (its newest); a checkpoint file name (found in
-    whichever run holds it; in several, a user error listing them); or a path."""
+    newest of the newest run); best (the best of the newest run that kept one); a run folder (its
+    newest); a checkpoint file name (found in whichever run holds it; in several, a user error
+    listing them); or a path."""
     if spec is None:
         return None
     root, runs = checkpoint_dir(cfg), run_folders(cfg)
+    if spec == "best":
+        found = best_checkpoint(cfg)
+        if found is None:
+            raise UserError(f"{where}: 'best' but no run in {root} kept a best checkpoint "
+                            f"({BEST.format(prefix=cfg['saving']['save_filename_prefix'])}); train with "
+                            "saving.keep_best set, e.g. saving.keep_best: validation/generator/total")
+        return found
     if spec == "latest":
         found = newest_checkpoint(cfg)
         if found is None:
@@ -282,11 +302,11 @@ def find_checkpoint(cfg, spec, where):
     if matches:
         return matches[0]
     names = [p.name for folder in runs for p in list_checkpoints(folder)]
-    choices = [p.name for p in runs if p != root] + ["latest"]
+    choices = [p.name for p in runs if p != root] + ["latest", "best"]
     listing = ", ".join(names[-5:]) if names else "none"
     raise UserError(f"{where}: checkpoint {spec!r} not found in the runs of {root}"
-                    f"{did_you_mean(spec, names + choices)}; use latest, a run folder ({', '.join(choices[-4:])}), "
-                    f"a path, or a file name such as: {listing}")
+                    f"{did_you_mean(spec, names + choices)}; use latest, best, a run folder "
+                    f"({', '.join(choices[-4:])}), a path, or a file name such as: {listing}")
 
 
 def select_runs(cfg, specs, where):

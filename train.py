@@ -12,7 +12,8 @@ from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
 from model_base import build_model
 from preflight import check_step
-from runs import Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
+from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
+from sample_metrics import SampleMetrics, build_features
 from train_base import Trainer, first_samples, seed_everything, setup_placement
 
 
@@ -39,12 +40,14 @@ def train(cfg, placement, source):
     if resume:
         load_weights(model, resume, path)
     run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)
-    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run)
+    samples = sample_metrics(cfg, model, loader, validation_loader, placement, source)
+    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run, samples)
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
     # two samples (one with batch_size 1, as training would see) through one whole step
-    check_step(trainer.losses, first_samples(loader.dataset, min(2, cfg["training"]["batch_size"])), source)
+    made = check_step(trainer.losses, first_samples(loader.dataset, min(2, cfg["training"]["batch_size"])), source)
+    check_step_gives(made, samples, trainer.best, source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
@@ -57,6 +60,37 @@ def train(cfg, placement, source):
             for note in trainer.notes:
                 print(note)
     trainer.fit()
+
+
+def sample_metrics(cfg, model, loader, validation_loader, placement, source):
+    """The sample_metrics section ready to measure (None when off), its feature extractor loaded:
+    the generator's inputs and the real samples of the first n_samples held-out samples (or
+    training samples, without their training-only transforms)."""
+    section, where = cfg["sample_metrics"], f"{source}: sample_metrics"
+    if section["every_epochs"] is None:
+        return None
+    if model.target_key is None:
+        raise UserError(f"{where}: sample metrics compare generated with real samples, but the flow "
+                        f"{type(model).__name__} sets no target_key (the data stream holding them)")
+    data = validation_loader.dataset if validation_loader is not None else \
+        build_dataset(loader.dataset.streams, cfg["dataset"], loader.dataset.indices, False, f"{source}: dataset")
+    inputs, real = model.split_batch(first_samples(data, section["n_samples"]))
+    features = build_features(section["feature_extractor"], f"{where}.feature_extractor", real.float(),
+                              section["inception_weights"], section["feature_layer"], placement.device)
+    return SampleMetrics(section["metrics"], features, real.float(), inputs)
+
+
+def check_step_gives(made, samples, best, source):
+    """What the trial step made (preflight.check_step) is what the sample metrics and
+    saving.keep_best need: outputs shaped like the real samples, the loss term named."""
+    if samples is not None and made["outputs"] != list(samples.real.shape[1:]):
+        raise UserError(f"{source}: sample_metrics: the generator's outputs are {made['outputs']} per sample, the "
+                        f"real samples {list(samples.real.shape[1:])}; sample metrics compare the two")
+    if best and best["key"].startswith("validation/"):
+        _, network, term = best["key"].split("/")
+        if term not in made["terms"].get(network, []):
+            raise UserError(f"{source}: saving.keep_best: {best['key']}: the {network}'s loss has the terms "
+                            f"{', '.join(made['terms'].get(network, []))}")
 
 
 def header(trainer, loader, validation_loader, run, path, placement):
@@ -81,6 +115,12 @@ def header(trainer, loader, validation_loader, run, path, placement):
     lines.append(f"  logging: metrics.jsonl every {train['log_interval']} steps; TensorBoard "
                  f"{'on (tensorboard --logdir ' + str(run.folder.parent) + ')' if trainer.tensorboard else 'off'}; "
                  f"samples every {logging['image_every']} epoch(s)")
+    if trainer.samples is not None:
+        lines.append(f"  sample metrics: {', '.join(trainer.samples.metrics)} of {len(trainer.samples.real)} samples "
+                     f"every {trainer.sample_every} epoch(s), {trainer.samples.features.name}")
+    if trainer.best:
+        lines.append(f"  best checkpoint by {trainer.best['key']} ({trainer.best['mode']}): "
+                     f"{run.folder / BEST.format(prefix=run.prefix)}")
     return "\n".join(lines)
 
 

@@ -28,17 +28,19 @@ import yaml
 from tqdm import tqdm
 
 from cli import select_device
-from config import to_yaml
+from config import keep_best, to_yaml
 from dashboard import use_tensorboard
 from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
 from preflight import eagerly
 from registry import loss_functions
-from runs import Run
+from runs import BEST, Run
+from sample_metrics import weights_of
 
 
 class Trainer:
-    def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None, run=None):
+    def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None, run=None,
+                 samples=None):
         train, adv = cfg["training"], cfg["adversarial"]
         self.cfg, self.model, self.loader, self.placement = cfg, model, loader, placement
         self.source, self.validation_loader = cfg["config_path"], validation_loader
@@ -67,6 +69,10 @@ class Trainer:
         self.fixed_inputs = first_inputs(validation_loader or loader, model, logging["n_images"])
         # samples per optimizer step, over all processes (a short last batch counts as a full one)
         self.samples_per_step = train["batch_size"] * self.accumulate * placement.world_size
+        # sample_metrics.SampleMetrics on fixed inputs, measured every sample_every epochs (rank 0)
+        self.samples, self.sample_every = samples, cfg["sample_metrics"]["every_epochs"]
+        best = keep_best(cfg)  # the best checkpoint so far by saving.keep_best: its value and epoch
+        self.best = None if best is None else {"key": best[0], "mode": best[1], "value": None, "epoch": None}
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state)
@@ -136,15 +142,20 @@ class Trainer:
                 if main:
                     self.run.start(self.cfg, self.step, self.about(), self.tensorboard)
                 last = self.save() if self.step == 0 else self.run.latest()  # the initial weights
+                if self.step == 0 and self.samples is not None:  # where the curves start
+                    self.keep_if_best(self.measure_samples(bar), bar)
                 for epoch in range(self.epoch + 1, self.n_epochs + 1):
                     bar.set_description(f"epoch {epoch}/{self.n_epochs}")
                     if not self.run_epoch(epoch, bar):
                         break
                     self.epoch = epoch
                     validation = self.validate(bar) if self.validation_loader is not None else None
+                    measured = self.measure_samples(bar) if self.sample_every and epoch % self.sample_every == 0 else {}
                     self.step_epoch_schedules(validation)
                     if main and epoch % self.image_every == 0:
                         self.run.log_images(epoch, self.step, self.sample_outputs())
+                    self.keep_if_best({f"validation/{name}/{term}": value for name, terms in (validation or {}).items()
+                                       for term, value in terms.items()} | measured, bar)
                     if epoch % self.save_every == 0 or epoch == self.n_epochs:
                         last = self.save()
         except NonFiniteLoss as e:
@@ -163,6 +174,9 @@ class Trainer:
             raise SystemExit(128 + self.stop.signum)
         if main:
             print(f"trained to epoch {self.epoch}; latest checkpoint: {last}")
+            if self.best and self.best["epoch"] is not None:
+                print(f"best checkpoint: {self.run.folder / BEST.format(prefix=self.run.prefix)} (epoch "
+                      f"{self.best['epoch']}, {self.best['key']} {self.best['value']:.6g})")
         return last
 
     def about(self):
@@ -171,6 +185,45 @@ class Trainer:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
         return {"device": str(device), "device_name": name, "world_size": self.placement.world_size,
                 "resumed_at_step": self.step, "resumed_at_epoch": self.epoch}
+
+    @torch.no_grad()
+    def measure_samples(self, bar):
+        """The sample metrics (sample_metrics section) of the generator, with its EMA weights when
+        it keeps them, on the fixed sample inputs; logged as sample/<key> and shown. Rank 0 alone
+        measures: the other processes go on to the next collective (the next step's gradient
+        all-reduce) and wait there for it."""
+        if not self.placement.is_main:
+            return {}
+        generator = self.networks["generator"]
+        ema = generator.ema.module.state_dict() if generator.ema is not None else None
+        device, batch = self.placement.device, self.cfg["training"]["batch_size"]
+        self.model.eval()
+        with torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
+                weights_of(generator.module, ema):
+            outputs = torch.cat([self.losses.forward(x.to(device)).float().cpu()
+                                 for x in self.samples.inputs.split(batch)])
+        self.model.train()
+        measured = self.samples(outputs, f"{self.source}: sample_metrics")
+        values = {f"sample/{key}": value for key, value in measured.items()}
+        self.run.log([{"epoch": self.epoch, "step": self.step, **values}])
+        bar.write(f"epoch {self.epoch}: " + ", ".join(f"{key.removeprefix('sample/')} {value:.4g}"
+                                                       for key, value in values.items())
+                  + f" ({len(outputs)} samples, {self.samples.features.name})")
+        return values
+
+    def keep_if_best(self, values, bar):
+        """Save the best checkpoint when saving.keep_best's key, among this epoch's `values`
+        ({metrics.jsonl key: value}), beats the best so far (rank 0 writes it)."""
+        value = values.get(self.best["key"]) if self.best else None
+        if value is None or not np.isfinite(value):
+            return
+        best, better = self.best["value"], operator.lt if self.best["mode"] == "min" else operator.gt
+        if best is not None and not better(value, best):
+            return
+        self.best |= {"value": value, "epoch": self.epoch}
+        if self.placement.is_main:
+            path = self.run.save_best(self.state(early_stop=False))
+            bar.write(f"epoch {self.epoch}: best {self.best['key']} so far ({value:.6g}): saved {path.name}")
 
     @torch.no_grad()
     def sample_outputs(self):
@@ -281,7 +334,7 @@ class Trainer:
                 "epoch": self.epoch, "step": self.step, "batches_done_in_epoch": self.batches_done,
                 "early_stop": early_stop, "skipped_updates": self.skipped_updates,
                 "validation_history": self.validation_history, "split": split_record(self.cfg, self.loader),
-                "world_size": self.placement.world_size, "config": to_yaml(self.cfg),
+                "world_size": self.placement.world_size, "config": to_yaml(self.cfg), "best": self.best,
                 "architecture": self.model.architecture_text, "rng_state": rng_state()}
 
     @property
@@ -300,6 +353,14 @@ class Trainer:
                 self.notes.append(note)
         self.skipped_updates = state.get("skipped_updates", 0)
         self.validation_steps = state.get("validation_history", {}).get("step", [])
+        saved_best = state.get("best")  # the best so far, if it was judged as now
+        if self.best and saved_best:
+            now, then = (self.best["key"], self.best["mode"]), (saved_best["key"], saved_best["mode"])
+            if now == then:
+                self.best = dict(saved_best)
+            else:
+                self.notes.append(f"saving.keep_best: now {now[0]} ({now[1]}), was {then[0]} ({then[1]}): the best "
+                                  "is judged afresh")
         set_rng_state(state["rng_state"])
 
     def share_buffers(self):
