@@ -40,6 +40,7 @@ from conftest import (
     run_folder_of,
     script_env,
 )
+from runs import read_metrics
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -481,10 +482,16 @@ DDP_SETS = ["training.gpus=[]", "training.n_epochs=1", f"training.batch_size={DD
             "dataset.real_images.data_batch_transform=null", "dataset.gen_inputs.data_batch_transform=null"]
 
 
+# Sample metrics in the DDP run only: the one-process runs it is compared with go without them, which
+# also shows that measuring leaves training alone.
+DDP_SAMPLE_SETS = ["sample_metrics.every_epochs=1", "sample_metrics.feature_extractor=pixels",
+                   "sample_metrics.metrics=[fid,kid,precision_recall]", "sample_metrics.n_samples=300"]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(repo):
     proc = run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-               "train.py", "-t", MULTIGPU_CFG, *sets(*DDP_SETS))
+               "train.py", "-t", MULTIGPU_CFG, *sets(*DDP_SETS, *DDP_SAMPLE_SETS))
     return proc, newest_run(repo / CHECKPOINTS / "example_multigpu_run")
 
 
@@ -544,6 +551,23 @@ def assert_trained_alike(folder, weights):
     start = load(by_epoch(folder)[0])["model_state_dict"]
     assert not same_weights(start, ddp, atol=1e-4)  # the DDP run did train
     assert same_weights(ddp, weights, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_sample_metrics_are_those_of_one_process(repo, ddp_run):
+    """Rank 0 measures alone, once per epoch: the numbers it logged are evaluate.py's, in one
+    process, on the same checkpoints and samples."""
+    _, folder = ddp_run
+    logged = {row["epoch"]: row for row in read_metrics(folder / "metrics.jsonl") if "sample/fid" in row}
+    assert sorted(logged) == [0, 1]  # once per epoch (and before the first), not once per process
+    for epoch, path in by_epoch(folder).items():
+        proc = run(repo, "evaluate.py", "-t", MULTIGPU_CFG, "-e", EVAL_CFG, *sets(
+            *DDP_SETS, f"evaluation.model_checkpoint_filename={path}", "evaluation.n_samples=300",
+            "evaluation.feature_extractor=pixels", "evaluation.sample_metrics=[fid,kid,precision_recall]"))
+        saved = next(line.removeprefix("saved ") for line in proc.stdout.splitlines() if line.endswith("_metrics.json"))
+        found = json.loads(Path(saved).read_text())
+        for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+            assert found[key] == pytest.approx(logged[epoch][f"sample/{key}"], rel=1e-6, abs=1e-9), (epoch, key)
 
 
 @pytest.mark.slow

@@ -271,13 +271,12 @@ def test_keep_best_keeps_the_checkpoint_of_the_lowest_logged_fid(sampled_run):
 
 
 @pytest.mark.slow
-def test_keep_best_mode_max_and_keep_last_leaves_the_best_alone(repo):
-    proc = run(repo, "train.py", "-t", TRAIN_CFG, "--set", "training.n_epochs=3",
-               "--set", "saving.save_epoch_increment=1", "--set", "sample_metrics.every_epochs=1",
-               "--set", "sample_metrics.feature_extractor=pixels",
-               "--set", "sample_metrics.n_samples=256", "--set", "saving.keep_best=fid",
-               "--set", "saving.keep_best_mode=max", "--set", "saving.keep_last=1",
-               "--set", "saving.save_folder_name=worst_kept", "--set", "logging.tensorboard=false")
+def test_keep_best_mode_max_survives_keep_last_and_resuming(repo):
+    args = ["--set", "saving.save_epoch_increment=1", "--set", "sample_metrics.every_epochs=1",
+            "--set", "sample_metrics.n_samples=256", "--set", "saving.keep_best=fid",
+            "--set", "saving.keep_best_mode=max", "--set", "saving.keep_last=1",
+            "--set", "saving.save_folder_name=worst_kept", "--set", "logging.tensorboard=false"]
+    proc = run(repo, "train.py", "-t", TRAIN_CFG, *args, "--set", "training.n_epochs=3")
     folder = run_folder_of(proc)
     rows = [row for row in read_metrics(folder / "metrics.jsonl") if "sample/fid" in row]
     worst = max(rows, key=lambda row: row["sample/fid"])
@@ -285,6 +284,14 @@ def test_keep_best_mode_max_and_keep_last_leaves_the_best_alone(repo):
     assert (best["epoch"], best["best"]["mode"]) == (worst["epoch"], "max")
     periodic = [p.name for p in folder.glob("*.pth") if not p.name.endswith("_best.pth")]
     assert len(periodic) == 1 and "_epoch3_" in periodic[0]  # keep_last: 1 pruned the rest, not the best
+    # A resume carries the best value on: epoch 4 replaces the best only if it is worse still.
+    run(repo, "train.py", "-t", TRAIN_CFG, *args, "--set", "training.n_epochs=4",
+        "--set", "model.model_checkpoint_filename=latest")
+    rows = [row for row in read_metrics(folder / "metrics.jsonl") if "sample/fid" in row]
+    assert [row["epoch"] for row in rows] == [0, 1, 2, 3, 4]
+    worst = max(rows, key=lambda row: row["sample/fid"])
+    best = torch.load(folder / "example_gan_best.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == worst["epoch"] and best["best"]["value"] == worst["sample/fid"]
 
 
 @pytest.mark.slow
