@@ -209,9 +209,10 @@ def measure(metrics, real, generated, where="sample_metrics"):
     """{result key: value} of `metrics` between real and generated features ([N, D] each).
     Deterministic: KID's random subsets are drawn from a fixed seed, apart from the caller's
     random numbers."""
-    if len(real) < 2 or len(generated) < 2:
-        raise UserError(f"{where}: sample metrics need at least 2 real and 2 generated samples, "
-                        f"got {len(real)} and {len(generated)}")
+    least = NEIGHBOURHOOD + 1 if "precision_recall" in metrics else 2  # (a sample and its k neighbours)
+    if len(real) < least or len(generated) < least:
+        raise UserError(f"{where}: {', '.join(metrics)} need at least {least} real and {least} generated samples, "
+                        f"got {len(real)} and {len(generated)}; raise n_samples")
     out = {}
     if "fid" in metrics:
         out["fid"] = fid(real, generated)
@@ -271,6 +272,8 @@ class SampleMetrics:
     generator's inputs that make the generated samples, where the caller keeps them here."""
 
     def __init__(self, metrics, features, real, inputs=None):
+        if {"fid", "kid"} & set(metrics):  # missing, it is said now, before any sample is generated
+            optional("torchmetrics", "torchmetrics", f"sample metric{'s' * (len(metrics) > 1)} {', '.join(metrics)}")
         self.metrics, self.features, self.real, self.inputs = metrics, features, real, inputs
         self.real_features = None
 

@@ -9,7 +9,7 @@ from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model
 from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
 from dataset_base import load_streams, split_indices
-from errors import UserError, run_main
+from errors import UserError, did_you_mean, run_main
 from model_base import build_model
 from preflight import check_step
 from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
@@ -88,9 +88,10 @@ def check_step_gives(made, samples, best, source):
                         f"real samples {list(samples.real.shape[1:])}; sample metrics compare the two")
     if best and best["key"].startswith("validation/"):
         _, network, term = best["key"].split("/")
-        if term not in made["terms"].get(network, []):
-            raise UserError(f"{source}: saving.keep_best: {best['key']}: the {network}'s loss has the terms "
-                            f"{', '.join(made['terms'].get(network, []))}")
+        terms = made["terms"].get(network, [])
+        if term not in terms:
+            raise UserError(f"{source}: saving.keep_best: {best['key']}: no such term{did_you_mean(term, terms)}; "
+                            f"the {network}'s loss has the terms {', '.join(terms)}")
 
 
 def header(trainer, loader, validation_loader, run, path, placement):

@@ -9,8 +9,10 @@
 #    compiled, with whether bf16 and compile help; then fp32 with both sides under DDP (NCCL).
 # 2. torchrun with one process on NCCL: the toy GAN through the DDP wrappers; then with fp16 (a
 #    gradient scaler per network), gradient accumulation and the R1 gradient penalty; then bf16
-#    with training.compile, channels_last and the generator's EMA.
-# 3. evaluate.py and jit_trace_model.py (TorchScript and torch.export, timed) on that last run.
+#    with training.compile, channels_last, the generator's EMA, and sample metrics every epoch
+#    (pixel features: the machine cannot download Inception's) keeping the best checkpoint.
+# 3. evaluate.py (with sample metrics, on the best checkpoint) and jit_trace_model.py
+#    (TorchScript and torch.export, timed) on that last run.
 #
 # Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure, or at a
 # step that hangs (a timeout on each: a stuck NCCL call must not eat a rented GPU's time).
@@ -50,12 +52,18 @@ ddp_run ddp_fp32
 ddp_run ddp_fp16_r1_accumulated --set training.precision=fp16 --set training.grad_accumulation_steps=2 \
     --set loss.loss_fn=bce_gan_loss --set 'loss.loss_args={r1_weight: 1.0}'
 ddp_run ddp_bf16_compiled --set training.precision=bf16 --set training.compile=true \
-    --set training.channels_last=true --set training.ema_decay=0.99
+    --set training.channels_last=true --set training.ema_decay=0.99 --set sample_metrics.every_epochs=1 \
+    --set sample_metrics.feature_extractor=pixels --set 'sample_metrics.metrics=[fid,kid,precision_recall]' \
+    --set saving.keep_best=fid
+grep -q "best checkpoint: " "$out/ddp_bf16_compiled.log"
 
 echo "== 3. evaluate.py and jit_trace_model.py on the last run"
 run_folder="$out/ddp_bf16_compiled"
 python evaluate.py -t "$train_cfg" -e configs/example_model/example_evaluation_cfg.yaml \
-    --set "saving.save_folder_name=$run_folder" --set "evaluation.gpus=$gpus" 2>&1 | tee "$out/evaluate.log"
+    --set "saving.save_folder_name=$run_folder" --set "evaluation.gpus=$gpus" \
+    --set evaluation.model_checkpoint_filename=best --set 'evaluation.sample_metrics=[fid,kid,precision_recall]' \
+    --set evaluation.feature_extractor=pixels --set evaluation.n_samples=512 2>&1 | tee "$out/evaluate.log"
+grep -q '"fid"' "$out/evaluate.log"
 for format in torchscript export; do
     python jit_trace_model.py -t "$train_cfg" --set "saving.save_folder_name=$run_folder" -c latest -i 1 1 4 4 \
         --format "$format" --device "$device" --benchmark 200 2>&1 | tee "$out/jit_$format.log"
