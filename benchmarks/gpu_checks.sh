@@ -36,7 +36,7 @@ ddp_run() {  # ddp_run NAME [--set ...]: the multi-GPU example on one GPU, one p
     timeout 300 torchrun --standalone --nnodes=1 --nproc_per_node=1 train.py -t "$train_cfg" \
         --set "training.gpus=$gpus" --set training.n_epochs=2 --set saving.save_epoch_increment=1 \
         --set "saving.save_folder_name=$out/$name" "$@" 2>&1 | tee "$out/$name.log"
-    grep -q "x 1 DDP process" "$out/$name.log" && grep -q "trained to epoch 2" "$out/$name.log"
+    grep -q "x 1 process(es), .* (DDP)" "$out/$name.log" && grep -q "trained to epoch 2" "$out/$name.log"
 }
 
 echo "== 1. bench_train_loop.py"

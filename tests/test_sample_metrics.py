@@ -142,7 +142,7 @@ def test_evaluate_stops_before_generating_when_the_weights_cannot_be_had(trained
     env = {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     with mock.patch.dict(os.environ, env):
         proc = run(repo, "evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG, "--set", "evaluation.sample_metrics=[fid]",
-                   check=False)
+                   "--set", "evaluation.feature_extractor=inception", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert INCEPTION_URL in proc.stderr and str(tmp_path / "torch") in proc.stderr
