@@ -1,8 +1,10 @@
 """What the four entry points share: command-line options, the device, and checks that the
-data fits the model. (Loading a trained run: runs.py.)"""
-import argparse
+data fits the model. (Loading a trained run: runs.py.)
 
-import torch
+This module imports torch only inside the functions that need it, so that a script can parse its
+command line with it, and answer --help, before importing torch (which takes seconds)."""
+import argparse
+import sys
 
 from errors import UserError, did_you_mean
 
@@ -15,6 +17,14 @@ def make_parser(description, example):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show a full traceback for errors in configs and files")
     return parser
+
+
+def answer_early(module_name, parse_args):
+    """Run as a script (`module_name` "__main__"): parse the command line now, so that --help and
+    argument errors answer at once, before the script's other imports load torch. main() parses
+    it again; that costs nothing."""
+    if module_name == "__main__":
+        parse_args(sys.argv[1:])
 
 
 def add_training_cfg(parser):
@@ -35,6 +45,8 @@ def split_overrides(overrides, section):
 
 def select_device(gpus, where, index=0):
     """torch.device for `gpus[index]` (the CPU if `gpus` is empty), checked against this machine."""
+    import torch
+
     if not gpus:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -71,6 +83,8 @@ def check_batches_fit_model(datasets, model, source):
     inputs of the shape the architecture expects (a crop changes it), and every split's batches
     hold what the first split's do: validation skips the training-only transforms, which must
     not be the ones that make the data fit the model (a crop, a conversion to float)."""
+    import torch
+
     first = None
     for split, data in datasets.items():
         if data is None:

@@ -13,6 +13,20 @@ evaluation.sample_metrics, a generator's FID, KID and precision/recall, see samp
 output and target for paired data; inputs titled with their predicted and true class for a
 classifier) and, for a classifier, <...>_confusion.png. Prints the metrics and the files' paths.
 """  # noqa: E501  (the command as the README gives it)
+from cli import add_training_cfg, answer_early, make_parser
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__.splitlines()[0],
+                         "python evaluate.py -t configs/example_model/example_training_cfg.yaml "
+                         "-e configs/example_model/example_evaluation_cfg.yaml")
+    add_training_cfg(parser)
+    parser.add_argument("-e", "--evaluation_cfg", required=True, metavar="YAML", help="the evaluation config")
+    return parser.parse_args(argv)
+
+
+answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
+
 import hashlib
 import json
 import math
@@ -22,15 +36,7 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from cli import (
-    add_training_cfg,
-    check_batches_fit_model,
-    check_data_fits_model,
-    make_parser,
-    select_device,
-    split_overrides,
-    targets_are_paired,
-)
+from cli import check_batches_fit_model, check_data_fits_model, select_device, split_overrides, targets_are_paired
 from config import EVALUATION, load_config
 from dataset import FixedBatches, build_dataset
 from dataset_base import load_streams, split_indices
@@ -43,12 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 
 def main(argv):
-    parser = make_parser(__doc__.splitlines()[0],
-                         "python evaluate.py -t configs/example_model/example_training_cfg.yaml "
-                         "-e configs/example_model/example_evaluation_cfg.yaml")
-    add_training_cfg(parser)
-    parser.add_argument("-e", "--evaluation_cfg", required=True, metavar="YAML", help="the evaluation config")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     eval_sets, train_sets = split_overrides(args.overrides, "evaluation")
     ev = load_config(args.evaluation_cfg, EVALUATION, eval_sets, "evaluation config")["evaluation"]
     where = f"{args.evaluation_cfg}: evaluation.model_checkpoint_filename"

@@ -11,6 +11,20 @@ folder results/<model>/<save_folder_name>/run_<N>/: training_losses.png, trainin
 training_summary.csv; for several runs, compare_<runs>.png/.md/.csv under the first config's
 results/<model>/<save_folder_name>/. Prints the table.
 """
+from cli import add_overrides, answer_early, make_parser
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__.splitlines()[0],
+                         "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml")
+    parser.add_argument("-te", "--training_evaluation_cfg", required=True, metavar="YAML",
+                        help="the training-evaluation config (which runs and checkpoints, smoothing window)")
+    add_overrides(parser)
+    return parser.parse_args(argv)
+
+
+answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
+
 import csv
 import hashlib
 import io
@@ -22,7 +36,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from cli import add_overrides, make_parser, split_overrides
+from cli import split_overrides
 from config import (
     HIGHER_IS_BETTER,
     TRAINING_EVALUATION,
@@ -48,12 +62,7 @@ SAMPLE_PANELS = {"fid": ("FID of generated samples (lower is better)", "FID"),
 
 
 def main(argv):
-    parser = make_parser(__doc__.splitlines()[0],
-                         "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml")
-    parser.add_argument("-te", "--training_evaluation_cfg", required=True, metavar="YAML",
-                        help="the training-evaluation config (which runs and checkpoints, smoothing window)")
-    add_overrides(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     own_sets, train_sets = split_overrides(args.overrides, "training_evaluation")
     te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, own_sets,
                      "training-evaluation config")["training_evaluation"]

@@ -12,22 +12,12 @@ exports for other shapes add files rather than replace them:
 Every artifact is checked against the eager model on a fresh random input before anything is
 written. --benchmark N times eager against the artifact on this machine (--device cpu or cuda).
 """
-import json
-import statistics
-import time
-import warnings
+from cli import add_training_cfg, answer_early, make_parser
 
-import torch
-
-from cli import add_training_cfg, make_parser
-from errors import UserError, run_main
-from runs import Run, load_trained_run
-
-TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
-FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}
+FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}  # --format: file endings
 
 
-def main(argv):
+def parse_args(argv):
     parser = make_parser(__doc__.splitlines()[0], "python jit_trace_model.py "
                          "-t configs/example_model/example_training_cfg.yaml -c latest -i 1 1 4 4")
     add_training_cfg(parser)
@@ -46,7 +36,26 @@ def main(argv):
                         help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
     parser.add_argument("--no_ema", action="store_true",
                         help="export the generator's own weights, not their moving average (training.ema_decay)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
+
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+from errors import UserError, run_main
+from runs import Run, load_trained_run
+
+TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
+
+
+def main(argv):
+    args = parse_args(argv)
     if any(n < 1 for n in args.input_size):
         raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: every size must be >= 1")
     if args.benchmark < 0:

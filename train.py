@@ -3,9 +3,20 @@
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """  # noqa: E501  (the commands as the README gives them)
+from cli import add_training_cfg, answer_early, make_parser
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__.splitlines()[0], "python train.py -t configs/example_model/example_training_cfg.yaml")
+    add_training_cfg(parser)
+    return parser.parse_args(argv)
+
+
+answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
+
 import torch.distributed as dist
 
-from cli import add_training_cfg, check_batches_fit_model, check_data_fits_model, make_parser
+from cli import check_batches_fit_model, check_data_fits_model
 from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
 from dataset_base import load_streams, split_indices
@@ -18,9 +29,7 @@ from train_base import Trainer, first_samples, seed_everything, setup_placement
 
 
 def main(argv):
-    parser = make_parser(__doc__.splitlines()[0], "python train.py -t configs/example_model/example_training_cfg.yaml")
-    add_training_cfg(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     cfg = load_training_config(args.training_cfg, args.overrides)
     placement = setup_placement(cfg["training"]["gpus"], args.training_cfg)
     try:

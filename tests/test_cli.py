@@ -476,6 +476,20 @@ def test_help(help_runs, script):
         assert re.search(rf"(^|[\s,]){re.escape(option)}\b", proc.stdout), option
 
 
+@pytest.mark.parametrize("script", list(HELP))
+def test_help_and_argument_errors_answer_before_torch_is_imported(repo, script):
+    """--help and a wrong argument answer from argparse alone (a tenth of a second, where
+    importing torch takes seconds): no module of torch, numpy or matplotlib is imported."""
+    for args, status in ((["--help"], 0), (["--no-such-option"], 2)):
+        proc = run(repo, "-X", "importtime", script, *args, check=False)
+        assert proc.returncode == status, proc.stderr
+        imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")]
+        assert "argparse" in imported
+        heavy = [m for m in imported if m.split(".")[0] in ("torch", "numpy", "matplotlib")]
+        assert not heavy, heavy[:5]
+
+
 # ---- DDP on the CPU -----------------------------------------------------------------------------
 DDP_BATCH = 32
 DDP_SETS = ["training.gpus=[]", "training.n_epochs=1", f"training.batch_size={DDP_BATCH}",
