@@ -188,6 +188,8 @@ def checkpoint_features(path_text, where, shape, feature_layer, device):
 
     def network_features(x):
         model(x)
+        if "x" not in caught:  # e.g. a discriminator's layer: forward never runs it
+            raise UserError(f"{where}: feature_layer: {name} is not on {path}'s inference path (its forward)")
         return caught.pop("x")
 
     return Features(f"checkpoint:{path_text} (input of {name})", network_features, device)

@@ -199,6 +199,9 @@ def test_a_checkpoint_of_this_pipeline_extracts_features(trained):
     assert default.extract(samples).shape == (20, 16)
     named = build_features(f"checkpoint:{checkpoint}", "test", samples, feature_layer="gen_dec_Conv2d_4")
     assert named.extract(samples).shape == (20, 16 * 4 * 4)  # the residual block's 16 channels
+    discriminator = build_features(f"checkpoint:{checkpoint}", "test", samples, feature_layer="disc_cnn_Conv2d_0")
+    with pytest.raises(UserError, match="disc_cnn_Conv2d_0 is not on .* inference path"):
+        discriminator.extract(samples)
     with pytest.raises(UserError, match="'gen_dec_Conv_4' is not a layer.*did you mean 'gen_dec_Conv2d_4'"):
         build_features(f"checkpoint:{checkpoint}", "test", samples, feature_layer="gen_dec_Conv_4")
     with pytest.raises(UserError, match=r"takes inputs of shape \[1, 4, 4\].*samples are \[1, 8, 8\]"):
