@@ -42,7 +42,7 @@ from dataset import FixedBatches, build_dataset
 from dataset_base import load_streams, split_indices
 from errors import UserError, run_main
 from runs import Run, load_trained_run
-from sample_metrics import SampleMetrics, build_features
+from sample_metrics import prepare
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -63,7 +63,8 @@ def main(argv):
                                            f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
     inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], batches))
-    samples = sample_metrics(ev, targets, device, args.evaluation_cfg)  # (its weights loaded before generating)
+    samples = None if not ev["sample_metrics"] else \
+        prepare(ev["sample_metrics"], ev, targets, f"{args.evaluation_cfg}: evaluation", device)  # before generating
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     paired = targets_are_paired(model, adversarial)
@@ -91,19 +92,6 @@ def main(argv):
         if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
             save_figure(run, f"{out}_samples.png", labelled_inputs(inputs, outputs.argmax(1), targets, names,
                                                                     ev["grid_nrow"], title=path.name))
-
-
-def sample_metrics(ev, real, device, source):
-    """evaluation.sample_metrics on these real samples, its feature extractor loaded (None if none asked for)."""
-    if not ev["sample_metrics"]:
-        return None
-    where = f"{source}: evaluation"
-    if real is None:
-        raise UserError(f"{where}.sample_metrics: sample metrics compare generated with real samples, but the model's "
-                        "flow sets no target_key (the data stream holding them)")
-    features = build_features(ev["feature_extractor"], f"{where}.feature_extractor", real.float(),
-                              ev["inception_weights"], ev["feature_layer"], device)
-    return SampleMetrics(ev["sample_metrics"], features, real.float())
 
 
 def resolved_settings(ev, path, split):

@@ -257,9 +257,11 @@ def summary_table(runs, window):
         for run in runs:
             _, values = smoothed(key, *run["curves"].get(key, (np.array([]), np.array([]))), window)
             finite = values[np.isfinite(values)]
-            best = finite.max() if key.rsplit("/", 1)[-1] in HIGHER_IS_BETTER else finite.min() if len(finite) else 0
             finals.append(f"{values[-1]:.4g}" if len(values) else "-")
-            bests.append(f"{best:.4g}" if len(finite) and has_direction(key, run) and not key.endswith("_std") else "-")
+            if len(finite) and has_direction(key, run) and not key.endswith("_std"):
+                bests.append(f"{finite.max() if key.rsplit('/', 1)[-1] in HIGHER_IS_BETTER else finite.min():.4g}")
+            else:
+                bests.append("-")
         table.append((f"final {key}", finals))
         if any(b != "-" for b in bests):
             table.append((f"best {key}", bests))

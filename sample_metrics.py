@@ -226,27 +226,28 @@ def measure(metrics, real, generated, where="sample_metrics"):
 
 
 def fid(real, generated):
-    fid_class = optional("torchmetrics", "torchmetrics", "sample metric fid").image.FrechetInceptionDistance
-    metric = fid_class(feature=Identity(real.shape[1]), sync_on_compute=False)
-    metric.update(real.double(), real=True)
-    metric.update(generated.double(), real=False)
-    return float(metric.compute())
+    return float(torchmetrics_compute("FrechetInceptionDistance", real, generated))
 
 
 def kid(real, generated, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE):
     """(mean, standard deviation) over `subsets` random subsets of subset_size samples, or of half
     the samples where there are fewer than twice that (subsets of all of them would all agree)."""
-    kid_class = optional("torchmetrics", "torchmetrics", "sample metric kid").image.KernelInceptionDistance
     size = min(subset_size, max(2, len(real) // 2), max(2, len(generated) // 2))
-    with warnings.catch_warnings():  # that it keeps every feature: these are all it is given
-        warnings.simplefilter("ignore")
-        metric = kid_class(feature=Identity(real.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False)
-    metric.update(real.double(), real=True)
-    metric.update(generated.double(), real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        mean, std = metric.compute()
+        mean, std = torchmetrics_compute("KernelInceptionDistance", real, generated, subsets=subsets, subset_size=size)
     return float(mean), float(std)
+
+
+def torchmetrics_compute(name, real, generated, **args):
+    """torchmetrics.image's metric `name` between two feature sets (given through Identity)."""
+    metric_class = getattr(optional("torchmetrics", "torchmetrics", f"sample metric {name}").image, name)
+    with warnings.catch_warnings():  # (KID's that it keeps every feature: these are all it is given)
+        warnings.simplefilter("ignore")
+        metric = metric_class(feature=Identity(real.shape[1]), sync_on_compute=False, **args)
+    metric.update(real.double(), real=True)
+    metric.update(generated.double(), real=False)
+    return metric.compute()
 
 
 def precision_recall(real, generated, k=NEIGHBOURHOOD):
@@ -288,6 +289,19 @@ class SampleMetrics:
             self.real_features = self.features.extract(self.real, desc="real features")
         found = self.features.extract(generated, desc="generated features")
         return measure(self.metrics, self.real_features, found, where)
+
+
+def prepare(metrics, settings, real, where, device, inputs=None):
+    """SampleMetrics of `metrics` on the `real` samples (None: the flow names no target stream),
+    with the feature extractor that `settings` (feature_extractor, inception_weights and
+    feature_layer of a config section at `where`) names, loaded."""
+    if real is None:
+        raise UserError(f"{where}: sample metrics compare generated with real samples, but the model's flow sets "
+                        "no target_key (the data stream holding them)")
+    real = real.float()
+    features = build_features(settings["feature_extractor"], f"{where}.feature_extractor", real,
+                              settings["inception_weights"], settings["feature_layer"], device)
+    return SampleMetrics(metrics, features, real, inputs)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from errors import UserError, did_you_mean, run_main
 from model_base import build_model
 from preflight import check_step
 from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
-from sample_metrics import SampleMetrics, build_features
+from sample_metrics import prepare
 from train_base import Trainer, first_samples, seed_everything, setup_placement
 
 
@@ -78,15 +78,10 @@ def sample_metrics(cfg, model, loader, validation_loader, placement, source):
     section, where = cfg["sample_metrics"], f"{source}: sample_metrics"
     if section["every_epochs"] is None:
         return None
-    if model.target_key is None:
-        raise UserError(f"{where}: sample metrics compare generated with real samples, but the flow "
-                        f"{type(model).__name__} sets no target_key (the data stream holding them)")
     data = validation_loader.dataset if validation_loader is not None else \
         build_dataset(loader.dataset.streams, cfg["dataset"], loader.dataset.indices, False, f"{source}: dataset")
     inputs, real = model.split_batch(first_samples(data, section["n_samples"]))
-    features = build_features(section["feature_extractor"], f"{where}.feature_extractor", real.float(),
-                              section["inception_weights"], section["feature_layer"], placement.device)
-    return SampleMetrics(section["metrics"], features, real.float(), inputs)
+    return prepare(section["metrics"], section, real, where, placement.device, inputs)
 
 
 def check_step_gives(made, samples, best, source):

@@ -194,15 +194,7 @@ class Trainer:
         all-reduce) and wait there for it."""
         if not self.placement.is_main:
             return {}
-        generator = self.networks["generator"]
-        ema = generator.ema.module.state_dict() if generator.ema is not None else None
-        device, batch = self.placement.device, self.cfg["training"]["batch_size"]
-        self.model.eval()
-        with torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
-                weights_of(generator.module, ema):
-            outputs = torch.cat([self.losses.forward(x.to(device)).float().cpu()
-                                 for x in self.samples.inputs.split(batch)])
-        self.model.train()
+        outputs = self.generate(self.samples.inputs, use_ema=True)
         measured = self.samples(outputs, f"{self.source}: sample_metrics")
         values = {f"sample/{key}": value for key, value in measured.items()}
         self.run.log([{"epoch": self.epoch, "step": self.step, **values}])
@@ -225,15 +217,23 @@ class Trainer:
             path = self.run.save_best(self.state(early_stop=False))
             bar.write(f"epoch {self.epoch}: best {self.best['key']} so far ({value:.6g}): saved {path.name}")
 
-    @torch.no_grad()
     def sample_outputs(self):
-        """The generator's outputs on the fixed inputs, in eval mode, on the CPU (and without
-        drawing from the training's random numbers). Compiled submodels run eagerly: eval mode
-        would otherwise compile them a second time."""
+        """The generator's outputs on the dashboard's fixed inputs."""
+        return self.generate(self.fixed_inputs)
+
+    @torch.no_grad()
+    def generate(self, inputs, use_ema=False):
+        """The generator's outputs for `inputs`, batch_size at a time, in eval mode, on the CPU, and
+        without drawing from training's random numbers; with `use_ema`, from its moving average
+        of weights where it keeps one. Compiled submodels run eagerly: eval mode would otherwise
+        compile them a second time."""
+        generator = self.networks["generator"]
+        ema = generator.ema.module.state_dict() if use_ema and generator.ema is not None else None
+        device, batch = self.placement.device, self.cfg["training"]["batch_size"]
         self.model.eval()
-        devices = [self.placement.device] if self.placement.device.type == "cuda" else []
-        with torch.random.fork_rng(devices), eagerly():
-            outputs = self.losses.forward(self.fixed_inputs.to(self.placement.device)).float().cpu()
+        with torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
+                weights_of(generator.module, ema):
+            outputs = torch.cat([self.losses.forward(x.to(device)).float().cpu() for x in inputs.split(batch)])
         self.model.train()
         return outputs
 
