@@ -6,15 +6,23 @@ Writes, under the checkpoint's folder, names carrying the input shape (here 1x1x
 exports for other shapes add files rather than replace them:
 - jit/<checkpoint>_1x1x4x4_traced.pt (torch.jit.load-able; the default format), or
   _1x1x4x4_exported.pt2 (torch.export.load; --format export), or _1x1x4x4.onnx (--format onnx,
-  needs onnx and onnxruntime);
+  needs onnx, onnxscript and onnxruntime); with --dynamic-batch the batch is left open and the
+  name says so: _Nx1x4x4_traced.pt, ...;
+- beside each artifact, <artifact file name>.json: its format, input shape (batch null when
+  dynamic), dtype, layout, input stream, checkpoint, the batch sizes it was checked at and its
+  largest difference to eager, so that each format keeps its own description;
 - jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw float32 values in C order, to feed
-  the model on the device, and a .json beside it saying so (shape, dtype, layout, checkpoint).
-Every artifact is checked against the eager model on a fresh random input before anything is
-written. --benchmark N times eager against the artifact on this machine (--device cpu or cuda).
+  the model on the device.
+Every artifact is checked against the eager model on fresh random inputs before anything is
+written: at the given batch, or with --dynamic-batch at batches 1 and 7 (and the given one), each
+sample of the batch of 7 also giving what it gives alone. --benchmark N times eager against the
+artifact on this machine (--device cpu or cuda) and measures the peak memory of one forward pass.
 """
 from cli import add_training_cfg, answer_early, make_parser
 
 FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}  # --format: file endings
+DYNAMIC_CHECK_BATCHES = (1, 7)  # --dynamic-batch: batch sizes every artifact is checked at; the last, per sample too
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # --format onnx: torch.onnx needs the first two
 
 
 def parse_args(argv):
@@ -30,8 +38,12 @@ def parse_args(argv):
     parser.add_argument("--format", choices=list(FORMATS), default="torchscript",
                         help="torchscript (torch.jit.trace, the default: jit/<checkpoint>_<shape>_traced.pt), "
                              "export (torch.export: _<shape>_exported.pt2) or onnx (_<shape>.onnx)")
+    parser.add_argument("--dynamic-batch", "--dynamic_batch", action="store_true",
+                        help="leave the batch size open: the artifact takes any batch (named Nx1x4x4), checked "
+                             f"at batches {' and '.join(map(str, DYNAMIC_CHECK_BATCHES))} and the one of -i")
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
-                        help="time N forward passes of the eager model and of the artifact (median, p90)")
+                        help="time N forward passes of the eager model and of the artifact (median, p90) and "
+                             "measure the peak memory of one")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
     parser.add_argument("--no_ema", action="store_true",
@@ -41,8 +53,14 @@ def parse_args(argv):
 
 answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
 
+import contextlib
+import importlib
+import itertools
 import json
+import os
+import re
 import statistics
+import sys
 import time
 import warnings
 
@@ -52,6 +70,12 @@ from errors import UserError, run_main
 from runs import Run, load_trained_run
 
 TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
+BAKED_IN = ("forward fixes the batch size, usually by a reshape or view to a fixed size such as x.view(2, -1): "
+            "use x.flatten(1) or x.reshape(x.shape[0], -1) there, or drop --dynamic-batch")
+
+
+class CaptureFailed(Exception):
+    """An exporter could not capture forward; the message is the exporter's own first line."""
 
 
 def main(argv):
@@ -69,64 +93,184 @@ def main(argv):
         raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: the model's input "
                         f"'{model.input_key}' has shape {list(model.input_size)} per sample (see "
                         f"{model.architecture_path}); use -i {' '.join(map(str, expected))}")
+    flow_path, dynamic, per_sample = cfg["model"]["model_flow_path"], args.dynamic_batch, list(model.input_size)
     generator = torch.Generator().manual_seed(cfg["training"]["seed"])
     example = torch.randn(args.input_size, generator=generator)
-    run_artifact, write = EXPORTERS[args.format](model, example, cfg["model"]["model_flow_path"])
-    check = torch.randn(args.input_size, generator=generator)
-    with torch.no_grad():
-        diff = (run_artifact(check) - model(check)).abs().max().item()
-    if diff > TOLERANCE:
-        raise UserError(f"{cfg['model']['model_flow_path']}: the {args.format} model differs from the eager one on a "
-                        f"new input (max abs difference {diff:.3g} > {TOLERANCE}); forward probably has "
-                        "data-dependent control flow, which tracing cannot capture")
-    run, shape = Run.of(cfg, folder=path.parent), "x".join(map(str, args.input_size))  # jit/ beside the checkpoint
-    artifact_path = run.write_export(f"{path.stem}_{shape}{FORMATS[args.format]}", write)
-    raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
-    input_path = run.write_export(f"{path.stem}_input_{shape}.raw", lambda f: f.write(raw))
-    sidecar = {"shape": list(args.input_size), "dtype": "float32", "layout": "C order (row-major), batch first",
-               "input": model.input_key, "checkpoint": path.name, "model": artifact_path.name, "format": args.format,
-               "max_abs_difference_to_eager": diff}
-    text = json.dumps(sidecar, indent=2).encode()
-    run.write_export(input_path.with_suffix(".json").name, lambda f: f.write(text))
-    print(f"{args.format} model of {path.name}: max abs difference to eager {diff:.2e}")
-    print(f"saved {artifact_path}\nsaved {input_path} (float32, C order, shape {shape}) and its .json")
+    # torch.export specialises a dimension whose example size is 0 or 1 (a size-1 dimension may be a
+    # broadcast), so a symbolic batch traced at batch 1 fails with "Constraints violated": trace at 2 or
+    # more (all three formats, so that they capture the same pass)
+    traced_at = example if not dynamic or example.shape[0] >= 2 else torch.randn([2, *per_sample], generator=generator)
+    run_artifact, write = export(args.format, model, traced_at, example, flow_path, dynamic)
+    batches = sorted({args.input_size[0], *DYNAMIC_CHECK_BATCHES}) if dynamic else [args.input_size[0]]
+    record = check_artifact(run_artifact, model, [torch.randn([n, *per_sample], generator=generator) for n in batches],
+                            flow_path, args.format, dynamic)
+    artifact_path, input_path = write_files(Run.of(cfg, folder=path.parent), path, model, args, write, example, record)
+    print(f"{args.format} model of {path.name}{' (any batch size)' if dynamic else ''}: max abs difference to eager "
+          f"{record['max_abs_difference_to_eager']:.2e} at batch {listed(batches)}")
+    print(f"saved {artifact_path} and its .json\nsaved {input_path} (float32, C order, shape "
+          f"{'x'.join(map(str, args.input_size))})")
     if args.benchmark:
         if device.type != "cpu" and args.format != "onnx":
             model, run_artifact = model.to(device), run_artifact.to(device)
         benchmark(model, run_artifact, example, args.benchmark, args.format, device)
 
 
-def to_torchscript(model, example, flow_path):
+def export(fmt, model, traced_at, example, flow_path, dynamic):
+    """(run, write) of the artifact of `fmt`, traced at `traced_at`; a capture that fails is a UserError."""
+    try:
+        return EXPORTERS[fmt](model, traced_at, dynamic)
+    except CaptureFailed as e:
+        failed = e
+    if dynamic and exports_fixed(fmt, model, example):
+        raise UserError(f"{flow_path}: --dynamic-batch: {ENGINES[fmt]} cannot leave the batch size open ({failed}); "
+                        f"{BAKED_IN}") from None
+    raise UserError(f"{flow_path}: {CAPTURE_FAILED[fmt].format(failed)}") from None
+
+
+def exports_fixed(fmt, model, example):
+    """Whether forward exports at the fixed shape of `example`, telling a baked-in batch from a flow
+    that cannot be exported at all."""
+    try:
+        EXPORTERS[fmt](model, example, False)
+    except CaptureFailed:
+        return False
+    return True
+
+
+def check_artifact(run_artifact, model, inputs, flow_path, fmt, dynamic):
+    """What the checks found, for the .json: the artifact against eager on `inputs` (one per batch size)
+    and, with a dynamic batch, the samples of the batch of DYNAMIC_CHECK_BATCHES[-1] against each alone."""
+    batches = [x.shape[0] for x in inputs]
+    record = {"max_abs_difference_to_eager": difference_to_eager(run_artifact, model, inputs, flow_path, fmt, dynamic),
+              "batch_sizes_checked": batches}
+    if dynamic:
+        together = inputs[batches.index(DYNAMIC_CHECK_BATCHES[-1])]
+        record["max_abs_difference_batched_to_alone"] = batched_to_alone(run_artifact, together, flow_path, fmt)
+    return record
+
+
+def difference_to_eager(run_artifact, model, inputs, flow_path, fmt, dynamic):
+    """The largest abs difference between the artifact's and the eager model's outputs over `inputs`."""
+    worst = 0.0
+    for x in inputs:
+        at = f"at batch {x.shape[0]}"
+        expected = forward(model, x, f"the eager model fails {at}", flow_path, dynamic)
+        got = forward(run_artifact, x, f"the {fmt} model fails {at}", flow_path, dynamic)
+        if got.shape != expected.shape:
+            raise UserError(f"{flow_path}: {'--dynamic-batch: ' if dynamic else ''}{at} the {fmt} model gives shape "
+                            f"{list(got.shape)}, the eager one {list(expected.shape)}; "
+                            + (BAKED_IN if dynamic else "the output's shape depends on the data, which tracing fixes"))
+        diff = (got - expected).abs().max().item()
+        if diff > TOLERANCE:
+            raise UserError(f"{flow_path}: the {fmt} model differs from the eager one on a new input {at} (max abs "
+                            f"difference {diff:.3g} > {TOLERANCE}); forward probably has data-dependent control "
+                            "flow, which tracing cannot capture" + (f", or {BAKED_IN}" if dynamic else ""))
+        worst = max(worst, diff)
+    return worst
+
+
+def forward(fn, x, failed, flow_path, dynamic):
+    """fn(x); with --dynamic-batch, a failure at a batch size other than the traced one is a UserError
+    (without it, the batch is the traced one, so a failure is a bug and shows its traceback)."""
+    try:
+        with torch.no_grad():
+            return fn(x)
+    except Exception as e:
+        if not dynamic:
+            raise
+        raise UserError(f"{flow_path}: --dynamic-batch: {failed} ({first_line(e)}); {BAKED_IN}") from None
+
+
+def batched_to_alone(run_artifact, x, flow_path, fmt):
+    """The largest abs difference between each sample's output in the batch `x` and its output when
+    run alone (batch 1): outputs that depend on the batch size make a dynamic batch wrong."""
+    with torch.no_grad():
+        together = run_artifact(x)
+        alone = torch.cat([run_artifact(x[i:i + 1]) for i in range(x.shape[0])])
+    if together.shape != alone.shape:
+        raise UserError(f"{flow_path}: --dynamic-batch: the {fmt} model gives {together.shape[0]} output(s) for a "
+                        f"batch of {x.shape[0]} (shape {list(together.shape)}); {BAKED_IN}")
+    diff = (together - alone).abs().max().item()
+    if diff > TOLERANCE:
+        raise UserError(f"{flow_path}: --dynamic-batch: a sample's output in a batch of {x.shape[0]} differs from "
+                        f"its output alone (max abs difference {diff:.3g} > {TOLERANCE}): forward mixes the samples "
+                        "of a batch (a reshape across the batch dimension, or batch statistics); fix forward or "
+                        "drop --dynamic-batch")
+    return diff
+
+
+def write_files(run, path, model, args, write, example, record):
+    """Write the artifact, its .json and the raw example input (atomically, each); their paths."""
+    given = "x".join(map(str, args.input_size))
+    shape = "x".join(["N" if args.dynamic_batch else str(args.input_size[0]), *map(str, model.input_size)])
+    artifact_path = run.write_export(f"{path.stem}_{shape}{FORMATS[args.format]}", write)  # jit/ beside the checkpoint
+    raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
+    input_path = run.write_export(f"{path.stem}_input_{given}.raw", lambda f: f.write(raw))
+    sidecar = {"format": args.format, "model": artifact_path.name, "checkpoint": path.name, "input": model.input_key,
+               "shape": [None if args.dynamic_batch else args.input_size[0], *model.input_size],  # null: any batch
+               "dynamic_batch": args.dynamic_batch, "dtype": "float32",
+               "layout": "C order (row-major), batch first", "example_input": input_path.name,
+               "example_input_shape": list(args.input_size), **record}
+    text = json.dumps(sidecar, indent=2).encode()
+    run.write_export(f"{artifact_path.name}.json", lambda f: f.write(text))
+    return artifact_path, input_path
+
+
+def listed(numbers):
+    """[1, 7, 64] as "1, 7 and 64"."""
+    return " and ".join(filter(None, [", ".join(map(str, numbers[:-1])), str(numbers[-1])]))
+
+
+def first_line(error):
+    """The first line of an exception's message, without terminal colours (torch.onnx adds them)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def batch_dim():
+    """The symbolic batch of torch.export and torch.onnx. min=1: the program also takes batch 1,
+    although it was traced at 2 or more (see main); the checks then run it at batch 1 and 7."""
+    return torch.export.Dim("batch", min=1)
+
+
+def to_torchscript(model, example, dynamic):
     print("note: PyTorch marks TorchScript as deprecated in favour of torch.export (--format export); the "
           "traced model still loads with torch.jit.load and in LibTorch.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # said once, above
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example)
+    # A trace records the ops run on `example`, sizes read with x.shape[0] included, so it usually runs
+    # at other batch sizes too; sizes written as constants stay constant, which the checks catch
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+    except Exception as e:
+        raise CaptureFailed(first_line(e)) from None
     return traced, lambda f: torch.jit.save(traced, f)
 
 
-def to_export(model, example, flow_path):
+def to_export(model, example, dynamic):
+    shapes = ({0: batch_dim()},) if dynamic else None
     try:
-        exported = torch.export.export(model, (example,))
+        exported = torch.export.export(model, (example,), dynamic_shapes=shapes)
     except Exception as e:  # torch.export names the line it cannot capture
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flow_path}: torch.export cannot capture forward ({first}); data-dependent control flow "
-                        "is the usual cause (see torch.cond)") from None
+        raise CaptureFailed(first_line(e)) from None
     return exported.module(), lambda f: torch.export.save(exported, f)
 
 
-def to_onnx(model, example, flow_path):
+def to_onnx(model, example, dynamic):
     try:
-        import onnxruntime
+        onnxruntime = [importlib.import_module(name) for name in ONNX_PACKAGES][-1]
     except ImportError:
-        raise UserError("--format onnx: needs the onnx, onnxscript and onnxruntime packages "
-                        "(pip install onnx onnxscript onnxruntime)") from None
+        raise UserError(f"--format onnx: needs the {', '.join(ONNX_PACKAGES[:-1])} and {ONNX_PACKAGES[-1]} packages "
+                        f"(pip install {' '.join(ONNX_PACKAGES)})") from None
+    shapes = ({0: batch_dim()},) if dynamic else None
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True)
-    except Exception as e:
-        raise UserError(f"{flow_path}: ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes)
+    except Exception as e:  # its own message says which step failed; the reason is in the one it wraps
+        raise CaptureFailed(first_line(e.__cause__ or e)) from None
     data = program.model_proto.SerializeToString()
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # fatal only: a run that fails at another batch size is reported as a UserError
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(x):
@@ -136,6 +280,11 @@ def to_onnx(model, example, flow_path):
 
 
 EXPORTERS = {"torchscript": to_torchscript, "export": to_export, "onnx": to_onnx}
+ENGINES = {"torchscript": "torch.jit.trace", "export": "torch.export", "onnx": "torch.onnx.export"}
+CAPTURE_FAILED = {"torchscript": "torch.jit.trace cannot trace forward ({})",
+                  "export": "torch.export cannot capture forward ({}); data-dependent control flow is the usual "
+                            "cause (see torch.cond)",
+                  "onnx": "ONNX export failed: {}"}
 
 
 def benchmark_device(name):
@@ -152,9 +301,9 @@ def benchmark_device(name):
 
 @torch.no_grad()
 def benchmark(model, run_artifact, example, n, fmt, device):
-    """Latency of eager and of the artifact: a first look before profiling on the device."""
-    results = {}
-    on = "cpu" if fmt == "onnx" else device  # ONNX Runtime here runs on the CPU provider
+    """Latency and peak memory of eager and of the artifact: a first look before profiling on the device."""
+    results, peaks = {}, {}
+    on = torch.device("cpu") if fmt == "onnx" else device  # ONNX Runtime here runs on the CPU provider
     for name, fn, where in (("eager", model, device), (fmt, run_artifact, on)):
         x = example.to(where)
         for _ in range(max(3, n // 10)):  # warm-up
@@ -163,16 +312,76 @@ def benchmark(model, run_artifact, example, n, fmt, device):
         for _ in range(n):
             start = time.perf_counter()
             fn(x)
-            if torch.device(where).type == "cuda":
+            if where.type == "cuda":
                 torch.cuda.synchronize(where)  # the GPU runs asynchronously: wait for the result
             times.append(time.perf_counter() - start)
         times.sort()
         results[name] = (statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))])
+        peaks[name] = None if name == "onnx" else peak_memory(fn, x, where)
     print(f"latency on {device}{' (ONNX Runtime on the CPU)' if fmt == 'onnx' and device.type != 'cpu' else ''}, "
           f"batch {example.shape[0]}, {n} runs after warm-up:")
     for name, (median, p90) in results.items():
         print(f"  {name:<12} median {median * 1e3:8.3f} ms   p90 {p90 * 1e3:8.3f} ms")
     print(f"  eager / {fmt}: {results['eager'][0] / results[fmt][0]:.2f}x (median)")
+    print(f"peak memory on {device}, batch {example.shape[0]}: the most bytes of tensors held at once during one "
+          "forward pass (output included; weights and input not)")
+    print(f"  measured by {MEMORY_MEASURE[device.type]}")
+    for name, peak in peaks.items():
+        print(f"  {name:<12} {size_text(peak) if peak is not None else 'n/a':>10}"
+              + ("   (ONNX Runtime allocates outside torch, which cannot see it)" if peak is None else ""))
+
+
+MEMORY_MEASURE = {"cuda": "torch.cuda.max_memory_allocated, less memory_allocated before the pass",
+                  "cpu": "torch.profiler (torch's CPU allocator; buffers a library allocates itself are not seen)"}
+
+
+def peak_memory(fn, x, device):
+    """Bytes at the peak of one fn(x) above what was allocated when it began, or None if unmeasured.
+
+    On a GPU, the CUDA caching allocator's counters give it. On the CPU torch keeps no such counter,
+    and the process's resident size cannot single out one pass: its peak (VmHWM) covers everything
+    since start-up, and memory freed and reused inside the process never shows as growth. So
+    torch.profiler with profile_memory records each allocation and free of a tensor, and their
+    running sum over the pass gives its peak."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(x)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn(x)
+    try:  # the profiler's raw events: the public summaries add allocations up, losing when each was freed
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        return max(itertools.accumulate(e.nbytes() for e in events), default=0)
+    except AttributeError:  # another torch: say "n/a" rather than guess
+        return None
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ backend (Kineto) logs its start and stop
+    there, in the middle of the table. Only the profiled pass runs inside; it ran before, in the timing."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def size_text(n):
+    """Bytes as B, KiB or MiB, for the memory table."""
+    for unit, scale in (("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 #    with training.compile, channels_last, the generator's EMA, and sample metrics every epoch
 #    (pixel features: the machine cannot download Inception's) keeping the best checkpoint.
 # 3. evaluate.py (with sample metrics, on the best checkpoint) and jit_trace_model.py
-#    (TorchScript and torch.export, timed) on that last run.
+#    (TorchScript and torch.export, timed; torch.export with --dynamic-batch at batch 64, with
+#    its peak memory) on that last run.
 #
 # Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure, or at a
 # step that hangs (a timeout on each: a stuck NCCL call must not eat a rented GPU's time).
@@ -68,4 +69,8 @@ for format in torchscript export; do
     python jit_trace_model.py -t "$train_cfg" --set "saving.save_folder_name=$run_folder" -c latest -i 1 1 4 4 \
         --format "$format" --device "$device" --benchmark 200 2>&1 | tee "$out/jit_$format.log"
 done
+# a batch left open (checked at batch 1 and 7 on the CPU), timed and its peak memory read on the device
+python jit_trace_model.py -t "$train_cfg" --set "saving.save_folder_name=$run_folder" -c latest -i 64 1 4 4 \
+    --format export --dynamic-batch --device "$device" --benchmark 200 2>&1 | tee "$out/jit_export_dynamic.log"
+grep -q "^peak memory on $device" "$out/jit_export_dynamic.log"
 echo "all checks passed ($device); figures and logs in $out/"

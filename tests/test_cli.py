@@ -282,7 +282,7 @@ def check_traced(checkpoint, shape, model_cfg=EXAMPLE_MODEL, fmt="torchscript"):
     suffix = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}[fmt]
     artifact, raw_path = jit / f"{checkpoint.stem}_{tag}{suffix}", jit / f"{checkpoint.stem}_input_{tag}.raw"
     assert raw_path.stat().st_size == 4 * math.prod(shape)  # float32
-    sidecar = json.loads(raw_path.with_suffix(".json").read_text())
+    sidecar = json.loads((jit / f"{artifact.name}.json").read_text())
     assert sidecar["shape"] == list(shape) and sidecar["dtype"] == "float32"
     assert sidecar["checkpoint"] == checkpoint.name
     assert sidecar["model"] == artifact.name and sidecar["format"] == fmt and "C order" in sidecar["layout"]
