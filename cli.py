@@ -43,9 +43,21 @@ def split_overrides(overrides, section):
     return own, [item for item in overrides if item not in own]
 
 
+def resolve_gpus(gpus, processes=1):
+    """A gpus setting as GPU ids: `auto` is one GPU per process of this machine (`processes`),
+    or none (the CPU) on a machine without GPUs; a list is itself."""
+    import torch
+
+    if gpus != "auto":
+        return gpus
+    return list(range(processes)) if torch.cuda.is_available() and torch.cuda.device_count() else []
+
+
 def select_device(gpus, where, index=0):
     """torch.device for `gpus[index]` (the CPU if `gpus` is empty), checked against this machine."""
     import torch
+
+    gpus = resolve_gpus(gpus)
 
     if not gpus:
         return torch.device("cpu")

@@ -115,10 +115,28 @@ def name_in(table_fn, what, text=None):
     return check
 
 
-@described("GPU ids (integers >= 0)")
+def function_names(table_fn, what):
+    """One name of the registry table `table_fn()`, or a list of them."""
+    one = name_in(table_fn, what)
+
+    @described(f"{one.text}, or a list of them")
+    def check(v):
+        for name in v if isinstance(v, list) else [v]:
+            problem = one(name) if isinstance(name, str) else f"{name!r} is not a name"
+            if problem:
+                return problem
+        return None
+    return check
+
+
+@described("GPU ids (integers >= 0), or auto")
 def gpu_list(v):
-    if not all(isinstance(g, int) and g >= 0 for g in v):
-        return "must be a list of GPU ids (non-negative integers), [] for CPU"
+    if v == "auto":
+        return None
+    if isinstance(v, str):
+        return f"must be auto or a list of GPU ids (e.g. [0]){did_you_mean(v, ['auto'])}"
+    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in v):
+        return "must be a list of GPU ids (non-negative integers), [] for CPU, or auto"
     return None
 
 
@@ -181,20 +199,28 @@ STREAM = {
                     doc="samples to use (null: all); required for data_read_type function, which makes this many"),
     "randomize_inputs": Key(False, bool, doc="pick the n_inputs samples at random (drawn from dataset.split_seed, so "
                                              "streams of equal length keep the same ones), not the first ones"),
-    "data_read_type": Key(REQUIRED, str, check=one_of("file", "folder", "function", "h5"),
+    "data_read_type": Key(REQUIRED, str, check=one_of("file", "folder", "function", "h5", "class_labels"),
                           doc="how the stream is read: one file through file_reader, every file of a folder through "
-                              "file_reader (in name order), made by data_generating_function, or an HDF5 dataset"),
+                              "file_reader (in name order), made by data_generating_function, an HDF5 dataset, or "
+                              "the class index of each sample of a class_folders stream (labels_of)"),
     "data_path": Key(None, str, check=existing_path, doc="file or folder to read (required for file, folder and h5)"),
+    "class_folders": Key(False, bool, doc="folder streams: data_path holds one sub-folder per class, "
+                                          "<data_path>/<class>/<file> (as torchvision's ImageFolder); classes in "
+                                          "sorted folder-name order, files directly in data_path ignored"),
+    "labels_of": Key(None, str, doc="with data_read_type class_labels: the class_folders stream whose samples' class "
+                                    "indices (int64) this stream holds, sample for sample"),
     "file_reader": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
                        doc="reads one file: fn(path, **file_reader_args) (required for file and folder)"),
     "file_reader_args": Key({}, dict, doc="the file reader's arguments, e.g. {dtype: float32}"),
     "data_generating_function": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
                                     doc="makes the samples: fn(n_samples, generator, **args) (required for function)"),
     "data_generating_function_args": Key({}, dict, doc="the generating function's other arguments"),
-    "data_read_postprocessing_fn": Key(None, str, check=name_in(dataset_functions, DATASET_FUNCTION),
-                                       doc="transforms the whole stream once, after n_inputs: fn(data, **args) "
+    "data_read_postprocessing_fn": Key(None, str, list, check=function_names(dataset_functions, DATASET_FUNCTION),
+                                       doc="transforms the whole stream once, after n_inputs: fn(data, **args), or a "
+                                           "list of them applied in order, e.g. [to_images, scale_to_symmetric] "
                                            "(not with in_memory: false)"),
-    "data_read_postprocessing_fn_args": Key({}, dict, doc="the postprocessing function's other arguments"),
+    "data_read_postprocessing_fn_args": Key({}, dict, list, doc="the postprocessing function's other arguments; for "
+                                                                 "a list of functions, a list of one mapping each"),
     "data_batch_transform": Key(None, str, check=name_in(batch_transforms, BATCH_TRANSFORM_WHAT, BATCH_TRANSFORM_TEXT),
                                 doc="applied to this stream's training batches only, before dataset.batch_transforms"),
     "data_batch_transform_args": Key({}, dict, doc="the batch transform's arguments"),
@@ -213,7 +239,12 @@ TRAINING = {
                                    doc="StepLR: multiply the learning rate by this every learning_rate_step"),
         "learning_rate_step": Key(1, int, check=at_least(1),
                                   doc="StepLR's period, in epochs (in steps with scheduler_interval: step)"),
-        "gpus": Key([], list, check=gpu_list, doc="GPU ids; [] trains on the CPU"),
+        "gpus": Key([], list, str, check=gpu_list,
+                    doc="GPU ids; [] trains on the CPU; auto: every visible GPU, one per process (under torchrun, "
+                        "GPU i for local rank i; without it, the first), the CPU on a machine without one"),
+        "num_threads": Key(None, int, check=at_least(1),
+                           doc="CPU threads of torch's operations in each process; null: torch's default, except "
+                               "that the processes of a multi-process CPU run share the cores (cores / processes)"),
         "optimizer": Key("Adam", str, check=name_in(optimizers, "optimizer in torch.optim"),
                          doc="the generator's (or the only network's) optimizer class"),
         "optimizer_args": Key({}, dict, doc="extra optimizer arguments, e.g. {betas: [0.5, 0.999]} (lr comes from "
@@ -353,7 +384,9 @@ EVALUATION = {
         "n_samples": Key(64, int, check=at_least(1),
                          doc="samples run through the model (the grid shows the first grid_nrow x grid_nrow)"),
         "batch_size": Key(64, int, check=at_least(1), doc="samples per forward pass"),
-        "gpus": Key([], list, check=gpu_list, doc="GPU to evaluate on (the first id); [] evaluates on the CPU"),
+        "gpus": Key([], list, str, check=gpu_list,
+                    doc="GPU to evaluate on (the first id); [] evaluates on the CPU; auto: the first GPU if there "
+                        "is one"),
         "grid_nrow": Key(8, int, check=at_least(1), doc="images per row of the saved grid"),
         "use_ema": Key(True, bool, doc="evaluate the generator's EMA weights when the checkpoint has them"),
         "data_split": Key(None, str, check=one_of("validation", "training", "all"),
@@ -562,6 +595,7 @@ def check_dataset(raw, where, errors):
         path = f"{where}.{name}"
         out[name] = check_section(stream, STREAM, path, errors)
         check_stream(out[name], path, errors)
+    check_labels_of({name: out[name] for name in raw}, where, errors)
     if out["data_len_key"] is not None and raw and out["data_len_key"] not in raw:
         errors.append(f"{where}.data_len_key: {out['data_len_key']!r} is not a stream"
                       f"{did_you_mean(out['data_len_key'], raw)}; streams: {', '.join(raw)}")
@@ -598,13 +632,86 @@ def check_transform_args(name, args, where, errors):
 
 # The functions a stream names, and how many leading arguments the pipeline passes them itself
 # (file_reader(path), data_generating_function(n_samples, generator), ...).
-STREAM_FUNCTIONS = {"file_reader": 1, "data_generating_function": 2, "data_read_postprocessing_fn": 1,
+STREAM_FUNCTIONS = {"file_reader": 1, "data_generating_function": 2,
                     "data_batch_transform": 2}  # a torchvision class as data_batch_transform: check_transform_args
 
 
 # The keys each data_read_type needs (function streams also need n_inputs, which reading checks).
 READ_TYPE_NEEDS = {"file": ["data_path", "file_reader"], "folder": ["data_path", "file_reader"],
-                   "function": ["data_generating_function"], "h5": ["data_path", "h5_key"]}
+                   "function": ["data_generating_function"], "h5": ["data_path", "h5_key"],
+                   "class_labels": ["labels_of"]}
+
+
+def postprocessing_steps(s):
+    """[(function name, its args)] of a stream's data_read_postprocessing_fn, one name or a list
+    of them (with data_read_postprocessing_fn_args one mapping, or a list of one per name)."""
+    names, args = s["data_read_postprocessing_fn"], s["data_read_postprocessing_fn_args"]
+    if names is None:
+        return []
+    if not isinstance(names, list):
+        return [(names, args)]
+    return list(zip(names, args if isinstance(args, list) else [args or {}] * len(names)))
+
+
+def check_postprocessing(s, where, errors):
+    names, args = s["data_read_postprocessing_fn"], s["data_read_postprocessing_fn_args"]
+    key = f"{where}.data_read_postprocessing_fn_args"
+    if isinstance(args, list) and not isinstance(names, list):
+        errors.append(f"{key}: a list is for a list of functions; {names!r} takes one mapping")
+        return
+    if isinstance(names, list) and isinstance(args, list) and len(args) != len(names):
+        errors.append(f"{key}: {len(args)} mapping(s) for {len(names)} functions; give one per function, in order "
+                      "({} for none)")
+        return
+    if isinstance(names, list) and isinstance(args, dict) and args:
+        errors.append(f"{key}: for a list of functions, give a list of one mapping each, e.g. "
+                      f"[{', '.join('{}' for _ in names)}]")
+        return
+    fns = dataset_functions()
+    for i, (name, fn_args) in enumerate(postprocessing_steps(s)):
+        at = key + (f"[{i}]" if isinstance(names, list) else "")
+        if not isinstance(fn_args, dict):
+            errors.append(f"{at}: {fn_args!r} is not a mapping of {name}'s arguments")
+        elif isinstance(name, str) and name in fns:
+            check_function_args(fns[name], fn_args, at, errors, passed=1)
+
+
+def check_class_streams(s, where, errors):
+    """class_folders on a folder stream; a class_labels stream takes nothing but labels_of (its
+    samples are those of that stream, chosen by its n_inputs)."""
+    if s["class_folders"] and s["data_read_type"] != "folder":
+        errors.append(f"{where}.class_folders: for data_read_type folder (one sub-folder per class); this stream is "
+                      f"{s['data_read_type']}")
+    if s["class_folders"] and s["multiple_samples_per_file"]:
+        errors.append(f"{where}.class_folders: one sample per file, whose class is its folder's "
+                      "(multiple_samples_per_file: false)")
+    if s["data_read_type"] != "class_labels":
+        if s["labels_of"] is not None:
+            errors.append(f"{where}.labels_of: for data_read_type class_labels only")
+        return
+    for key in ("data_path", "file_reader", "data_generating_function", "data_read_postprocessing_fn", "n_inputs",
+                "h5_key"):
+        if s[key] is not None:
+            errors.append(f"{where}.{key}: a class_labels stream holds the classes of labels_of's samples; set "
+                          f"{key} on that stream (n_inputs there picks the samples of both)")
+    if s["randomize_inputs"]:
+        errors.append(f"{where}.randomize_inputs: set it on labels_of's stream, which picks the samples of both")
+
+
+def check_labels_of(streams, where, errors):
+    """Each class_labels stream's labels_of names a folder stream with class_folders: true."""
+    for name, s in streams.items():
+        source = s["labels_of"]
+        if s["data_read_type"] != "class_labels" or not isinstance(source, str):
+            continue
+        target = streams.get(source)
+        if target is None:
+            folders = [n for n, t in streams.items() if t["class_folders"]]
+            errors.append(f"{where}.{name}.labels_of: {source!r} is not a stream{did_you_mean(source, streams)}; "
+                          f"class_folders streams: {', '.join(folders) or 'none'}")
+        elif not target["class_folders"]:
+            errors.append(f"{where}.{name}.labels_of: {source} is not read from class folders; set "
+                          f"{where}.{source}.class_folders: true (data_read_type folder, <data_path>/<class>/<file>)")
 
 
 def check_stream(s, where, errors):
@@ -628,10 +735,12 @@ def check_stream(s, where, errors):
             errors.append(f"{where}.data_read_postprocessing_fn: transforms the whole stream in memory, which "
                           "in_memory: false does not hold; use an entry of dataset.batch_transforms with "
                           "in_evaluation: true instead")
+    check_class_streams(s, where, errors)
+    check_postprocessing(s, where, errors)
     fns = dataset_functions()
     for fn_key, passed in STREAM_FUNCTIONS.items():
         args_key = f"{fn_key}_args"
-        if s[fn_key] in fns and isinstance(s[args_key], dict):
+        if isinstance(s[fn_key], str) and s[fn_key] in fns and isinstance(s[args_key], dict):
             check_function_args(fns[s[fn_key]], s[args_key], f"{where}.{args_key}", errors, passed)
     name, args = s["data_batch_transform"], s["data_batch_transform_args"]
     if name in batch_transforms() and name not in fns and isinstance(args, dict):

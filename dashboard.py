@@ -64,13 +64,12 @@ class Dashboard:
         images (a classifier's scores) are left out. Returns what was written, or None."""
         if outputs.dim() != 4 or outputs.shape[1] not in (1, 3):
             return None
-        from torchvision.utils import make_grid  # (slow to import; needed at epoch ends only)
-
-        grid = make_grid(to_unit_range(outputs), nrow=max(1, math.isqrt(len(outputs))), padding=2, pad_value=1.0)
+        value_range = known_range(outputs)
+        grid = image_grid(to_unit_range(outputs, value_range), grid_columns(len(outputs)))
         if self.writer is not None:
             self.writer.add_image("samples", grid, step)
             return "samples"
-        title = f"outputs on fixed inputs, epoch {epoch} (step {step})"
+        title = f"outputs on fixed inputs, epoch {epoch} (step {step})\n{scale_note(outputs, value_range)}"
         return save_png(self.folder / f"samples_epoch{epoch}.png", grid, title)
 
     def close(self):
@@ -88,20 +87,79 @@ class Dashboard:
         self.writer = None
 
 
-def to_unit_range(x):
-    """Values as an image viewer reads them: [0, 1] as they are, [-1, 1] (tanh) shifted, anything
-    else stretched from its min..max."""
+# The value ranges images usually come in, in the order they are tried: [0, 1] (floats, as
+# torchvision reads them), [-1, 1] (a Tanh generator, data scaled with scale_to_symmetric) and
+# [0, 255] (8-bit values read as they are).
+IMAGE_RANGES = ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0))
+MAX_COLUMNS = 16  # images per row at most: wider grids shrink each image below readability
+PAD = (0.6, 0.72, 0.9)  # the pale blue between the images of a grid: no grey level reads as it
+
+
+def known_range(x):
+    """The range of IMAGE_RANGES that `x`'s values snap to, or None: the first that holds them all
+    (give or take rounding), else the first they fill at least half of and overshoot by at most a
+    quarter of its width on either side (noise added to data in [-1, 1]). [0, 255] only for whole
+    numbers, which 8-bit data are and a network's outputs are not."""
     x = x.float()
     low, high = x.min().item(), x.max().item()
-    if low >= 0 and high <= 1:
-        return x
-    if low >= -1 and high <= 1:
-        return (x + 1) / 2
-    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    whole = torch.equal(x, x.round())
+    for share, fill in ((1e-4, 0.0), (0.25, 0.5)):
+        for start, stop in IMAGE_RANGES:
+            slack, width = share * (stop - start), stop - start
+            if (low >= start - slack and high <= stop + slack and min(high, stop) - max(low, start) >= fill * width
+                    and (stop != 255.0 or whole)):
+                return start, stop
+    return None
+
+
+def to_unit_range(x, value_range="known"):
+    """Values as an image viewer reads them, in [0, 1]: `value_range` (low, high) mapped onto
+    [0, 1] and what lies outside it clipped, or, with None, stretched from the values' own
+    min..max; "known": known_range(x)'s, else stretched."""
+    x = x.float()
+    value_range = known_range(x) if value_range == "known" else value_range
+    if value_range is None:
+        low, high = x.min().item(), x.max().item()
+        return (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    low, high = value_range
+    return ((x - low) / (high - low)).clamp(0, 1)
+
+
+def scale_note(x, value_range):
+    """What the grey levels of `x` mean, as a figure says it: the range it is shown on and how much
+    of it is clipped, or its own min..max where it is stretched (to_unit_range)."""
+    x = x.float()
+    if value_range is None:
+        return f"stretched: black {x.min().item():.3g}, white {x.max().item():.3g}"
+    low, high = value_range
+    outside = ((x < low) | (x > high)).float().mean().item()
+    clipped = ("none clipped" if outside == 0 else "under 0.1% of values clipped" if outside < 0.001
+               else f"{outside:.1%} of values clipped")
+    return f"shown on [{low:g}, {high:g}], {clipped}"
+
+
+def grid_columns(n, most=MAX_COLUMNS):
+    """Images per row for a grid of n: about a square (ceil(sqrt(n))), at most `most`."""
+    return max(1, min(most, math.ceil(math.sqrt(n))))
+
+
+def image_grid(images, columns):
+    """Images in [0, 1] (N x 1|3 x H x W) as one RGB grid, `columns` a row, 2 pixels apart on PAD."""
+    from torchvision.utils import make_grid  # (slow to import; needed at epoch ends only)
+
+    # -1 is no value of an image in [0, 1], so it marks the pad. (make_grid returns one image as it is.)
+    grid = make_grid(images, nrow=columns, padding=2, pad_value=-1.0) if len(images) > 1 else \
+        torch.nn.functional.pad(images[0], (2, 2, 2, 2), value=-1.0)
+    grid = grid.expand(3, -1, -1).clone() if grid.shape[0] == 1 else grid
+    pad = (grid == -1).all(0)
+    grid[:, pad] = torch.tensor(PAD).unsqueeze(1)
+    return grid
 
 
 def save_png(path, grid, title):
-    """The grid as a titled PNG, written atomically (runs.atomic_write)."""
+    """The grid as a titled PNG, written atomically (runs.atomic_write). The figure is sized to the
+    grid, each image pixel a whole number of the PNG's pixels and the grid at least 400 wide (so
+    that the title fits above it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,12 +168,14 @@ def save_png(path, grid, title):
     from runs import atomic_write
 
     image = grid.permute(1, 2, 0).numpy()
-    fig, ax = plt.subplots(figsize=(max(3, image.shape[1] / 40), max(3, image.shape[0] / 40) + 0.4))
+    zoom = max(1, math.ceil(400 / image.shape[1]))  # a whole number: every image pixel the same size
+    width, height = zoom * image.shape[1] / 100, zoom * image.shape[0] / 100  # inches at dpi 100
+    fig, ax = plt.subplots(figsize=(width + 0.2, height + 0.2 + 0.18 * (title.count("\n") + 1)),
+                           layout="constrained")
     ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_title(title, fontsize="small")
     ax.axis("off")
-    fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path

@@ -5,13 +5,15 @@ A training config's `dataset` section names one or more streams (e.g. `gen_input
 `real_images`); each is read here into one tensor of samples (dim 0), once, before training, or
 for a folder with `in_memory: false`, into a FileStream that reads its files batch by batch.
 The functions that do the reading are named in the config and live in dataset_functions.py.
+A folder of class folders (`class_folders: true`, <data_path>/<class>/<file>) is read as one
+stream of samples, and a `class_labels` stream beside it holds each sample's class index.
 """
 import zipfile
 
 import torch
 from tqdm import tqdm
 
-from config import resolve_path, stream_configs
+from config import postprocessing_steps, resolve_path, stream_configs
 from errors import UserError
 from registry import dataset_functions
 
@@ -19,11 +21,44 @@ from registry import dataset_functions
 def load_streams(dataset_cfg, seed, source):
     """{stream name: tensor of samples} for every stream of a validated dataset section."""
     fns = dataset_functions()
+    configs = stream_configs(dataset_cfg)
     streams = {}
-    for i, (name, cfg) in enumerate(stream_configs(dataset_cfg).items()):
+    for i, (name, cfg) in enumerate(configs.items()):
+        if cfg["data_read_type"] == "class_labels":  # once the streams they label are read (below)
+            continue
         generator = torch.Generator().manual_seed(seed + 1000 * (i + 1))  # one stream per seed
         streams[name] = read_stream(cfg, fns, generator, dataset_cfg["split_seed"], f"{source}: dataset.{name}")
-    return streams
+    for name, cfg in configs.items():
+        if cfg["data_read_type"] == "class_labels":
+            # The labels of the files the labelled stream holds: select() picks the same ones.
+            folder = configs[cfg["labels_of"]]
+            labels = class_folder_files(resolve_path(folder["data_path"]), f"{source}: dataset.{cfg['labels_of']}")[1]
+            streams[name] = select(labels, folder["n_inputs"], folder["randomize_inputs"], dataset_cfg["split_seed"],
+                                   f"{source}: dataset.{cfg['labels_of']}")
+    return {name: streams[name] for name in configs}
+
+
+def stream_classes(dataset_cfg, source):
+    """{class_labels stream: the class names of its labels, in index order (sorted folder names)}."""
+    configs = stream_configs(dataset_cfg)
+    return {name: class_folder_files(resolve_path(configs[cfg["labels_of"]]["data_path"]),
+                                     f"{source}: dataset.{cfg['labels_of']}", names_only=True)
+            for name, cfg in configs.items() if cfg["data_read_type"] == "class_labels"}
+
+
+def check_same_classes(trained, now, dataset_cfg, what, source):
+    """Each class_labels stream's classes (`now`, stream_classes) are those `what` (a checkpoint)
+    was trained on (`trained`, its record): else class index i would mean another class."""
+    configs = stream_configs(dataset_cfg)
+    for name, classes in (trained or {}).items():
+        if name not in now or now[name] == list(classes):
+            continue
+        labelled = configs[name]["labels_of"]
+        missing, extra = [c for c in classes if c not in now[name]], [c for c in now[name] if c not in classes]
+        differ = ", ".join([f"lacks {missing}"] * bool(missing) + [f"has {extra} besides"] * bool(extra))
+        raise UserError(f"{source}: dataset.{labelled}.data_path: {resolve_path(configs[labelled]['data_path'])} has "
+                        f"the class folders {now[name]}, but {what} was trained on {list(classes)}: it {differ}; give "
+                        "a folder with the same class folders, so that class index i means the same class")
 
 
 def read_stream(cfg, fns, generator, choice_seed, where):
@@ -36,17 +71,18 @@ def read_stream(cfg, fns, generator, choice_seed, where):
     elif kind == "file":
         data = read_file(fns[cfg["file_reader"]], resolve_path(cfg["data_path"]), cfg["file_reader_args"], where)
     elif kind == "folder" and not cfg["in_memory"]:
-        files = folder_files(resolve_path(cfg["data_path"]), where)
-        data = FileStream(files, fns[cfg["file_reader"]], cfg["file_reader_args"], where)
+        data = FileStream(stream_files(cfg, fns, where), fns[cfg["file_reader"]], cfg["file_reader_args"], where)
     elif kind == "folder":
-        data = read_folder(cfg, fns[cfg["file_reader"]], where)
+        data = read_folder(cfg, fns, where)
     else:
         data = read_h5(resolve_path(cfg["data_path"]), cfg["h5_key"], where)
     data = select(data, cfg["n_inputs"], cfg["randomize_inputs"], choice_seed, where)
     if isinstance(data, FileStream):
         return data
-    if cfg["data_read_postprocessing_fn"]:
-        data = call(fns[cfg["data_read_postprocessing_fn"]], where, data, **cfg["data_read_postprocessing_fn_args"])
+    for i, (name, args) in enumerate(postprocessing_steps(cfg)):
+        step = f"{where}.data_read_postprocessing_fn" + (f"[{i}]" if isinstance(cfg["data_read_postprocessing_fn"],
+                                                                              list) else "")
+        data = call(fns[name], step, data, **args)
     return data.contiguous()
 
 
@@ -66,25 +102,77 @@ def read_file(reader, path, args, where):
         raise UserError(f"{where}: {reader.__name__} could not read {path}: {e}") from None
 
 
+def stream_files(cfg, fns, where):
+    """The files of a folder stream, in order: its class folders' one after the other, or the folder's."""
+    folder = resolve_path(cfg["data_path"])
+    files = class_folder_files(folder, where)[0] if cfg["class_folders"] else folder_files(folder, where)
+    if fns[cfg["file_reader"]] is fns["read_image"]:
+        check_images(files, where)
+    return files
+
+
+def visible(folder):
+    """The entries of a folder that are not hidden (.DS_Store, .ipynb_checkpoints), in name order."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def folder_files(folder, where):
     """The files of a folder stream: every one not hidden, in name order."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [p for p in visible(folder) if p.is_file()]
     if not files:
         raise UserError(f"{where}.data_path: no files in {folder}")
     return files
 
 
-def read_folder(cfg, reader, where):
-    """Every file of the folder through the reader, stacked."""
-    folder = resolve_path(cfg["data_path"])
-    files = folder_files(folder, where)
+def class_folder_files(folder, where, names_only=False):
+    """(every file of the class folders, each one's class index (int64), the class names) of a
+    class_folders stream: folder/<class>/<file>, classes in sorted name order as torchvision's
+    ImageFolder has them, files within a class in name order. With names_only, the names alone."""
+    classes = [p for p in visible(folder) if p.is_dir()]
+    if not classes:
+        raise UserError(f"{where}.data_path: {folder} holds no class folders (class_folders: true reads "
+                        f"{folder}/<class>/<file>); for a folder of files alone, set class_folders: false")
+    if names_only:
+        return [p.name for p in classes]
+    files, labels = [], []
+    for index, class_folder in enumerate(classes):
+        found = [p for p in visible(class_folder) if p.is_file()]
+        if not found:
+            raise UserError(f"{where}.data_path: the class folder {class_folder} holds no files; remove it, or add "
+                            "the class's samples")
+        files += found
+        labels += [index] * len(found)
+    return files, torch.tensor(labels, dtype=torch.int64), [p.name for p in classes]
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}  # what read_image (torchvision.io) decodes
+
+
+def check_images(files, where):
+    """read_image's files all end as images do: one stray file (notes.txt) would otherwise stop a
+    run that reads its files batch by batch in the middle of an epoch."""
+    strays = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if strays:
+        raise UserError(f"{where}.data_path: {strays[0]} is not an image file that read_image reads "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})" + (f"; and {len(strays) - 1} more" if len(strays) > 1
+                                                                    else "") + "; move it out of the folder")
+
+
+def read_folder(cfg, fns, where):
+    """Every file of the folder (or of its class folders) through the reader, stacked."""
+    folder, reader = resolve_path(cfg["data_path"]), fns[cfg["file_reader"]]
+    files = stream_files(cfg, fns, where)
     items = [read_file(reader, p, cfg["file_reader_args"], where)
              for p in tqdm(files, desc=f"reading {folder.name}", leave=False, disable=len(files) < 100)]
     per_sample = 1 if cfg["multiple_samples_per_file"] else 0  # dims of a file's tensor that are not a sample's
     shapes = {tuple(t.shape[per_sample:]) for t in items}
     if len(shapes) > 1:
-        raise UserError(f"{where}: files in {folder} give samples of different shapes {sorted(shapes)}; "
-                        "resize them in the file_reader")
+        first = {}
+        for p, t in zip(files, items):
+            first.setdefault(tuple(t.shape[per_sample:]), p)
+        examples = "; ".join(f"{list(shape)} ({p})" for shape, p in list(first.items())[:3])
+        raise UserError(f"{where}: files in {folder} give samples of different shapes: {examples}; resize them in "
+                        "the file_reader (read_image: size and crop)")
     return torch.cat(items) if cfg["multiple_samples_per_file"] else torch.stack(items)
 
 
@@ -124,7 +212,7 @@ class FileStream:
 
     def __init__(self, files, reader, args, where):
         self.files, self.reader, self.args, self.where = files, reader, args, where
-        self._sample_shape = None
+        self._first = None
 
     def __len__(self):
         return len(self.files)
@@ -140,13 +228,21 @@ class FileStream:
 
     @property
     def sample_shape(self):
-        if self._sample_shape is None:  # read once, from the first file
-            self._sample_shape = read_file(self.reader, self.files[0], self.args, self.where).shape
-        return self._sample_shape
+        return self.first_sample.shape
+
+    @property
+    def first_sample(self):
+        if self._first is None:  # read once
+            self._first = read_file(self.reader, self.files[0], self.args, self.where)
+        return self._first
 
     @property
     def shape(self):
         return torch.Size([len(self), *self.sample_shape])
+
+    @property
+    def dtype(self):
+        return self.first_sample.dtype
 
     def select(self, index):
         """The stream of the files at `index` (still on disk)."""

@@ -4,7 +4,8 @@ Four kinds, each named by a key of a data stream in the config:
 - file_reader(path, **file_reader_args) -> tensor: the samples of one file, stacked on dim 0
   (or one sample, for the folder read type without multiple_samples_per_file).
 - data_generating_function(n_samples, generator, **args) -> tensor of n_samples samples.
-- data_read_postprocessing_fn(data, **args) -> tensor: applied once to the whole stream.
+- data_read_postprocessing_fn(data, **args) -> tensor: applied once to the whole stream (a
+  config may list several, applied in order).
 - batch transform(batch, generator, **args) -> tensor (its first parameter named `batch`):
   applied to every training batch, named by a stream's data_batch_transform or by an entry of
   dataset.batch_transforms. Draw all randomness from `generator`, and let how much you draw
@@ -136,6 +137,31 @@ def _draw_shapes(n_samples, generator, size, max_shapes, radius=(0.12, 0.3), ins
 def scale_to_symmetric(data, low=0.0, high=1.0):
     """Map values from [low, high] to [-1, 1] (the range of a Tanh generator)."""
     return (data - low) / (high - low) * 2 - 1
+
+
+def to_images(data, size=None, channels=None, mode="bilinear"):
+    """Array data as the images a model takes, [N, C, H, W] float: a channel axis added to
+    [N, H, W] data, one channel repeated to `channels` (3 for a network made for RGB), and the
+    images resized to `size` ([h, w], or an int for a square) by `mode`: bilinear or bicubic
+    (antialiased when shrinking), or nearest (for masks and label maps, keeps their values).
+    E.g. 8x8 digits for a 32x32 model: to_images with {size: 32}."""
+    modes = ("bilinear", "bicubic", "nearest")
+    if mode not in modes:
+        raise ValueError(f"mode {mode!r}: use one of {', '.join(modes)}")
+    if data.dim() == 3:
+        data = data.unsqueeze(1)
+    if data.dim() != 4:
+        raise ValueError(f"expects samples [N, H, W] or [N, C, H, W], got {list(data.shape)}")
+    data = data.float()
+    if channels is not None and channels != data.shape[1]:
+        if data.shape[1] != 1:
+            raise ValueError(f"channels {channels}: only a single channel is repeated; the data has {data.shape[1]}")
+        data = data.expand(-1, channels, -1, -1)
+    if size is not None:
+        size = [size, size] if isinstance(size, int) else list(size)
+        smooth = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
+        data = torch.nn.functional.interpolate(data, size=size, mode=mode, **smooth)
+    return data
 
 
 def add_fixed_noise(data, std=0.5, seed=0):

@@ -33,14 +33,15 @@ import math
 
 import matplotlib
 import torch
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from cli import check_batches_fit_model, check_data_fits_model, select_device, split_overrides, targets_are_paired
 from config import EVALUATION, load_config
+from dashboard import PAD, grid_columns, image_grid, known_range, scale_note, to_unit_range
 from dataset import FixedBatches, build_dataset
-from dataset_base import load_streams, split_indices
+from dataset_base import check_same_classes, load_streams, split_indices, stream_classes
 from errors import UserError, run_main
+from metrics import batch_sums, finish, peak_of
 from runs import Run, load_trained_run
 from sample_metrics import prepare
 
@@ -57,6 +58,8 @@ def main(argv):
                                                use_ema=ev["use_ema"])
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
     adversarial = cfg["adversarial"]["enable_adversarial_training"]
+    check_same_classes(state.get("classes"), stream_classes(cfg["dataset"], args.training_cfg), cfg["dataset"],
+                       f"the checkpoint {path.name}", args.training_cfg)  # (before reading every file)
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
     check_data_fits_model(streams, model, adversarial, args.training_cfg)
     data, split, batches = evaluation_data(streams, cfg["dataset"], state, ev["data_split"], args.training_cfg,
@@ -68,7 +71,8 @@ def main(argv):
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device)
     paired = targets_are_paired(model, adversarial)
-    metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial)
+    names = class_names(state, model, outputs.shape[-1])
+    metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names)
     if samples is not None:
         metrics |= samples(outputs, f"{args.evaluation_cfg}: evaluation.sample_metrics")
         metrics["feature_extractor"] = samples.features.name
@@ -86,7 +90,6 @@ def main(argv):
                                                             None if targets is None else targets[:shown],
                                                             ev["grid_nrow"], title=path.name))
     if is_classification(outputs, targets):
-        names = class_names(model, outputs.shape[1])
         title = f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)"
         save_figure(run, f"{out}_confusion.png", confusion_matrix(metrics["confusion_matrix"], names, title))
         if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
@@ -154,21 +157,21 @@ def run_batched(model, inputs, batch_size, device):
 
 
 @torch.no_grad()
-def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial):
+def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names):
     """Output statistics; with targets, how close outputs are to them (pairwise for paired data,
     by nearest neighbours for a GAN); with a trained discriminator, its mean score for real and
     for generated samples."""
     metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
                "output_min": outputs.min().item(), "output_max": outputs.max().item()}
     if is_classification(outputs, targets):  # class scores [N, C] against class labels [N]
-        return metrics | classification_metrics(outputs, targets, class_names(model, outputs.shape[1]))
+        return metrics | classification_metrics(outputs, targets, names)
     if targets is None or targets.shape[1:] != outputs.shape[1:]:
         return metrics
     targets = targets.float()
     if paired:
         metrics |= pairwise_metrics(outputs, targets)
         if inputs.shape == targets.shape:  # what the model improves on (e.g. the noisy images themselves)
-            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(inputs.float(), targets).items()}
+            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(inputs.float(), targets, peak_of(targets)).items()}
     else:
         # Mean distance from each output to its nearest target (are outputs like the data?) and from
         # each target to its nearest output (is all of the data covered, or did a GAN collapse?).
@@ -186,13 +189,15 @@ def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial
     return metrics
 
 
-def pairwise_metrics(outputs, targets):
-    """Mean absolute and squared error, and PSNR in dB with the targets' value range as the peak
-    (max - min over the evaluated targets, e.g. 2 for data in [-1, 1])."""
+def pairwise_metrics(outputs, targets, peak=None):
+    """Mean absolute and squared error, PSNR in dB and, for images, SSIM (metrics.py, as
+    validation computes them), with the width of the targets' range as the peak (2 for data in
+    [-1, 1]; metrics.peak_of). `peak`: the targets' (for the inputs' scores too)."""
+    peak = peak_of(targets) if peak is None else peak
     mse = torch.mean((outputs - targets) ** 2).item()
-    peak = (targets.max() - targets.min()).item()
-    psnr = 10 * math.log10(peak ** 2 / mse) if mse > 0 and peak > 0 else float("inf")
-    return {"l1": torch.mean((outputs - targets).abs()).item(), "mse": mse, "psnr_db": psnr}
+    quality = finish({k: v.item() for k, v in batch_sums("images", outputs, targets, peak).items()}, peak)
+    return {"l1": torch.mean((outputs - targets).abs()).item(), "mse": mse, "psnr_db": quality["psnr"],
+            **({"ssim": quality["ssim"]} if "ssim" in quality else {})}
 
 
 def is_classification(outputs, targets):
@@ -202,9 +207,11 @@ def is_classification(outputs, targets):
             and not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool)
 
 
-def class_names(model, n_classes):
-    """The flow's `class_names` if it defines one name per class, else the class indices as text."""
-    names = getattr(model, "class_names", None)
+def class_names(state, model, n_classes):
+    """The names of the classes the targets index: the class folders the checkpoint's run read
+    its target stream from (class_folders), else the flow's `class_names`, if either has one
+    name per class; else the class indices as text."""
+    names = (state.get("classes") or {}).get(model.target_key) or getattr(model, "class_names", None)
     if names is not None and len(names) == n_classes:
         return [str(n) for n in names]
     return [str(i) for i in range(n_classes)]
@@ -232,68 +239,95 @@ def classification_metrics(outputs, targets, names):
 def confusion_matrix(confusion, names, title):
     """The confusion matrix as a heat map: rows are true classes, columns predicted ones; each
     cell shows its count, coloured by its share of the row (so that classes of different sizes
-    compare)."""
+    compare). The figure grows with the classes and their names' length, so that labels and
+    counts stay apart."""
     counts = torch.tensor(confusion, dtype=torch.float64)
     shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    side = 1.0 + 0.7 * len(names)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side + 0.8))
+    n, longest = len(names), max(len(name) for name in names)
+    cell = max(0.7, 0.12 * len(str(int(counts.max().item()))))  # room for the widest count
+    label = 0.065 * longest  # inches a (rotated) tick label takes beside the matrix
+    fig, ax = plt.subplots(figsize=(1.5 + label + cell * n + 1.3, 1.3 + label + cell * n), layout="constrained")
     shown = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for row in range(len(names)):
-        for col in range(len(names)):
-            ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center",
+    for row in range(n):
+        for col in range(n):
+            ax.text(col, row, f"{int(counts[row, col])}", ha="center", va="center", fontsize=9,
                     color="white" if shares[row, col] > 0.5 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(n), names, rotation=90)  # upright: long names side by side, never on one another
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="share of the true class")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def labelled_inputs(inputs, predicted, targets, names, nrow, title):
-    """Up to nrow x nrow input images, each titled predicted/true class, the misclassified ones
-    first and in red; all on one colour scale."""
+    """Up to nrow x nrow input images, about as many a row as rows, each titled with its predicted
+    class, the misclassified ones first, in red and with their true class under; all on one colour
+    scale (the inputs' known_range, clipped, or their min..max), which the figure's title states."""
     order = torch.cat([torch.nonzero(predicted != targets).flatten(), torch.nonzero(predicted == targets).flatten()])
     order = order[:nrow * nrow]
-    low, high = inputs[order].min().item(), inputs[order].max().item()
-    rows = math.ceil(len(order) / nrow)
-    fig, axes = plt.subplots(rows, nrow, figsize=(1.3 * nrow, 1.45 * rows + 0.5), squeeze=False)
+    shown = inputs[order].float()
+    value_range = known_range(shown)
+    images = to_unit_range(shown, value_range)
+    columns = grid_columns(len(order), nrow)
+    rows = math.ceil(len(order) / columns)
+    width = max(1.0, 0.065 * max(len(name) for name in names) + 0.45)  # a title as wide as "true: <name>"
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns + 0.2, 1.45 * rows + 0.7), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, order.tolist()):
-        image = (inputs[i].float() - low) / max(high - low, 1e-12)
+    for ax, image, i in zip(axes.flat, images, order.tolist()):
         wrong = predicted[i] != targets[i]
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # a frame, so that an image's bright edge does not melt into the page
+            spine.set_color(PAD)
         if image.shape[0] == 1:
             ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"{names[predicted[i]]}/{names[targets[i]]}", fontsize=7, color="red" if wrong else "black")
-    fig.suptitle(f"{title}\npredicted/true class; mistakes first, in red", fontsize=9)
-    fig.tight_layout()
+        label = f"{names[predicted[i]]}\ntrue: {names[targets[i]]}" if wrong else names[predicted[i]]
+        ax.set_title(label, fontsize=7, color="red" if wrong else "black")
+    fig.suptitle(f"{title}\npredicted class; mistakes first, in red, with the true class\n"
+                 f"inputs {scale_note(shown, value_range)}", fontsize=9)
     return fig
 
 
 def sample_grid(inputs, outputs, targets, nrow, title):
-    """Outputs beside the data on one shared colour scale: input, output and target for paired
-    data (inputs given), generated beside real samples otherwise."""
+    """Outputs beside the data: input, output and target for paired data (inputs given), generated
+    beside real samples otherwise; about as many images a row as rows, at most `nrow`. Every
+    panel is shown on the data's range (known_range of the targets, else of the outputs) and
+    clipped to it, so that inputs far outside it (noisy ones) do not wash the others out; where no
+    usual range fits, each panel is stretched from its own min..max. Each panel's title says which."""
     comparable = targets is not None and targets.shape[1:] == outputs.shape[1:]
     if inputs is not None and inputs.shape[1:] == outputs.shape[1:]:
         panels = [("input", inputs), ("output", outputs)] + ([("target", targets.float())] if comparable else [])
     else:
         panels = [("generated", outputs)] + ([("data", targets[:len(outputs)].float())] if comparable else [])
-    low = min(p.min().item() for _, p in panels)
-    high = max(p.max().item() for _, p in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.4), squeeze=False)
-    for ax, (name, images) in zip(axes[0], panels):
-        grid = make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(low, high), pad_value=0.5)
+    value_range = known_range(targets.float() if comparable else outputs)
+    columns = grid_columns(len(outputs), nrow)
+    grids = [image_grid(to_unit_range(images, value_range), columns) for _, images in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=grid_figure_size(grids[0].shape[1:], len(panels)),
+                             squeeze=False, layout="constrained")
+    for ax, (name, images), grid in zip(axes[0], panels, grids):
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(name)
+        ax.set_title(f"{name}\n{scale_note(images, value_range)}", fontsize=9)
         ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
+    fig.get_layout_engine().set(h_pad=0.08)  # (the default leaves the suptitle touching the panel titles)
     return fig
+
+
+def grid_figure_size(grid_shape, n_panels):
+    """(width, height) in inches at dpi 100 for `n_panels` grids of `grid_shape` (height, width in
+    pixels) side by side under two-line titles: each grid at a whole-number zoom (every image
+    pixel the same size) that makes it at least 320 pixels wide, so the figure's aspect follows
+    the grid's."""
+    height, width = grid_shape
+    zoom = max(1, math.ceil(320 / width))
+    return n_panels * (zoom * width / 100 + 0.15) + 0.1, zoom * height / 100 + 0.75
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Plot how runs trained, and say how they differ: loss terms per network (smoothed), validation
-losses and learning rates of one or more runs in one figure, and a table of each run's final and
-best values beside the config keys whose values differ between the runs.
+"""Plot how runs trained, and say how they differ: loss terms per network (every step, and
+smoothed), validation losses and metrics, and learning rates where they change, of one or more
+runs in one figure, and a table of each run's final and best values beside the config keys whose
+values differ between the runs.
 
     python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import yaml
 
 from cli import split_overrides
 from config import (
@@ -59,6 +61,12 @@ SAMPLE_PANELS = {"fid": ("FID of generated samples (lower is better)", "FID"),
                  "kid_mean": ("KID of generated samples (lower is better)", "KID"),
                  "precision": ("precision and recall (higher is better)", "share of samples"),
                  "recall": ("precision and recall (higher is better)", "share of samples")}
+# The panel of each validation metric of the outputs against their targets (metrics.py), kept
+# apart from the losses: they are no loss, and higher is better.
+METRIC_PANELS = {"psnr": ("validation PSNR (higher is better)", "PSNR (dB)"),
+                 "ssim": ("validation SSIM (higher is better)", "SSIM"),
+                 "accuracy": ("validation accuracy (higher is better)", "share of samples"),
+                 "top5_accuracy": ("validation accuracy (higher is better)", "share of samples")}
 
 
 def main(argv):
@@ -157,8 +165,43 @@ def read_run(cfg, folder, where, checkpoint=None):
     return {"folder": folder, "checkpoint": checkpoint, "epoch": state.get("epoch") if state else None,
             "config": flat_config(run_cfg) | {"config file": cfg["config_path"]}, "curves": curves(rows),
             "adversarial": bool(run_cfg.get("adversarial", {}).get("enable_adversarial_training")),
+            "roles": roles(run_cfg, state),
             "results": results_of(cfg, folder), "save_folder_name": cfg["saving"]["save_folder_name"],
             "last_step": max((r["step"] for r in rows), default=0)}
+
+
+def roles(run_cfg, state):
+    """What each network key of metrics.jsonl is, as the panels name it: a GAN's are its generator
+    and discriminator; a run without a discriminator trains one network, logged as "generator/..."
+    (the keys are fixed), and named by its component in the architecture (`classifier` for the
+    shape classifier), else "model". The architecture is the checkpoint's where one was read,
+    else the file the run's config names."""
+    if run_cfg.get("adversarial", {}).get("enable_adversarial_training"):
+        return {"generator": "generator", "discriminator": "discriminator"}
+    text = state.get("architecture") if isinstance(state, dict) else None
+    return {"generator": generator_component(text or architecture_file(run_cfg)) or "model"}
+
+
+def architecture_file(run_cfg):
+    """The text of the architecture YAML the run's config names, or None."""
+    try:
+        return resolve_path(run_cfg["model"]["architecture_cfg_path"]).read_text()
+    except (KeyError, TypeError, OSError):
+        return None
+
+
+def generator_component(text):
+    """The name of the one component with adv_type generator (the default) in an architecture's
+    text, or None (no text, not YAML, or several such components)."""
+    try:
+        components = yaml.safe_load(text).get("model_components") if text else None
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(components, dict):
+        return None
+    names = [name for name, comp in components.items()
+             if not isinstance(comp, dict) or comp.get("adv_type", "generator") == "generator"]
+    return names[0] if len(names) == 1 else None
 
 
 def history_rows(state):
@@ -239,9 +282,12 @@ def has_direction(key, run):
 
 
 def loss_keys(runs):
-    """The loss terms of the runs in order of appearance: 'total' only where it sums several terms."""
+    """The loss terms (and metrics) of the runs in order of appearance: 'total' only where it sums
+    several terms."""
     keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if not k.endswith("/lr")))
-    terms_of = Counter(k.rsplit("/", 1)[0] for k in keys)  # per network (and validation of it): total + terms
+    # per network (and validation of it): total + terms; a validation metric (PSNR, accuracy) is no term
+    terms_of = Counter(k.rsplit("/", 1)[0] for k in keys if not (k.startswith("validation/") and
+                                                                  k.rsplit("/", 1)[-1] in METRIC_PANELS))
     return [k for k in keys if not k.endswith("/total") or terms_of[k.rsplit("/", 1)[0]] > 2]
 
 
@@ -288,82 +334,154 @@ def csv_text(table):
 
 def plot(runs, window):
     """One panel per sample metric (FID, KID, precision and recall), per network's losses
-    (training terms smoothed, validation as markers), and one for the learning rates. Colour: the
-    run, the same in every panel; line style: the term."""
+    (training terms at every step, faint, and smoothed; validation as markers), and one for the
+    learning rates where some run's rate changes (else the legend gives each run's rates). Colour:
+    the run, the same in every panel; line style: the term. Networks are named by role (roles)."""
     keys = [k for k in loss_keys(runs) if panel_of(k) is not None]
     panels = list(dict.fromkeys(panel_of(k) for k in keys))
-    with_lr = any(k.endswith("/lr") for run in runs for k in run["curves"])
+    lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
+    with_lr = any(rate_changes(run["curves"][k][1]) for run in runs for k in lr_keys if k in run["curves"])
     n = len(panels) + with_lr
-    cols = min(n, 3)  # rows of at most three panels, so that six stay readable
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1.5, 4.8 * rows), squeeze=False, layout="constrained")
+    rows = -(-n // 3)  # rows of at most three panels, so that six stay readable ...
+    cols = -(-n // rows)  # ... and as full as can be: four make 2 x 2
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1.5, 4.8 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     axes = axes.reshape(1, -1)  # one row of panels, in reading order
     for ax in axes[0][n:]:
         ax.axis("off")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         draw(ax, runs, [k for k in keys if panel_of(k) == panel], window, colours)
-        if panel in SAMPLE_PANELS.values():
+        if isinstance(panel, tuple):  # a metric's (title, y label)
             ax.set(title=panel[0], xlabel="step", ylabel=panel[1])
         else:
-            ax.set(title=f"{panel} (training: moving average over {window} steps)", xlabel="step", ylabel="loss")
+            ax.set(title=role_of(panel, runs), xlabel="step", ylabel="loss")
     if with_lr:
-        lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
         draw(axes[0][n - 1], runs, lr_keys, window, colours)
         axes[0][n - 1].set(title="learning rate", xlabel="step", ylabel="learning rate")
     handles = [plt.Line2D([], [], color=colours[j % len(colours)], linewidth=2.5) for j in range(len(runs))]
-    fig.legend(handles, [run["label"] for run in runs], loc="outside right upper", title="run", fontsize="small")
+    labels = [run["label"] if with_lr else run["label"] + constant_rates(run) for run in runs]
+    fig.legend(handles, labels, loc="outside right upper", title="run", fontsize="small")
+    if any(is_training_term(k) for k in keys):
+        smoothing_legend(fig, window)
     return fig
+
+
+def smoothing_legend(fig, window):
+    """What the faint and the solid curves of a training term are, in a legend of their own."""
+    handles = [plt.Line2D([], [], color="0.3", linewidth=0.6, alpha=0.25),
+               plt.Line2D([], [], color="0.3", linewidth=1.2)]
+    fig.legend(handles, ["every step", f"mean of the last\n{window} steps"], loc="outside right lower",
+               title="training terms", fontsize="small")
+
+
+def rate_changes(values):
+    """Whether a learning-rate curve moves (by more than rounding)."""
+    finite = values[np.isfinite(values)]
+    return len(finite) > 1 and finite.max() - finite.min() > 1e-9 * max(abs(finite.max()), 1e-30)
+
+
+def constant_rates(run):
+    """The run's learning rate(s) as more lines of its legend entry ("\\nlearning rate 0.001", one
+    line per network where they differ), for a figure drawn without the learning-rate panel:
+    every rate stayed where it started."""
+    rates = {run.get("roles", {}).get(k.split("/")[0], k.split("/")[0]): values[np.isfinite(values)]
+             for k, (_, values) in run["curves"].items() if k.endswith("/lr")}
+    rates = {name: f"{values[0]:.3g}" for name, values in rates.items() if len(values)}
+    if not rates:
+        return ""
+    if len(set(rates.values())) == 1:
+        return f"\nlearning rate {next(iter(rates.values()))}"
+    return "".join(f"\n{name}: learning rate {rate}" for name, rate in rates.items())
+
+
+def role_of(network, runs):
+    """A panel's title: what the network is in the runs drawn (roles), e.g. classifier."""
+    return " / ".join(dict.fromkeys(run.get("roles", {}).get(network, network) for run in runs)) or network
+
+
+def is_training_term(key):
+    """Whether a key is a loss term logged at every step (drawn raw and smoothed), not a
+    validation loss, a sample metric or a learning rate."""
+    return not key.startswith(("validation/", "sample/")) and not key.endswith("/lr")
 
 
 def draw(ax, runs, keys, window, colours):
     """The curves of `keys` for every run: colour by run, line style by key, validation as points;
-    the style legend below the panel, a log y axis for wide ranges."""
+    a training term at every step (thin and faint, leaving the y range to the smoothed curve and
+    the bulk of the raw values) and smoothed. The style legend below the panel, a log y axis for
+    wide ranges."""
+    raw = []
     for i, key in enumerate(keys):
         for j, run in enumerate(runs):
-            if key in run["curves"]:
-                steps, values = smoothed(key, *run["curves"][key], window)
-                ax.plot(steps, values, color=colours[j % len(colours)], linestyle=STYLES[i % len(STYLES)],
-                        marker="o" if key.startswith(("validation/", "sample/")) else None, markersize=3,
-                        linewidth=1.2)
-    term_legend(ax, keys)
+            if key not in run["curves"]:
+                continue
+            style = {"color": colours[j % len(colours)], "linestyle": STYLES[i % len(STYLES)]}
+            steps, values = run["curves"][key]
+            if is_training_term(key):  # (add_artist: not in the data limits, which the smoothed curves set)
+                ax.add_artist(plt.Line2D(steps, values, linewidth=0.6, alpha=0.25, gid="raw", **style))
+                raw.append((steps, values))
+            steps, values = smoothed(key, steps, values, window)
+            point = key.startswith(("validation/", "sample/")) or len(values) == 1  # (one point is no line)
+            ax.plot(steps, values, marker="o" if point else None, markersize=3, linewidth=1.2, **style)
+    term_legend(ax, keys, runs)
     log_scale_if_wide(ax)
+    include_bulk(ax, raw)
     ax.grid(alpha=0.3)
+
+
+def include_bulk(ax, raw):
+    """Widen the y range to hold the 1st to 99th percentile of each raw curve (on a log axis, of
+    its positive values), so that the faint curves show around the smoothed ones without a few
+    spikes squashing them."""
+    log = ax.get_yscale() == "log"
+    for steps, values in raw:
+        finite = values[np.isfinite(values) & (values > 0 if log else True)]
+        if len(finite):
+            low, high = np.percentile(finite, [1, 99])
+            ax.update_datalim([(steps[0], low), (steps[-1], high)])
+    ax.autoscale_view()
 
 
 def panel_of(key):
     """The panel a key is drawn in: its network for losses (generator/g_adv and
-    validation/generator/g_adv -> generator), SAMPLE_PANELS' for sample metrics (None: not drawn)."""
+    validation/generator/g_adv -> generator), SAMPLE_PANELS' for sample metrics (None: not drawn)
+    and METRIC_PANELS' for validation metrics (validation/generator/psnr)."""
     parts = key.split("/")
     if parts[0] == "sample":
         return SAMPLE_PANELS.get(parts[-1])
+    if parts[0] == "validation" and parts[-1] in METRIC_PANELS:
+        return METRIC_PANELS[parts[-1]]
     return parts[1] if parts[0] == "validation" and len(parts) > 2 else parts[0]
 
 
-def term_legend(ax, keys):
+def term_legend(ax, keys, runs):
     """The line style of each term, below the panel (outside the data)."""
     handles = [plt.Line2D([], [], color="0.3", linestyle=STYLES[i % len(STYLES)],
                           marker="o" if k.startswith(("validation/", "sample/")) else None, markersize=3)
                for i, k in enumerate(keys)]
-    ax.legend(handles, [term_label(k) for k in keys], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+    ax.legend(handles, [term_label(k, runs) for k in keys], loc="upper center", bbox_to_anchor=(0.5, -0.14),
               ncols=min(3, len(keys)), fontsize="small", frameon=False)
 
 
-def term_label(key):
+def term_label(key, runs=()):
     """How a key reads in its panel: generator/g_adv -> g_adv, validation/generator/g_adv ->
-    validation g_adv, generator/lr -> generator (in the learning-rate panel)."""
+    validation g_adv, generator/lr -> the network's role (in the learning-rate panel)."""
     parts = key.split("/")
     if parts[0] == "validation":
         return "validation " + parts[-1]
-    return parts[0] if parts[-1] == "lr" else "/".join(parts[1:])
+    return role_of(parts[0], runs) if parts[-1] == "lr" else "/".join(parts[1:])
 
 
 def log_scale_if_wide(ax):
-    """A log y axis for positive curves spanning more than two orders of magnitude."""
-    ys = [y[np.isfinite(y)] for y in (np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines())]
+    """A log y axis for positive curves spanning more than two orders of magnitude. The raw
+    curves (gid "raw") are left out: the smoothed ones are what the scale is chosen to read, and a
+    raw step's loss may be 0."""
+    lines = [line for line in ax.get_lines() if line.get_gid() != "raw"]
+    ys = [y[np.isfinite(y)] for y in (np.asarray(line.get_ydata(), dtype=float) for line in lines)]
     ys = [y for y in ys if len(y)]
     if ys and min(y.min() for y in ys) > 0 and max(y.max() for y in ys) > 100 * min(y.min() for y in ys):
-        ax.set_yscale("log")
+        ax.set_yscale("log", nonpositive="mask")  # (a raw 0 leaves a gap, not a line to the bottom)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ def parse_args(argv):
 
 answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
 
+import torch
 import torch.distributed as dist
 
+import metrics
 from cli import check_batches_fit_model, check_data_fits_model
 from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
@@ -25,13 +27,14 @@ from model_base import build_model
 from preflight import check_step
 from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
 from sample_metrics import prepare
-from train_base import Trainer, first_samples, seed_everything, setup_placement
+from train_base import Trainer, first_samples, seed_everything, set_num_threads, setup_placement
 
 
 def main(argv):
     args = parse_args(argv)
     cfg = load_training_config(args.training_cfg, args.overrides)
     placement = setup_placement(cfg["training"]["gpus"], args.training_cfg)
+    set_num_threads(cfg["training"]["num_threads"], placement)
     try:
         train(cfg, placement, args.training_cfg)
     finally:
@@ -55,8 +58,12 @@ def train(cfg, placement, source):
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
     # two samples (one with batch_size 1, as training would see) through one whole step
-    made = check_step(trainer.losses, first_samples(loader.dataset, min(2, cfg["training"]["batch_size"])), source)
+    first = first_samples(loader.dataset, min(2, cfg["training"]["batch_size"]))
+    made = check_step(trainer.losses, first, source)
+    made["metrics"] = metrics.names_of(metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired),
+                                       made["outputs"])
     check_step_gives(made, samples, trainer.best, source)
+    check_classes_fit(made, trainer.classes, model, source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
@@ -92,10 +99,19 @@ def check_step_gives(made, samples, best, source):
                         f"real samples {list(samples.real.shape[1:])}; sample metrics compare the two")
     if best and best["key"].startswith("validation/"):
         _, network, term = best["key"].split("/")
-        terms = made["terms"].get(network, [])
+        terms = made["terms"].get(network, []) + (made["metrics"] if network == "generator" else [])
         if term not in terms:
             raise UserError(f"{source}: saving.keep_best: {best['key']}: no such term{did_you_mean(term, terms)}; "
-                            f"the {network}'s loss has the terms {', '.join(terms)}")
+                            f"the {network}'s validation logs {', '.join(terms)}")
+
+
+def check_classes_fit(made, classes, model, source):
+    """A classifier scores at least as many classes as its class folders hold."""
+    names = classes.get(model.target_key)
+    if names and len(made["outputs"]) == 1 and made["outputs"][0] < len(names):
+        raise UserError(f"{source}: the model gives {made['outputs'][0]} class scores per sample, but "
+                        f"dataset.{model.target_key} has {len(names)} classes ({', '.join(names)}); set the last "
+                        f"layer's out_features to {len(names)} in {model.architecture_path}")
 
 
 def header(trainer, loader, validation_loader, run, path, placement):
@@ -111,7 +127,8 @@ def header(trainer, loader, validation_loader, run, path, placement):
     train = trainer.cfg["training"]
     lines.append(f"  precision {train['precision']}, batch {train['batch_size']} x {trainer.accumulate} batch(es) "
                  f"per step x {placement.world_size} process(es), {trainer.steps_per_epoch} steps per epoch, "
-                 f"{trainer.n_epochs} epochs, device {placement.device}{' (DDP)' if placement.distributed else ''}")
+                 f"{trainer.n_epochs} epochs, device {placement.device}{' (DDP)' if placement.distributed else ''}"
+                 + (f", {torch.get_num_threads()} CPU thread(s)" if placement.device.type == "cpu" else ""))
     held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
     lines.append(f"  data: {len(loader.dataset)} training samples{held_out}; streams:")
     lines += [f"    {name}: {len(stream)} x {list(stream.shape[1:])} {str(stream.dtype).removeprefix('torch.')}"

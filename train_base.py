@@ -27,9 +27,11 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from cli import select_device
+import metrics
+from cli import resolve_gpus, select_device, targets_are_paired
 from config import keep_best, to_yaml
 from dashboard import use_tensorboard
+from dataset_base import check_same_classes, stream_classes
 from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
 from preflight import eagerly
@@ -73,6 +75,15 @@ class Trainer:
         self.samples, self.sample_every = samples, cfg["sample_metrics"]["every_epochs"]
         best = keep_best(cfg)  # the best checkpoint so far by saving.keep_best: its value and epoch
         self.best = None if best is None else {"key": best[0], "mode": best[1], "value": None, "epoch": None}
+        self.classes = stream_classes(cfg["dataset"], self.source)  # {class_labels stream: class names}
+        # validation's accuracy, PSNR and SSIM (metrics.py) for outputs paired with their targets,
+        # PSNR's peak read once off the held-out targets
+        self.paired = targets_are_paired(model, self.losses.adversarial)
+        self.validation_peak = None
+        if validation_loader is not None:
+            targets = model.split_batch(first_samples(validation_loader.dataset, 256))[1]
+            if targets is not None and targets.dim() > 1:  # (images; class labels need no peak)
+                self.validation_peak = metrics.peak_of(targets)
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state)
@@ -294,7 +305,9 @@ class Trainer:
         """Each network's mean loss terms over the held-out samples, kept in its
         validation_history and in metrics.jsonl, and shown."""
         self.share_buffers()
-        means = validation_means(self.losses, self.validation_loader, list(self.networks), self.placement)
+        means, quality = validation_means(self.losses, self.validation_loader, list(self.networks), self.placement,
+                                          self.paired, self.validation_peak)
+        means |= {("generator", name): value for name, value in quality.items()}  # beside its loss terms
         result = {name: {} for name in self.networks}
         for (name, term), mean in means.items():
             result[name][term] = mean
@@ -304,7 +317,8 @@ class Trainer:
                        **{f"validation/{name}/{term}": v for (name, term), v in means.items()}}])
         if self.placement.is_main:
             bar.write(f"epoch {self.epoch}: validation loss " + ", ".join(
-                f"{name} {terms['total']:.4f}" for name, terms in result.items()))
+                f"{name} {terms['total']:.4f}" for name, terms in result.items())
+                + "".join(f", {name} {value:.4g}" for name, value in quality.items()))
         return result
 
     def record(self, pending, epoch, bar, waited, elapsed):
@@ -335,6 +349,7 @@ class Trainer:
                 "early_stop": early_stop, "skipped_updates": self.skipped_updates,
                 "validation_history": self.validation_history, "split": split_record(self.cfg, self.loader),
                 "world_size": self.placement.world_size, "config": to_yaml(self.cfg), "best": self.best,
+                "classes": self.classes,
                 "architecture": self.model.architecture_text, "rng_state": rng_state()}
 
     @property
@@ -351,6 +366,7 @@ class Trainer:
             note = net.load_state_dict(network_state(state, name), saved_cfg, steps_done, self.epoch)
             if note:
                 self.notes.append(note)
+        check_same_classes(state.get("classes"), self.classes, self.cfg["dataset"], "the checkpoint", self.source)
         self.skipped_updates = state.get("skipped_updates", 0)
         self.validation_steps = state.get("validation_history", {}).get("step", [])
         saved_best = state.get("best")  # the best so far, if it was judged as now
@@ -484,12 +500,13 @@ class StopSignal:
         return self.signum is not None
 
 
-def validation_means(losses, loader, names, placement):
-    """{(network, term): mean over the held-out samples of every process}, in eval mode. No
-    autograd, unless a loss term penalises the discriminator's gradient (WGAN-GP, R1); and the
-    random numbers such a penalty draws do not shift training's."""
+def validation_means(losses, loader, names, placement, paired, peak):
+    """({(network, term): mean over the held-out samples of every process}, {metric: value} of
+    the generator's outputs against their targets, metrics.py's), in eval mode. No autograd,
+    unless a loss term penalises the discriminator's gradient (WGAN-GP, R1); and the random
+    numbers such a penalty draws do not shift training's."""
     losses.model.eval()
-    sums, count = {}, 0
+    sums, count, quality, kind = {}, 0, {}, None
     devices = [placement.device] if placement.device.type == "cuda" else []
     with torch.set_grad_enabled(losses.wants_discriminator), torch.random.fork_rng(devices):
         for batch in loader:
@@ -499,12 +516,17 @@ def validation_means(losses, loader, names, placement):
                 total, terms = losses(name, inputs, targets, outputs)
                 for term, value in {"total": total, **terms}.items():
                     sums[name, term] = sums.get((name, term), 0) + value.detach().float() * len(inputs)
+            kind = metrics.kind_of(outputs.shape[1:], targets, paired)
+            for metric, value in (metrics.batch_sums(kind, outputs, targets, peak) if kind else {}).items():
+                quality[metric] = quality.get(metric, 0) + value
             count += len(inputs)
     losses.model.train()
-    totals = torch.stack([*sums.values(), torch.tensor(float(count), device=placement.device)])
+    totals = torch.stack([*sums.values(), *quality.values(), torch.tensor(float(count), device=placement.device)])
     if placement.world_size > 1:
         dist.all_reduce(totals)
-    return dict(zip(sums, (totals[:-1] / totals[-1]).tolist()))
+    totals = totals.tolist()
+    means = {key: value / totals[-1] for key, value in zip(sums, totals)}
+    return means, metrics.finish(dict(zip(quality, totals[len(sums):-1])), peak) if quality else {}
 
 
 def check_resumable(state, saved_cfg, accumulate, world_size, source):
@@ -628,6 +650,7 @@ def setup_placement(gpus, source):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     where = f"{source}: training.gpus"
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    gpus = resolve_gpus(gpus, local_world_size)
     select_device(gpus, where)  # are there GPUs at all?
     if gpus and local_world_size != len(gpus):
         raise UserError(f"{where}: {len(gpus)} GPUs need one process each, but {local_world_size} "
@@ -642,6 +665,18 @@ def setup_placement(gpus, source):
     if distributed:
         dist.init_process_group("nccl" if gpus else "gloo", device_id=device if gpus else None)
     return Placement(device, rank, world_size, distributed)
+
+
+def set_num_threads(num_threads, placement):
+    """torch's CPU threads for this process: training.num_threads, or torch's default (one per
+    core) shared out among the processes of a multi-process CPU run, which would otherwise each
+    start one per core and slow one another down."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", placement.world_size))
+    if num_threads is None and placement.device.type == "cpu" and local > 1:
+        num_threads = max(1, torch.get_num_threads() // local)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
 
 
 def seed_everything(seed):

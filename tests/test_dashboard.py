@@ -41,8 +41,46 @@ def test_values_are_mapped_to_the_unit_range():
     unit = torch.tensor([0.0, 0.5, 1.0])
     assert torch.equal(dashboard.to_unit_range(unit), unit)
     assert torch.allclose(dashboard.to_unit_range(torch.tensor([-1.0, 0.0, 1.0])), unit)  # tanh outputs
-    assert torch.allclose(dashboard.to_unit_range(torch.tensor([10.0, 15.0, 20.0])), unit)  # anything else
-    assert torch.equal(dashboard.to_unit_range(torch.full((3,), 7.0)), torch.zeros(3))
+    assert torch.allclose(dashboard.to_unit_range(torch.tensor([0.0, 127.5, 255.0]).round()), torch.tensor(
+        [0.0, 128 / 255, 1.0]))  # 8-bit values
+    assert torch.allclose(dashboard.to_unit_range(torch.tensor([-10.5, 15.5, 41.5])), unit)  # anything else
+    assert torch.equal(dashboard.to_unit_range(torch.full((3,), 7.5)), torch.zeros(3))
+    clipped = dashboard.to_unit_range(torch.tensor([-3.0, 0.0, 3.0]), (-1.0, 1.0))  # noisy, on the data's range
+    assert torch.equal(clipped, torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_known_ranges_and_what_a_figure_says_of_them():
+    assert dashboard.known_range(torch.tensor([0.2, 0.9])) == (0.0, 1.0)
+    assert dashboard.known_range(torch.tensor([-0.1, 0.1])) == (-1.0, 1.0)  # a faint Tanh output stays faint
+    assert dashboard.known_range(torch.tensor([-1.00001, 1.0])) == (-1.0, 1.0)  # rounding
+    assert dashboard.known_range(torch.tensor([0.0, 3.0, 255.0])) == (0.0, 255.0)
+    assert dashboard.known_range(torch.tensor([0.0, 3.5])) is None  # not 8-bit values
+    assert dashboard.known_range(torch.tensor([-1.39, 1.21])) == (-1.0, 1.0)  # data in [-1, 1], a little noise
+    assert dashboard.known_range(torch.tensor([-0.2, 1.1])) == (0.0, 1.0)
+    assert dashboard.known_range(torch.tensor([-2.0, 1.0])) is None  # far past any: stretched
+    noisy = torch.tensor([-2.0, -0.5, 0.5, 1.0])
+    assert dashboard.scale_note(noisy, (-1.0, 1.0)) == "shown on [-1, 1], 25.0% of values clipped"
+    assert dashboard.scale_note(noisy.clamp(-1, 1), (-1.0, 1.0)) == "shown on [-1, 1], none clipped"
+    assert dashboard.scale_note(noisy, None) == "stretched: black -2, white 1"
+    assert [dashboard.grid_columns(n) for n in (1, 2, 16, 17, 1000)] == [1, 2, 4, 5, dashboard.MAX_COLUMNS]
+
+
+def test_a_grid_keeps_its_images_apart_in_a_colour_no_image_has():
+    grid = dashboard.image_grid(torch.ones(5, 1, 4, 4), 3)  # white images
+    assert grid.shape == (3, 2 * 6 + 2, 3 * 6 + 2)
+    assert grid[:, 0, 0].tolist() == pytest.approx(list(dashboard.PAD))
+    assert grid[:, 2:6, 2:6].eq(1).all()  # the first image, grey (R = G = B)
+    assert dashboard.image_grid(torch.ones(1, 1, 4, 4), 1).shape == (3, 8, 8)  # one image padded alike
+
+
+def test_the_png_says_how_the_samples_are_scaled(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(dashboard, "save_png", lambda path, grid, title: titles.append(title) or path)
+    board = dashboard.Dashboard(tmp_path, False, CFG)
+    board.images(3, 48, torch.rand(4, 1, 4, 4) * 0.2 - 0.1)
+    board.images(4, 64, torch.linspace(0.5, 3, 64).view(4, 1, 4, 4))  # no usual range holds these
+    assert titles == ["outputs on fixed inputs, epoch 3 (step 48)\nshown on [-1, 1], none clipped",
+                      "outputs on fixed inputs, epoch 4 (step 64)\nstretched: black 0.5, white 3"]
 
 
 def test_flat_config_names_keys_by_their_path():
