@@ -317,9 +317,14 @@ class Trainer:
                        **{f"validation/{name}/{term}": v for (name, term), v in means.items()}}])
         if self.placement.is_main:
             bar.write(f"epoch {self.epoch}: validation loss " + ", ".join(
-                f"{name} {terms['total']:.4f}" for name, terms in result.items())
+                f"{self.shown_name(name)}{terms['total']:.4f}" for name, terms in result.items())
                 + "".join(f", {name} {value:.4g}" for name, value in quality.items()))
         return result
+
+    def shown_name(self, name):
+        """How the progress bar names a network: a GAN's two by role ("generator "), a lone one
+        not at all, since a classifier or a denoiser is no generator."""
+        return f"{name} " if len(self.networks) > 1 else ""
 
     def record(self, pending, epoch, bar, waited, elapsed):
         """Move pending per-step losses to the networks' loss_history and to metrics.jsonl (one
@@ -339,7 +344,8 @@ class Trainer:
                 row |= {f"{name}/{term}": v for term, v in zip(terms, step_values)}
                 row[f"{name}/lr"] = lrs[name]
         self.run.log(rows)
-        shown = {f"{name} loss": f"{net.loss_history['total'][-1]:.4f}" for name, net in self.networks.items()}
+        shown = {f"{self.shown_name(name)}loss": f"{net.loss_history['total'][-1]:.4f}"
+                 for name, net in self.networks.items()}
         bar.set_postfix({**shown, "data wait": f"{waited / elapsed:.0%}"}, refresh=False)
 
     # ---- checkpoints ----
