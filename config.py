@@ -272,6 +272,9 @@ TRAINING = {
         "compile": Key(False, bool, doc="torch.compile every submodel (checkpoints keep plain state_dict keys)"),
         "compile_args": Key({}, dict,
                             doc="torch.compile's arguments, e.g. {mode: max-autotune} or {backend: aot_eager}"),
+        "cuda_graphs": Key(False, bool, doc="record each training step (every network's forward, loss, backward and "
+                                            "optimizer step) once as a CUDA graph and replay it: far fewer kernel "
+                                            "launches (one GPU, precision fp32 or bf16, no EMA; docs/gpus.md)"),
         "sync_batchnorm": Key(False, bool, doc="under DDP, BatchNorm layers share their batch statistics across "
                                                "processes (torch.nn.SyncBatchNorm; GPUs only)"),
         "channels_last": Key(False, bool,
@@ -373,6 +376,10 @@ TRAINING = {
         "pin_memory": Key(None, bool,
                           doc="page-locked batches for faster copies to the GPU; null: on when training on a GPU"),
         "persistent_workers": Key(None, bool, doc="keep workers between epochs; null: on when there are workers"),
+        "on_device": Key(None, bool,
+                         doc="keep every stream on the training GPU and cut batches there (shuffling included), "
+                             "with no copies per step; needs in-memory streams and no torchvision transforms; null: "
+                             "on a GPU, when that is so and the data takes at most a quarter of its free memory"),
     },
 }
 

@@ -80,8 +80,9 @@ class Transform:
             if self.per_sample:
                 self.apply_per_sample(batch, seed)
             else:
-                for name in self.streams:
-                    batch[name] = self.fn(batch[name], torch.Generator().manual_seed(seed), **self.args)
+                for name in self.streams:  # (a generator on the batch's device: dataset.on_device)
+                    stream_generator = torch.Generator(batch[name].device).manual_seed(seed)
+                    batch[name] = self.fn(batch[name], stream_generator, **self.args)
         except (TypeError, ValueError, RuntimeError, IndexError) as e:
             shapes = ", ".join(f"{name} {list(batch[name].shape)}" for name in self.streams)
             raise UserError(f"{self.where}: {self.name} failed on a batch of {shapes}: {e}") from None
@@ -146,9 +147,10 @@ class EpochBatches:
     tensor: DistributedSampler builds it as a Python list, which for small samples costs as
     much as the indexing itself."""
 
-    def __init__(self, n, batch_size, seed, shuffle=True, num_replicas=1, rank=0):
+    def __init__(self, n, batch_size, seed, shuffle=True, num_replicas=1, rank=0, device=None):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
+        self.device = device  # where the positions go, once per epoch: the data's device (dataset.on_device)
         self.num_samples = -(-n // num_replicas)  # per process; the last shard is padded by repeats
         self.epoch, self.skip = 0, 0
 
@@ -169,7 +171,7 @@ class EpochBatches:
         return positions[self.rank:total:self.num_replicas]
 
     def __iter__(self):
-        positions = self.order()
+        positions = self.order() if self.device is None else self.order().to(self.device)
         for b in range(self.skip, -(-len(positions) // self.batch_size)):
             yield (self.seed, self.rank, self.epoch, b), positions[b * self.batch_size:(b + 1) * self.batch_size]
 
@@ -182,8 +184,8 @@ class FixedBatches:
     Under DDP each process takes every num_replicas-th position, without padding, so that every
     sample counts once."""
 
-    def __init__(self, n, batch_size, seed, num_replicas=1, rank=0):
-        self.positions = torch.arange(rank, n, num_replicas)
+    def __init__(self, n, batch_size, seed, num_replicas=1, rank=0, device=None):
+        self.positions = torch.arange(rank, n, num_replicas, device=device)
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
 
     def __iter__(self):
@@ -240,6 +242,56 @@ def loading_settings(dataset_cfg, dataset, on_gpu, world_size, where):
     pin = dataset_cfg["pin_memory"]
     return {"num_workers": workers, "pin_memory": on_gpu if pin is None else pin and torch.cuda.is_available(),
             "persistent_workers": workers > 0 if persistent is None else persistent}
+
+
+# dataset.on_device: null puts the data on the GPU when it takes at most this share of its free
+# memory, leaving the rest to the model, its activations and the optimizer's state.
+ON_DEVICE_SHARE = 0.25
+
+
+def on_device(dataset_cfg, datasets, device, where):
+    """Whether the streams of `datasets` (training and validation, which share them) move to the
+    training GPU, and then move them: every batch is then cut out of tensors already there, with
+    no copy and no worker per step. It needs every stream in memory (not in_memory: false) and
+    only batch transforms of dataset_functions.py, which then run on the GPU; dataset.on_device
+    says whether, null deciding by the size (ON_DEVICE_SHARE of the free memory)."""
+    wanted = dataset_cfg["on_device"]
+    if wanted is False or (wanted is None and device.type != "cuda"):
+        return False
+    if device.type != "cuda":
+        raise UserError(f"{where}.on_device: true keeps the data on the training GPU, but this run trains on the "
+                        f"{device.type}; set training.gpus, or on_device to null")
+    dataset = datasets[0]
+    why_not = kept_off_device(dataset, dataset_cfg["num_workers"])
+    if why_not and wanted:
+        raise UserError(f"{where}.on_device: true, but {why_not}; set on_device to null or false")
+    if why_not:
+        return False
+    size = sum(data.element_size() * data.nelement() for data in dataset.streams.values())
+    free = torch.cuda.mem_get_info(device)[0]
+    if wanted is None and size > ON_DEVICE_SHARE * free:
+        return False
+    if size > free:
+        raise UserError(f"{where}.on_device: true, but the data takes {size / 2**30:.2f} GiB and {device} has "
+                        f"{free / 2**30:.2f} GiB free; set on_device to null or false")
+    for name, data in dataset.streams.items():
+        dataset.streams[name] = data.to(device)  # (the dicts are shared: validation's too)
+    for d in datasets:
+        d.indices = d.indices.to(device)
+    return True
+
+
+def kept_off_device(dataset, num_workers):
+    """Why the dataset's batches cannot be cut on the GPU, or None."""
+    files = [name for name, data in dataset.streams.items() if isinstance(data, FileStream)]
+    if files:
+        return f"the stream(s) {', '.join(files)} are read from disk batch by batch (in_memory: false)"
+    per_sample = [t.name for t in dataset.transforms if t.per_sample]
+    if per_sample:
+        return f"the torchvision transform(s) {', '.join(per_sample)} run sample by sample, on the CPU"
+    if num_workers:
+        return f"num_workers: {num_workers} asks for worker processes, which cannot share GPU memory"
+    return None
 
 
 def make_loader(dataset, batch_sampler, num_workers=0, pin_memory=False, persistent_workers=False):

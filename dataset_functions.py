@@ -11,7 +11,8 @@ Four kinds, each named by a key of a data stream in the config:
   dataset.batch_transforms. Draw all randomness from `generator`, and let how much you draw
   depend on the batch size alone (one flip per sample, say): an entry that lists several
   streams gives each the same generator state, so sample i of each is flipped, cropped or
-  shifted alike.
+  shifted alike. With dataset.on_device the batch and the generator are on the GPU: create
+  tensors with device=batch.device, as the functions here do.
 """
 import numpy as np
 import torch
@@ -176,7 +177,7 @@ def random_flip(batch, generator, horizontal=True, vertical=False):
     """Flip each sample left-right (and/or up-down) with probability 1/2."""
     for dim, enabled in ((-1, horizontal), (-2, vertical)):
         if enabled:
-            flip = torch.rand(batch.shape[0], generator=generator) < 0.5
+            flip = torch.rand(batch.shape[0], generator=generator, device=batch.device) < 0.5
             batch = torch.where(flip.view(-1, *[1] * (batch.dim() - 1)), batch.flip(dim), batch)
     return batch
 
@@ -188,8 +189,10 @@ def random_crop(batch, generator, size):
     if h > height or w > width:
         raise ValueError(f"crop size {[h, w]} is larger than the samples' {[height, width]}")
     n = batch.shape[0]
-    top = torch.randint(0, height - h + 1, (n, 1), generator=generator) + torch.arange(h)
-    left = torch.randint(0, width - w + 1, (n, 1), generator=generator) + torch.arange(w)
+    top = torch.randint(0, height - h + 1, (n, 1), generator=generator, device=batch.device) + \
+        torch.arange(h, device=batch.device)
+    left = torch.randint(0, width - w + 1, (n, 1), generator=generator, device=batch.device) + \
+        torch.arange(w, device=batch.device)
     # Gather rows, then columns, per sample: one indexing op for the whole batch.
     lead = [1] * (batch.dim() - 3)
     rows = top.view(n, *lead, h, 1).expand(*batch.shape[:-2], h, width)
@@ -201,8 +204,8 @@ def random_crop(batch, generator, size):
 def normalize(batch, generator, mean, std):
     """(x - mean) / std per channel (dim 1); mean and std are numbers or one per channel."""
     shape = (1, -1, *[1] * (batch.dim() - 2))
-    mean = torch.as_tensor(mean, dtype=batch.dtype).reshape(shape)
-    std = torch.as_tensor(std, dtype=batch.dtype).reshape(shape)
+    mean = torch.as_tensor(mean, dtype=batch.dtype, device=batch.device).reshape(shape)
+    std = torch.as_tensor(std, dtype=batch.dtype, device=batch.device).reshape(shape)
     return (batch - mean) / std
 
 
@@ -213,10 +216,10 @@ def to_float(batch, generator, scale=255.0):
 
 def add_gaussian_noise(batch, generator, std=0.05):
     """Add N(0, std^2) noise to every value."""
-    return batch + std * torch.randn(batch.shape, generator=generator)
+    return batch + std * torch.randn(batch.shape, generator=generator, device=batch.device)
 
 
 def resample_normal(batch, generator):
     """Replace the batch with fresh standard normal noise of the same shape: a GAN's latent
     stream then gives new noise every step instead of cycling through a fixed set."""
-    return torch.randn(batch.shape, generator=generator)
+    return torch.randn(batch.shape, generator=generator, device=batch.device)

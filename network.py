@@ -44,7 +44,7 @@ class Network:
         self.params = list(module.parameters())
         self.world_size = placement.world_size
         self.steps_per_epoch, self.n_epochs = steps_per_epoch, train["n_epochs"]
-        self.optimizer = make_optimizer(self.params, self.settings, self.where)
+        self.optimizer = make_optimizer(self.params, self.settings, placement.device, self.where, train["cuda_graphs"])
         self.scheduler = make_scheduler(self.optimizer, self.settings, steps_per_epoch, self.n_epochs, self.where)
         self.every_step = self.settings["scheduler_interval"] == "step"
         # The settings a resume compares with the checkpoint's to decide whether the schedule carries on.
@@ -77,21 +77,24 @@ class Network:
         schedule = {k: v for k, v in self.scheduler.state_dict().items()
                     if k in ("step_size", "gamma", "T_max", "eta_min", "total_steps", "max_lr", "factor", "patience")}
         n_params = sum(p.numel() for p in self.params)
-        optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''})"
+        fused = ", fused=True" if self.optimizer.defaults.get("fused") and "fused" not in s["optimizer_args"] else ""
+        optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''}{fused})"
         return (f"{self.name} ({self.section}.*): {optimizer}, {s['scheduler']}({kwargs_text(schedule)}) per "
                 f"{s['scheduler_interval']}, clip "
                 f"{self.clip if self.clip else 'none'}, {self.iterations} update(s) per batch, {n_params:,} parameters"
                 f"{', EMA of its weights' if self.ema is not None else ''}")
 
     # ---- one update ----
-    def update(self, loss, sizes, check_finite):
+    def update(self, loss, sizes, skip_nonfinite):
         """One optimizer step on the gradients of the micro-batches: `loss(i)` gives the (total,
         terms) of micro-batch i, and `sizes` their sample counts; each counts for its share of
         the samples, so that they step as one batch of all of them would. Under DDP the gradients
         are averaged over the processes during the last micro-batch's backward pass. Returns the
-        loss terms (detached, float, averaged over the micro-batches, 'total' first) and whether
-        the update was made: False when a loss was non-finite (on any process), and the
-        gradients were dropped."""
+        loss terms (detached, float, averaged over the micro-batches, 'total' first, still on the
+        device) and whether the update was made: with `skip_nonfinite`, False when a loss was
+        non-finite (on any process), and the gradients were dropped. Only that check reads a
+        value back from the device (one sync per update); without it the step never waits for
+        the device."""
         self.optimizer.zero_grad(set_to_none=True)
         n_samples, last = sum(sizes), len(sizes) - 1
         sums, bad = {}, None
@@ -106,7 +109,7 @@ class Network:
                 if last:
                     value = value * weight
                 sums[name] = sums[name] + value if name in sums else value
-            if check_finite:
+            if skip_nonfinite:
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
         if self.ddp is not None and not self.unused_checked:  # (a NaN loss leaves gradients too)
@@ -114,7 +117,7 @@ class Network:
         if bad is not None and self.world_size > 1:  # a NaN on any process skips the step on all
             bad = bad.float()
             dist.all_reduce(bad)
-        if bad is not None and bad.item():  # one host sync per update; on_nonfinite_loss: ignore saves it
+        if bad is not None and bad.item():  # one host sync per update (on_nonfinite_loss: skip only)
             self.optimizer.zero_grad(set_to_none=True)
             return sums, False
         if self.step() and self.ema is not None:  # (not after a step that fp16's scaler skipped)
@@ -197,9 +200,13 @@ class Network:
         if self.settings["optimizer"] != saved["optimizer"]:
             return (f"{self.section}.optimizer changed ({saved['optimizer']} -> {self.settings['optimizer']}): the "
                     f"{self.name}'s optimizer starts afresh")
+        built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group.update(self.settings["optimizer_args"])
+        for group, implementation in zip(self.optimizer.param_groups, built):
+            # load_state_dict copies the saved groups' settings, including how the update ran
+            # (fused on the GPU that saved it, say): keep this run's, and the config's arguments.
+            group.update(implementation | self.settings["optimizer_args"])
+        place_step_counts(self.optimizer)
         before = {path: read_key(saved_cfg, path) for path in self.schedule_settings}
         changed = [path for path, value in self.schedule_settings.items() if value != before[path]]
         if not changed:
@@ -252,13 +259,42 @@ def network_state(checkpoint, name):
             "validation_history": checkpoint.get("validation_history", {}).get(name)}
 
 
-def make_optimizer(params, s, where):
-    """The optimizer of one network from its config section (`training` or `adversarial`)."""
-    name, args = s["optimizer"], s["optimizer_args"]
+# An optimizer's settings that say how its update runs rather than what it computes.
+IMPLEMENTATION = ["fused", "foreach", "capturable"]
+
+
+def make_optimizer(params, s, device, where, capturable=False):
+    """The optimizer of one network from its config section (`training` or `adversarial`). On a
+    GPU it is fused where torch has a fused kernel for it (Adam, AdamW, SGD, Adagrad): one kernel
+    launch updates every parameter, where the default (foreach) launches several per group of
+    tensors, which at small and medium model sizes is much of a step's time. optimizer_args that
+    set fused or foreach (e.g. {fused: false}) choose instead. `capturable`: its steps may be
+    recorded in a CUDA graph (training.cuda_graphs), where the optimizer has that setting."""
+    name, args = s["optimizer"], dict(s["optimizer_args"])
+    cls = optimizers()[name]
+    if capturable and "capturable" in inspect.signature(cls).parameters:
+        args.setdefault("capturable", True)
+    if device.type == "cuda" and not {"fused", "foreach"} & set(args) and "fused" in inspect.signature(cls).parameters:
+        try:
+            return cls(params, lr=s["learning_rate"], fused=True, **args)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # (e.g. a parameter dtype the kernel lacks): the default implementation, as if not asked
     try:
-        return optimizers()[name](params, lr=s["learning_rate"], **args)
+        return cls(params, lr=s["learning_rate"], **args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}.optimizer_args: {name}(lr={s['learning_rate']}, **{args}) failed: {e}") from None
+
+
+def place_step_counts(optimizer):
+    """Put each parameter's step count where this optimizer's implementation keeps it: beside the
+    parameter for fused and capturable updates, on the CPU otherwise. load_state_dict places it by
+    the saved optimizer's implementation, which a resumed run may have switched."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
 def make_scheduler(optimizer, s, steps_per_epoch, n_epochs, where):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import metrics
 from cli import check_batches_fit_model, check_data_fits_model
 from config import config_changes, load_training_config
-from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader
+from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader, on_device
 from dataset_base import load_streams, split_indices
 from errors import UserError, did_you_mean, run_main
 from model_base import build_model
@@ -130,7 +130,9 @@ def header(trainer, loader, validation_loader, run, path, placement):
                  f"{trainer.n_epochs} epochs, device {placement.device}{' (DDP)' if placement.distributed else ''}"
                  + (f", {torch.get_num_threads()} CPU thread(s)" if placement.device.type == "cpu" else ""))
     held_out = f", {len(validation_loader.dataset)} held out for validation" if validation_loader else ""
-    lines.append(f"  data: {len(loader.dataset)} training samples{held_out}; streams:")
+    device = getattr(next(iter(loader.dataset.streams.values())), "device", torch.device("cpu"))
+    on_gpu = f"; on {device}, batches cut there (dataset.on_device)" if device.type == "cuda" else ""
+    lines.append(f"  data: {len(loader.dataset)} training samples{held_out}{on_gpu}; streams:")
     lines += [f"    {name}: {len(stream)} x {list(stream.shape[1:])} {str(stream.dtype).removeprefix('torch.')}"
               for name, stream in loader.dataset.streams.items()]
     logging = trainer.cfg["logging"]
@@ -167,13 +169,16 @@ def make_loaders(cfg, model, placement, source):
     if validation is not None and len(validation) < placement.world_size:
         raise UserError(f"{where}.validation_fraction: {len(validation)} validation samples for "
                         f"{placement.world_size} processes; every process needs at least one")
-    loading = loading_settings(data, training, placement.device.type == "cuda", placement.world_size, where)
     world, rank = placement.world_size, placement.rank
-    loader = make_loader(training, EpochBatches(len(training), batch_size, seed, True, world, rank), **loading)
+    if on_device(data, [d for d in (training, validation) if d is not None], placement.device, where):
+        loading, device = {}, placement.device  # batches cut on the GPU, in this process
+    else:
+        loading, device = loading_settings(data, training, placement.device.type == "cuda", world, where), None
+    loader = make_loader(training, EpochBatches(len(training), batch_size, seed, True, world, rank, device), **loading)
     if validation is None:
         return loader, None
-    return loader, make_loader(validation, FixedBatches(len(validation), batch_size, data["split_seed"], world, rank),
-                               **loading)
+    return loader, make_loader(validation, FixedBatches(len(validation), batch_size, data["split_seed"], world, rank,
+                                                        device), **loading)
 
 
 def resume_path(cfg, source):

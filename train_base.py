@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+import cuda_graphs
 import metrics
 from cli import resolve_gpus, select_device, targets_are_paired
 from config import keep_best, to_yaml
@@ -58,6 +59,14 @@ class Trainer:
         self.networks = {name: Network(name, model, cfg, placement, self.steps_per_epoch) for name in names}
         order = ["discriminator", "generator"] if adv["train_disc_first"] else ["generator", "discriminator"]
         self.update_order = [self.networks[name] for name in order if name in self.networks]
+        self.graphed = None  # training.cuda_graphs: the step as a CUDA graph
+        if train["cuda_graphs"]:
+            why = cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement)
+            if why:
+                raise UserError(f"{self.source}: training.cuda_graphs: {why}")
+            self.graphed = cuda_graphs.GraphedStep(lambda inputs, targets: self.updates([(inputs, targets)]),
+                                                   [net.optimizer for net in self.networks.values()],
+                                                   f"{self.source}: training")
         if train["compile"]:  # in place, after the EMA's copy: the modules and their state_dict keys stay as they are
             compile_submodels(model, train["compile_args"], f"{self.source}: training.compile_args")
         self.on_nonfinite, self.skipped_updates = train["on_nonfinite_loss"], 0
@@ -102,6 +111,14 @@ class Trainer:
         micro-batches}, {network: lr})."""
         micro = [self.losses.to_device(b) for b in (batches if isinstance(batches, list) else [batches])]
         lrs = {name: net.lr for name, net in self.networks.items()}
+        terms = self.graphed(*micro[0]) if self.graphed is not None else self.updates(micro)
+        for net in self.networks.values():
+            net.step_schedule(epoch_end=False)
+        return terms, lrs
+
+    def updates(self, micro):
+        """Every network's update(s) on the micro-batches [(inputs, targets)] of one step (what
+        training.cuda_graphs records): {network: its loss terms}."""
         # One batch: the generator's outputs are made once per generator state and shared by the
         # updates until the generator's changes them. Several: each update makes its own, one
         # micro-batch at a time, so that only one micro-batch's activations are held at once.
@@ -114,9 +131,7 @@ class Trainer:
                 terms[net.name] = self.update(net, micro, outputs if share else None)
                 if net.name == "generator":
                     outputs = None
-        for net in self.networks.values():
-            net.step_schedule(epoch_end=False)
-        return terms, lrs
+        return terms
 
     def update(self, net, micro, outputs=None):
         """One optimizer step of `net` on the micro-batches `micro` ([(inputs, targets)]);
@@ -125,21 +140,30 @@ class Trainer:
             inputs, targets = micro[i]
             return self.losses(net.name, inputs, targets, outputs[i] if outputs is not None else None)
 
-        terms, made = net.update(loss, [len(inputs) for inputs, _ in micro], self.on_nonfinite != "ignore")
+        terms, made = net.update(loss, [len(inputs) for inputs, _ in micro], self.on_nonfinite == "skip")
         if not made:
-            self.nonfinite(net.name, terms)
+            self.skipped_updates += 1
+            if self.placement.is_main:
+                where = self.where_nonfinite(self.step + 1, self.batches_done + 1, net.name,
+                                             {k: v.item() for k, v in terms.items()})
+                tqdm.write(f"skipped the {net.name} update at {where} (training.on_nonfinite_loss: skip)")
         return terms
 
-    def nonfinite(self, net, terms):
-        """A NaN or inf loss (on any DDP process): stop, or count the skipped update, as configured."""
-        values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        where = (f"epoch {self.epoch + 1}, step {self.step + 1} ({self.batches_done + 1} of the epoch): "
-                 f"{net} loss {values}")
-        if self.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"non-finite loss at {where}")
-        self.skipped_updates += 1
-        if self.placement.is_main:
-            tqdm.write(f"skipped the {net} update at {where} (training.on_nonfinite_loss: skip)")
+    def where_nonfinite(self, step, epoch_step, net, terms):
+        values = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        return f"epoch {self.epoch + 1}, step {step} ({epoch_step} of the epoch): {net} loss {values}"
+
+    def first_nonfinite(self, totals):
+        """The index of the first of the pending steps with a NaN or inf loss on any process
+        (`totals`: [step][network] total loss, on the CPU), or None. on_nonfinite_loss: stop looks
+        here, once per log_interval steps, rather than in every update: the steps never wait for
+        the device, and the few after a bad one change only weights that are never saved."""
+        bad = next((i for i, row in enumerate(totals) if not all(map(np.isfinite, row))), len(totals))
+        if self.placement.world_size > 1:  # the first on any process, so that all stop at the same step
+            first = torch.tensor([bad], device=self.placement.device)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            bad = int(first.item())
+        return bad if bad < len(totals) else None
 
     # ---- the loop ----
     def fit(self):
@@ -263,12 +287,7 @@ class Trainer:
             waited += time.perf_counter() - start
             if not group:
                 break
-            try:
-                pending.append((*self.train_step(group if self.accumulate > 1 else group[0]), time.time()))
-            except NonFiniteLoss:
-                if pending:  # keep the good steps before it in loss_history and metrics.jsonl
-                    self.record(pending, epoch, bar, waited, time.perf_counter() - since)
-                raise
+            pending.append((*self.train_step(group if self.accumulate > 1 else group[0]), time.time()))
             self.step += 1
             self.batches_done += 1
             bar.update()
@@ -332,18 +351,27 @@ class Trainer:
         `elapsed` seconds of these steps spent waiting for data (`waited`)."""
         first_step = self.step - len(pending) + 1
         speed = round(self.samples_per_step * len(pending) / elapsed, 1)  # the same for each of these steps
+        terms = {name: list(terms) for name, terms in pending[0][0].items()}  # ('total' first)
+        values = {name: torch.stack([torch.stack([step[name][k] for k in names]) for step, _, _ in pending]).cpu()
+                  .tolist() for name, names in terms.items()}  # {network: [step][term]}, in one read per network
+        bad = self.first_nonfinite(list(zip(*([row[0] for row in v] for v in values.values())))) \
+            if self.on_nonfinite == "stop" else None
+        kept = len(pending) if bad is None else bad  # (the steps before a bad one are kept)
         rows = [{"epoch": epoch, "step": first_step + i, "time": round(stamp, 3), "samples_per_s": speed,
-                 "data_wait": round(waited / elapsed, 4)} for i, (_, _, stamp) in enumerate(pending)]
-        for name in pending[0][0]:
-            terms = list(pending[0][0][name])
-            values = torch.stack([torch.stack([step[name][k] for k in terms]) for step, _, _ in pending]).cpu().tolist()
+                 "data_wait": round(waited / elapsed, 4)} for i, (_, _, stamp) in enumerate(pending[:kept])]
+        for name, names in terms.items():
             history = self.networks[name].loss_history
-            for i, term in enumerate(terms):
-                history.setdefault(term, []).extend(row[i] for row in values)
-            for row, step_values, (_, lrs, _) in zip(rows, values, pending):
-                row |= {f"{name}/{term}": v for term, v in zip(terms, step_values)}
+            for i, term in enumerate(names):
+                history.setdefault(term, []).extend(row[i] for row in values[name][:kept])
+            for row, step_values, (_, lrs, _) in zip(rows, values[name], pending):
+                row |= {f"{name}/{term}": v for term, v in zip(names, step_values)}
                 row[f"{name}/lr"] = lrs[name]
         self.run.log(rows)
+        if bad is not None:
+            net = next(n.name for n in self.update_order if not np.isfinite(values[n.name][bad][0]))
+            epoch_step = self.batches_done - len(pending) + 1 + bad
+            raise NonFiniteLoss("non-finite loss at " + self.where_nonfinite(
+                first_step + bad, epoch_step, net, dict(zip(terms[net], values[net][bad]))))
         shown = {f"{self.shown_name(name)}loss": f"{net.loss_history['total'][-1]:.4f}"
                  for name, net in self.networks.items()}
         bar.set_postfix({**shown, "data wait": f"{waited / elapsed:.0%}"}, refresh=False)

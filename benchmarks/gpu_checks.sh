@@ -4,16 +4,22 @@
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]            # figures and logs go to OUT_DIR (default: gpu_checks/ in the repository)
 #   GPU_CHECKS_DEVICE=cpu bash benchmarks/gpu_checks.sh  # a rehearsal on the CPU (gloo, tiny benchmark)
 #
+# 0. tests/test_cuda.py: fused optimizers, a step with no host-device sync (sync debug mode),
+#    batches cut on the GPU, CUDA graphs against eager steps (20 steps, allclose weights).
 # 1. benchmarks/bench_train_loop.py at the DCGAN of pytorch/examples (64x64 images, ngf = ndf = 64,
 #    batch 128): the pipeline's training step against the hand-written loop in fp32, bf16 and
-#    compiled, with whether bf16 and compile help; then fp32 with both sides under DDP (NCCL).
+#    compiled, with whether bf16 and compile help, and the pipeline's best settings (bf16, fused,
+#    CUDA graphs) against the plain eager fp32 loop (target 2x); then fp32 with both sides under
+#    DDP (NCCL).
 # 2. torchrun with one process on NCCL: the toy GAN through the DDP wrappers; then with fp16 (a
 #    gradient scaler per network), gradient accumulation and the R1 gradient penalty; then bf16
 #    with training.compile, channels_last, the generator's EMA, and sample metrics every epoch
-#    (pixel features: the machine cannot download Inception's) keeping the best checkpoint.
+#    (pixel features: the machine cannot download Inception's) keeping the best checkpoint, the
+#    data on the GPU. Then plain python train.py with CUDA graphs (bf16, data on the GPU): the toy
+#    GAN, and the shape classifier (one network).
 # 3. evaluate.py (with sample metrics, on the best checkpoint) and jit_trace_model.py
-#    (TorchScript and torch.export, timed; torch.export with --dynamic-batch at batch 64, with
-#    its peak memory) on that last run.
+#    (TorchScript, torch.export and ONNX where onnxruntime is installed, timed; torch.export with
+#    --dynamic-batch at batch 64, with its peak memory) on the DDP run.
 #
 # Each step's output is kept in OUT_DIR/*.log; the script stops at the first failure, or at a
 # step that hangs (a timeout on each: a stuck NCCL call must not eat a rented GPU's time).
@@ -40,6 +46,11 @@ ddp_run() {  # ddp_run NAME [--set ...]: the multi-GPU example on one GPU, one p
     grep -q "x 1 process(es), .* (DDP)" "$out/$name.log" && grep -q "trained to epoch 2" "$out/$name.log"
 }
 
+if [[ $device == cuda ]]; then
+    echo "== 0. tests/test_cuda.py"
+    timeout 300 python -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+fi
+
 echo "== 1. bench_train_loop.py"
 timeout 420 python benchmarks/bench_train_loop.py "${bench[@]}" --json "$out/bench_train_loop.json" 2>&1 \
     | tee "$out/bench_train_loop.log"
@@ -55,8 +66,18 @@ ddp_run ddp_fp16_r1_accumulated --set training.precision=fp16 --set training.gra
 ddp_run ddp_bf16_compiled --set training.precision=bf16 --set training.compile=true \
     --set training.channels_last=true --set training.ema_decay=0.99 --set sample_metrics.every_epochs=1 \
     --set sample_metrics.feature_extractor=pixels --set 'sample_metrics.metrics=[fid,kid,precision_recall]' \
-    --set saving.keep_best=fid
+    --set saving.keep_best=fid --set dataset.on_device=$([[ $device == cuda ]] && echo true || echo null)
 grep -q "best checkpoint: " "$out/ddp_bf16_compiled.log"
+if [[ $device == cuda ]]; then
+    echo "== 2b. CUDA graphs, one GPU without torchrun"
+    for cfg in configs/example_model/example_training_cfg.yaml configs/shape_classifier/shape_classifier_training_cfg.yaml; do
+        name=graphs_$(basename "$cfg" _training_cfg.yaml)
+        timeout 300 python train.py -t "$cfg" --set "training.gpus=$gpus" --set training.n_epochs=2 \
+            --set training.cuda_graphs=true --set training.precision=bf16 --set dataset.on_device=true \
+            --set "saving.save_folder_name=$out/$name" 2>&1 | tee "$out/$name.log"
+        grep -q "trained to epoch 2" "$out/$name.log" && ! grep -q "could not be recorded" "$out/$name.log"
+    done
+fi
 
 echo "== 3. evaluate.py and jit_trace_model.py on the last run"
 run_folder="$out/ddp_bf16_compiled"
@@ -65,7 +86,9 @@ python evaluate.py -t "$train_cfg" -e configs/example_model/example_evaluation_c
     --set evaluation.model_checkpoint_filename=best --set 'evaluation.sample_metrics=[fid,kid,precision_recall]' \
     --set evaluation.feature_extractor=pixels --set evaluation.n_samples=512 2>&1 | tee "$out/evaluate.log"
 grep -q '"fid"' "$out/evaluate.log"
-for format in torchscript export; do
+formats=(torchscript export)
+python -c "import onnx, onnxscript, onnxruntime" 2>/dev/null && formats+=(onnx) || echo "(onnx: not installed, skipped)"
+for format in "${formats[@]}"; do
     python jit_trace_model.py -t "$train_cfg" --set "saving.save_folder_name=$run_folder" -c latest -i 1 1 4 4 \
         --format "$format" --device "$device" --benchmark 200 2>&1 | tee "$out/jit_$format.log"
 done

@@ -28,7 +28,17 @@ import dataset as dataset_mod
 import loss
 import registry
 import runs
-from conftest import ARCH_YAML, CHECKPOINTS, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, newest_run, script_env
+from conftest import (
+    ARCH_YAML,
+    CHECKPOINTS,
+    EVAL_CFG,
+    SRC,
+    TRAIN_CFG,
+    TRAIN_EVAL_CFG,
+    newest_run,
+    run_forked,
+    script_env,
+)
 from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
 
 STEPS = 512 // 32  # steps per epoch of the toy config
@@ -145,7 +155,7 @@ def error_runs(repo, tmp_path_factory):
     jobs["evil_evaluate_training"] = ["evaluate_training.py", "-te", TRAIN_EVAL_CFG, *sets(
         f"training_evaluation.model_checkpoint_filename={evil['evaluate_training']}",
         "saving.save_folder_name=tt_evil_evaluate_training")]
-    return SimpleNamespace(procs=run_all(repo, jobs), evil=evil, markers=markers)
+    return SimpleNamespace(procs=run_forked(repo, jobs, tmp), evil=evil, markers=markers)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
