@@ -444,6 +444,9 @@ class Losses:
         # Mixed precision: forward passes and losses under autocast, the weights in fp32.
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["training"]["precision"]]
         self.channels_last = cfg["training"]["channels_last"]
+        # autocast's cache of weights cast to bf16 lives for one autocast region; inside a CUDA graph
+        # the casts must be recorded instead, as torch asks of graphed code
+        self.autocast_cache = not cfg["training"]["cuda_graphs"]
 
     def __call__(self, net, inputs, targets, outputs=None):
         """The total loss of `net` on one (micro-)batch, and its terms; the generator runs first
@@ -492,7 +495,7 @@ class Losses:
         disabled torch.autocast costs some microseconds, three times a step.)"""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.autocast_cache)
 
 
 class NonFiniteLoss(Exception):

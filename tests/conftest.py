@@ -64,39 +64,47 @@ FORK_RUNNER = r"""
 import json, os, runpy, sys, traceback
 sys.path.insert(0, os.getcwd())
 import torch, train, evaluate, evaluate_training, jit_trace_model  # noqa: F401  (imported once, shared)
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        for fd, path in ((1, job["out"]), (2, job["err"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv, code = job["args"], 0
-        try:
-            runpy.run_path(job["args"][0], run_name="__main__")
-        except SystemExit as e:  # (as the interpreter does: None is 0, a message goes to stderr as status 1)
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"name": job["name"], "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def child(job):
+    for fd, path in ((1, job["out"]), (2, job["err"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv, code = job["args"], 0
+    try:
+        runpy.run_path(job["args"][0], run_name="__main__")
+    except SystemExit as e:  # (as the interpreter does: None is 0, a message goes to stderr as status 1)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+jobs, workers, running = [json.loads(line) for line in sys.stdin], int(sys.argv[1]), {}
+while jobs or running:
+    while jobs and len(running) < workers:
+        job = jobs.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        running[pid] = job["name"]
+    pid, status = os.wait()
+    print(json.dumps({"name": running.pop(pid), "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
 
-def run_forked(repo, jobs, log_dir, timeout=TIMEOUT):
-    """Run the scripts of `jobs` ({name: [script, *args]}) in `repo`, one after another, each in a
-    child forked from one process that has imported the pipeline; {name: CompletedProcess}, as
-    `run(..., check=False)` would give, for the user errors that stop a script in its first second.
-    The children's output goes through files in `log_dir`."""
+def run_forked(repo, jobs, log_dir, workers=2, timeout=TIMEOUT):
+    """Run the scripts of `jobs` ({name: [script, *args]}) in `repo`, `workers` at a time, each in
+    a child forked from one process that has imported the pipeline; {name: CompletedProcess}, as
+    `run(..., check=False)` would give. The children's output goes through files in `log_dir`."""
     lines = "".join(json.dumps({"name": name, "args": [str(a) for a in args], "out": str(log_dir / f"{name}.out"),
                                 "err": str(log_dir / f"{name}.err")}) + "\n" for name, args in jobs.items())
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], cwd=repo, input=lines, capture_output=True, text=True,
-                          timeout=timeout, env=script_env())
+    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER, str(workers)], cwd=repo, input=lines,
+                          capture_output=True, text=True, timeout=timeout, env=script_env())
     codes = {row["name"]: row["returncode"] for row in map(json.loads, proc.stdout.splitlines())}
     if proc.returncode != 0 or set(codes) != set(jobs):
         pytest.fail(f"the forking runner failed (exit {proc.returncode}):\n{proc.stderr}", pytrace=False)

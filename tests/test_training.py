@@ -39,7 +39,7 @@ from conftest import (
     run_forked,
     script_env,
 )
-from test_cli import RunsCode, by_epoch, load, run_all, sets, train_args
+from test_cli import RunsCode, by_epoch, load, sets, train_args
 
 STEPS = 512 // 32  # steps per epoch of the toy config
 DATA = "data/example_model/blobs_4x4.npy"
@@ -281,7 +281,8 @@ def training_runs(repo, nan_data, tmp_path_factory):
     # a save cut short by kill -9 in an earlier run of keep_last's folder
     folder_of(repo, "keep_last").mkdir(parents=True)
     (folder_of(repo, "keep_last") / ".example_gan_epoch3_x.pth.abc.tmp").write_bytes(b"partial")
-    procs = run_all(repo, {name: train_args(f"tt_{name}", *overrides) for name, overrides in runs.items()})
+    procs = run_forked(repo, {name: train_args(f"tt_{name}", *overrides) for name, overrides in runs.items()},
+                       tmp_path_factory.mktemp("tt_logs"))
     out = {}
     for name, proc in procs.items():
         folder = folder_of(repo, name)
@@ -308,13 +309,13 @@ def arch_with_changes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed_runs(repo, training_runs, arch_with_changes):
+def resumed_runs(repo, training_runs, arch_with_changes, tmp_path_factory):
     """Runs that resume the training runs: the 1-epoch cosine run to 2 epochs (latest), the metrics run
     from its epoch-1 checkpoint by file name with a lower learning rate, that checkpoint into a
     changed architecture, and the OneCycleLR run to 3 epochs (latest)."""
     epoch1 = succeeded(training_runs["metrics"]).ckpts[1]
     succeeded(training_runs["cosine_first_epoch"])
-    procs = run_all(repo, {
+    procs = run_forked(repo, {
         "cosine": train_args("tt_cosine_first_epoch", *COSINE, "training.n_epochs=2",
                              "model.model_checkpoint_filename=latest"),
         "metrics": train_args("tt_metrics", "training.n_epochs=2", "saving.save_epoch_increment=1",
@@ -323,7 +324,7 @@ def resumed_runs(repo, training_runs, arch_with_changes):
                            f"model.model_checkpoint_filename={epoch1}"),
         "one_cycle": train_args("tt_one_cycle", *ONE_CYCLE, "training.n_epochs=3",
                                 "model.model_checkpoint_filename=latest"),
-    })
+    }, tmp_path_factory.mktemp("tt_resumed_logs"))
     return SimpleNamespace(procs=procs, epoch1=epoch1)
 
 
