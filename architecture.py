@@ -119,6 +119,13 @@ class Reader:
     def fail(self, key_path, message):
         raise UserError(f"{self.path}: {key_path}: {message}")
 
+    def check_name(self, key_path, name, what):
+        """Component, submodel and layer names become torch module names and YAML keys that flows
+        index: each must be an identifier (letters, digits, underscores; not a digit first)."""
+        if not isinstance(name, str) or not name.isidentifier():
+            self.fail(key_path, f"{what} {name!r} is not a valid name: use letters, digits and underscores, not "
+                                "starting with a digit (e.g. gen_cnn)")
+
 
 class LayerReader(Reader):
     """The components, their submodels and every submodel's layers, named and placed in the
@@ -145,8 +152,11 @@ class LayerReader(Reader):
             self.fail("model_components", "missing; expected e.g. "
                       "{generator: {adv_type: generator, submodels: [gen_cnn]}}")
         defined = [k for k in self.arch if k != "model_components"]
+        for sname in defined:
+            self.check_name(repr(sname) if not isinstance(sname, str) else sname, sname, "the submodel")
         components, adv_types = {}, {}
         for cname, comp in comps.items():
+            self.check_name(f"model_components.{cname}", cname, "the component")
             components[cname] = self.read_component(cname, comp, defined, adv_types)
         if "generator" not in [c.adv_type for c in components.values()]:
             self.fail("model_components", "no generator component; the model's inference path runs its generator "
@@ -169,6 +179,7 @@ class LayerReader(Reader):
         if adv_type not in ADV_TYPES:
             self.fail(f"{where}.adv_type", f"{adv_type!r} is not one of {', '.join(ADV_TYPES)}")
         for i, sname in enumerate(comp["submodels"]):
+            self.check_name(f"{where}.submodels[{i}]", sname, "the submodel")
             if sname not in defined:
                 self.fail(f"{where}.submodels[{i}]", f"submodel {sname!r} is not defined in the file"
                           f"{did_you_mean(sname, defined)}; defined: {', '.join(defined) or 'none'}")
@@ -191,7 +202,10 @@ class LayerReader(Reader):
     def read_layers(self, sname, adv_type):
         """The submodel's layers, each named `<prefix>_<type>_<index>` and placed in the forward pass."""
         spec = self.submodel_spec(sname)
-        prefix = spec.get("layer_name_prefix") or sname
+        prefix = spec.get("layer_name_prefix")
+        if prefix is None:
+            prefix = sname  # (left out or null: the submodel's name)
+        self.check_name(f"{sname}.layer_name_prefix", prefix, "the layer name prefix")
         if not isinstance(spec.get("layers"), list) or not spec["layers"]:
             self.fail(f"{sname}.layers", "expected a non-empty list of layers, e.g. "
                       "[{layer_type: Conv2d, layer_params: {out_channels: 16, kernel_size: 3}}]")

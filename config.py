@@ -84,7 +84,36 @@ def one_of(*choices):
 
 @described("an existing path")
 def existing_path(v):
-    return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
+    try:
+        return None if resolve_path(v).exists() else f"path does not exist: {resolve_path(v)}"
+    except OSError as e:  # (a name too long for the file system, say)
+        return f"cannot be looked up: {e.strerror or e}"
+
+
+# Longest name a checkpoint's file gets beyond its prefix (".<prefix>_epoch123456.pth.tmp" while
+# written), so that the prefix leaves it within the file systems' 255 bytes.
+NAME_MAX = 255
+NAME_ROOM = 32
+
+
+@described("a file name (no /)")
+def file_name(v):
+    if not v or "/" in v or v in (".", "..") or "\0" in v:
+        return "must be a file name: not empty, no /"
+    if len(v.encode()) > NAME_MAX - NAME_ROOM:
+        return f"is {len(v.encode())} bytes long; at most {NAME_MAX - NAME_ROOM} (file systems allow {NAME_MAX} a name)"
+    return None
+
+
+@described("a folder path")
+def folder_name(v):
+    parts = [part for part in v.split("/") if part]
+    if not parts or "\0" in v:
+        return "must name a folder"
+    longest = max(parts, key=lambda part: len(part.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        return f"the name {longest[:40]}... is {len(longest.encode())} bytes long; file systems allow {NAME_MAX}"
+    return None
 
 
 @described("an existing path, or a list of them")
@@ -100,9 +129,12 @@ def existing_paths(v):
 @described("a Python file")
 def python_file(v):
     path = resolve_path(v)
-    if not path.is_file() or path.suffix != ".py":
-        state = "missing" if not path.exists() else "not one"
-        return f"expected a Python file (models/<model>/<model>.py), {path} is {state}"
+    try:
+        if not path.is_file() or path.suffix != ".py":
+            state = "missing" if not path.exists() else "not one"
+            return f"expected a Python file (models/<model>/<model>.py), {path} is {state}"
+    except OSError as e:
+        return f"cannot be looked up: {e.strerror or e}"
     return None
 
 
@@ -242,7 +274,7 @@ TRAINING = {
         "gpus": Key([], list, str, check=gpu_list,
                     doc="GPU ids; [] trains on the CPU; auto: every visible GPU, one per process (under torchrun, "
                         "GPU i for local rank i; without it, the first), the CPU on a machine without one"),
-        "num_threads": Key(None, int, check=at_least(1),
+        "num_threads": Key(None, int, check=between(1, 1024, "[]"),
                            doc="CPU threads of torch's operations in each process; null: torch's default, except "
                                "that the processes of a multi-process CPU run share the cores (cores / processes)"),
         "optimizer": Key("Adam", str, check=name_in(optimizers, "optimizer in torch.optim"),
@@ -301,8 +333,9 @@ TRAINING = {
         "scheduler_args": Key(None, dict, doc="its other arguments"),
         "scheduler_interval": Key(None, str, check=one_of("epoch", "step"), doc="when its schedule advances"),
         "train_disc_first": Key(True, bool, doc="per batch, update the discriminator before the generator"),
-        "n_gen_iterations": Key(1, int, check=at_least(1), doc="generator updates per batch"),
-        "n_disc_iterations": Key(1, int, check=at_least(1), doc="discriminator updates per batch"),
+        # (bounded: 10**6 updates of every batch is a typo that would look like a hang)
+        "n_gen_iterations": Key(1, int, check=between(1, 100, "[]"), doc="generator updates per batch"),
+        "n_disc_iterations": Key(1, int, check=between(1, 100, "[]"), doc="discriminator updates per batch"),
         "grad_clip_norm": Key(None, float, check=greater_than(0),
                               doc="clip the discriminator's gradient norm to this (null: no clipping; not copied "
                                   "from training)"),
@@ -326,8 +359,8 @@ TRAINING = {
     "saving": {
         "save_epoch_increment": Key(1, int, check=at_least(1),
                                     doc="save a checkpoint every this many epochs (and after the last)"),
-        "save_filename_prefix": Key("model", str, doc="start of the checkpoint file names"),
-        "save_folder_name": Key("run", str, doc="the folder of this config's runs under "
+        "save_filename_prefix": Key("model", str, check=file_name, doc="start of the checkpoint file names"),
+        "save_folder_name": Key("run", str, check=folder_name, doc="the folder of this config's runs under "
                                                 "models/<model>/model_checkpoints/ and results/<model>/; each "
                                                 "from-scratch run gets its own run_<N> inside it"),
         "keep_last": Key(None, int, check=at_least(1), doc="keep only the newest N checkpoints of the run (null: all)"),
@@ -371,7 +404,7 @@ TRAINING = {
                               "share a split"),
         "batch_transforms": Key([], list, doc="transforms applied to several streams alike (paired augmentation); "
                                               "entries: see below"),
-        "num_workers": Key(None, int, check=at_least(0),
+        "num_workers": Key(None, int, check=between(0, 256, "[]"),
                            doc="DataLoader worker processes; null: 0 when batches are tensor indexing, else up to 4"),
         "pin_memory": Key(None, bool,
                           doc="page-locked batches for faster copies to the GPU; null: on when training on a GPU"),
@@ -427,16 +460,49 @@ def resolve_path(path):
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-# libyaml's parser when PyYAML has it: a 500-layer architecture parses in a tenth of the time.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first, second):
+        super().__init__(f"the key {key!r} is written twice in one mapping, on lines {first} and {second}; "
+                         "YAML would keep only the second: delete one")
+
+
+class StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (libyaml's parser when PyYAML has it: a 500-layer architecture parses
+    in a tenth of the time), except that a key written twice in one mapping is an error: PyYAML
+    would silently keep the last value, so a second `optimizer:` line would win unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key (a list): the constructor says so below
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+SAFE_LOADER = StrictLoader
 
 
 def read_yaml(path, what="config"):
     """The YAML file at `path` as a dict, or a UserError naming the file and the line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} file not found")
-    return parse_yaml(path.read_text(), path, what)
+    try:
+        if not path.is_file():
+            raise UserError(f"{path}: {what} file not found")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; the {what} must be YAML text (UTF-8)") from None
+    except OSError as e:  # a name too long, a folder without permission, ...
+        raise UserError(f"{str(path)[:200]}: cannot read the {what} file: {e.strerror or e}") from None
+    return parse_yaml(text, path, what)
 
 
 def parse_yaml(text, source, what="config"):
@@ -548,12 +614,20 @@ def check_section(raw, schema, where, errors, also_valid=()):
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"{path}: {value} is not a finite number")
         elif not type_ok(value, rule.types):
-            errors.append(f"{path}: {value!r} is not {type_name(rule.types)}")
-            value = None if rule.default is REQUIRED else _copy(rule.default)  # later checks see a valid type
+            errors.append(f"{path}: {shown(value)} is not {type_name(rule.types)}")
         elif rule.check and (problem := rule.check(value)):
-            errors.append(f"{path}: {value!r}: {problem}")
-        out[key] = value
+            errors.append(f"{path}: {shown(value)}: {problem}")
+        else:
+            out[key] = value
+            continue
+        out[key] = None if rule.default is REQUIRED else _copy(rule.default)  # later checks see a valid value
     return out
+
+
+def shown(value, width=100):
+    """`value` as a message shows it: its repr, cut short past `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _as_float(text):
@@ -572,6 +646,10 @@ def check_function_args(fn, args, where, errors, passed=0, keyword_only=False, f
     `filled` ones ({name: what sets it}), which the pipeline fills in itself (and a keyword-only
     one, if asked); every parameter without a default that the pipeline does not fill must be in
     `args`."""
+    if not isinstance(args, dict):
+        if not any(e.startswith(f"{where}:") for e in errors):  # (the schema usually said so already)
+            errors.append(f"{where}: {args!r} is not a mapping of argument names to values, e.g. {{}}")
+        return
     filled = filled or {}
     params = list(inspect.signature(fn).parameters.values())
     settable = [p for p in params[passed:] if p.name not in filled and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -586,6 +664,48 @@ def check_function_args(fn, args, where, errors, passed=0, keyword_only=False, f
     for p in settable:
         if p.default is p.empty and p.name not in args:
             errors.append(f"{where}: {fn.__name__} needs {p.name} (no default)")
+        elif p.name in args:
+            # torch's and torchvision's numbers often take one per group or a (min, max) pair too
+            wrong = unlike_default(args[p.name], p.default, getattr(fn, "__module__", "").startswith("torch"))
+            if wrong:
+                errors.append(f"{where}.{p.name}: {args[p.name]!r} {wrong}")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def unlike_default(value, default, pairs=False):
+    """Why `value` cannot stand where a function's parameter has `default` (None: it can, or the
+    default says nothing): a number for a number, a flag for a flag, text for text, a list of
+    numbers for a tuple or list of numbers. An argument of the wrong kind would otherwise fail
+    deep inside the function, or at the first step, after a run was started. `pairs`: a list of
+    numbers may stand for a number."""
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "is not true or false"
+    if is_number(default):
+        if is_number(value) or pairs and isinstance(value, (list, tuple)) and all(map(is_number, value)):
+            return None
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and is_float_text(value) and \
+            "." not in value.lower().partition("e")[0] and "e" in value.lower() else \
+            " (in quotes, it is text: write it without them)" if isinstance(value, str) and is_float_text(value) else ""
+        return f"is not a number, as {default!r} (the default) is{hint}"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"is not text, as {default!r} (the default) is"
+    if isinstance(default, (tuple, list)) and default and all(is_number(x) for x in default):
+        if not isinstance(value, (list, tuple)) or not all(is_number(x) for x in value):
+            return f"is not a list of numbers, as {list(default)} (the default) is"
+    return None
+
+
+def is_float_text(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def check_dataset(raw, where, errors):

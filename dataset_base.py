@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from config import postprocessing_steps, resolve_path, stream_configs
-from errors import UserError
+from errors import UserError, kwargs_text, user_code_error
 from registry import dataset_functions
 
 
@@ -66,8 +66,10 @@ def read_stream(cfg, fns, generator, choice_seed, where):
     if kind == "function":
         if cfg["n_inputs"] is None:
             raise UserError(f"{where}.n_inputs: required for data_read_type function (how many samples to generate)")
-        data = call(fns[cfg["data_generating_function"]], where, cfg["n_inputs"], generator,
-                    **cfg["data_generating_function_args"])
+        fn, args = fns[cfg["data_generating_function"]], cfg["data_generating_function_args"]
+        one = call(fn, f"{where}.data_generating_function_args", 1, torch.Generator().manual_seed(0), **args)
+        check_fits_memory(cfg["n_inputs"] * one.element_size() * one.nelement(), f"{where}.n_inputs")
+        data = call(fn, f"{where}.data_generating_function_args", cfg["n_inputs"], generator, **args)
     elif kind == "file":
         data = read_file(fns[cfg["file_reader"]], resolve_path(cfg["data_path"]), cfg["file_reader_args"], where)
     elif kind == "folder" and not cfg["in_memory"]:
@@ -87,19 +89,55 @@ def read_stream(cfg, fns, generator, choice_seed, where):
 
 
 def call(fn, where, *args, **kwargs):
-    """Call a user function; a wrong result type is reported against the stream's config."""
-    out = fn(*args, **kwargs)
+    """Call a function of dataset_functions.py that the config names, with its arguments there
+    (`where`: their key); what it raises, and a result that is not a tensor, are user errors
+    naming the key, the call and the user's frames (OSError and the like: see read_file)."""
+    try:
+        out = fn(*args, **kwargs)
+    except (OSError, EOFError, zipfile.BadZipFile, UserError):
+        raise
+    except MemoryError:
+        raise UserError(f"{where}: {fn.__name__}({kwargs_text(kwargs)}) ran out of memory; ask for less") from None
+    except Exception as e:
+        raise user_code_error(e, f"{where}: {fn.__name__}({kwargs_text(kwargs)})") from None
+    return tensor_from(fn, out, where)
+
+
+def tensor_from(fn, out, where):
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{where}: {fn.__name__} returned {type(out).__name__}, expected a torch.Tensor")
     return out
 
 
+def check_fits_memory(n_bytes, where):
+    """A stream that would take more memory than the machine has free is refused before it is
+    made (an allocator error would name neither the key nor the size)."""
+    free = available_memory()
+    if free is not None and n_bytes > free:
+        raise UserError(f"{where}: the stream would take {n_bytes / 2**30:.1f} GiB in memory, and this machine has "
+                        f"{free / 2**30:.1f} GiB available; ask for fewer samples")
+
+
+def available_memory():
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def read_file(reader, path, args, where):
     try:
-        return call(reader, where, path, **args)
+        out = reader(path, **args)
     # (TypeError: e.g. an array of Python objects, which torch cannot hold)
     except (OSError, ValueError, RuntimeError, EOFError, TypeError, zipfile.BadZipFile) as e:
         raise UserError(f"{where}: {reader.__name__} could not read {path}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise user_code_error(e, f"{where}: {reader.__name__}({path}, {kwargs_text(args)})") from None
+    return tensor_from(reader, out, where)
 
 
 def stream_files(cfg, fns, where):

@@ -28,7 +28,7 @@ from torch.func import functional_call
 import layers as custom_layers
 from architecture import ADV_TYPES, read_architecture
 from config import parse_yaml, read_yaml, resolve_path
-from errors import UserError, did_you_mean, kwargs_text, run_main
+from errors import UserError, did_you_mean, kwargs_text, run_main, user_code_error
 from registry import layer_types
 
 
@@ -376,7 +376,17 @@ def import_file(path, module_name=None):
         raise UserError(f"{path}: not a Python file (a model flow is a .py module)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        sys.modules.pop(name, None)
+        raise UserError(f"{path}{f', line {e.lineno}' if e.lineno else ''}: not valid Python: {e.msg}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # (null bytes, bytes that are not text)
+        sys.modules.pop(name, None)
+        raise UserError(f"{path}: not a Python source file: {e}") from None
+    except Exception as e:  # the module's own code failed (an import it needs, say)
+        sys.modules.pop(name, None)
+        raise user_code_error(e, f"importing {path}") from None
     return module
 
 

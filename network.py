@@ -200,16 +200,18 @@ class Network:
         if self.settings["optimizer"] != saved["optimizer"]:
             return (f"{self.section}.optimizer changed ({saved['optimizer']} -> {self.settings['optimizer']}): the "
                     f"{self.name}'s optimizer starts afresh")
-        built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in self.optimizer.param_groups]
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in fresh]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, implementation in zip(self.optimizer.param_groups, built):
             # load_state_dict copies the saved groups' settings, including how the update ran
             # (fused on the GPU that saved it, say): keep this run's, and the config's arguments.
             group.update(implementation | self.settings["optimizer_args"])
         place_step_counts(self.optimizer)
+        check_loaded_state(self.optimizer, fresh)
         before = {path: read_key(saved_cfg, path) for path in self.schedule_settings}
         changed = [path for path, value in self.schedule_settings.items() if value != before[path]]
-        if not changed:
+        if not changed and isinstance(state["scheduler"], dict):
             self.scheduler.load_state_dict(state["scheduler"])
             return None
         for group in self.optimizer.param_groups:
@@ -221,7 +223,8 @@ class Network:
             if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 for _ in range(done):
                     self.scheduler.step()
-        return (f"{', '.join(changed)} changed: the {self.name}'s {self.settings['scheduler']} schedule is rebuilt "
+        why = f"{', '.join(changed)} changed" if changed else "the checkpoint holds no schedule state"
+        return (f"{why}: the {self.name}'s {self.settings['scheduler']} schedule is rebuilt "
                 f"and advanced {done} {'steps' if self.every_step else 'epochs'} (learning rate now {self.lr:.4g})")
 
 
@@ -281,8 +284,56 @@ def make_optimizer(params, s, device, where, capturable=False):
             pass  # (e.g. a parameter dtype the kernel lacks): the default implementation, as if not asked
     try:
         return cls(params, lr=s["learning_rate"], **args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:  # (betas: [0.5] is an IndexError)
         raise UserError(f"{where}.optimizer_args: {name}(lr={s['learning_rate']}, **{args}) failed: {e}") from None
+
+
+def check_loaded_state(optimizer, fresh):
+    """Raise a ValueError naming what a step of `optimizer` would fail on in the state it was
+    loaded with (a setting of its groups as built, `fresh`, missing or of another kind; a
+    parameter's state without a buffer the update reads): a damaged file, or one saved with other
+    optimizer_args (amsgrad: true keeps one more buffer). Else the first step fails, after the run began."""
+    name = type(optimizer).__name__
+    for i, (group, built) in enumerate(zip(optimizer.param_groups, fresh)):
+        for key, value in built.items():
+            if key not in group:
+                raise ValueError(f"{name}'s param_groups[{i}] has no {key}")
+            if kind_of(value) and kind_of(group[key]) != kind_of(value):
+                raise ValueError(f"{name}'s param_groups[{i}].{key} is {group[key]!r}, where {value!r} belongs")
+    expected = {}  # by the parameter's number of dims (Adafactor keeps other buffers for a matrix)
+    for p, state in optimizer.state.items():
+        if p.dim() not in expected:
+            expected[p.dim()] = state_keys(optimizer, p.dim())
+        missing = sorted(expected[p.dim()] - set(state)) if expected[p.dim()] and state else []
+        if missing:
+            raise ValueError(f"the {name} state of a parameter of shape {list(p.shape)} has no {', '.join(missing)} "
+                             "(saved with other optimizer_args?)")
+
+
+def kind_of(value):
+    """What kind of setting `value` is, for comparing a loaded one with the default (None: any)."""
+    if isinstance(value, bool):
+        return "flag"
+    if isinstance(value, (int, float)) or torch.is_tensor(value) and value.dim() == 0:
+        return "number"
+    return "list" if isinstance(value, (tuple, list)) else "text" if isinstance(value, str) else None
+
+
+def state_keys(optimizer, dims):
+    """The buffers the state of a parameter of `dims` dimensions holds after one step of
+    `optimizer`'s class and settings, found by stepping a copy on a throwaway parameter (None
+    where that cannot be done)."""
+    cls = type(optimizer)
+    accepted = inspect.signature(cls).parameters
+    args = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in IMPLEMENTATION}
+    p = torch.nn.Parameter(torch.zeros((2,) * dims))
+    p.grad = torch.ones((2,) * dims)
+    try:
+        probe = cls([p], **args)
+        probe.step(lambda: torch.zeros(()))  # (a closure, for the optimizers that need one)
+    except Exception:
+        return None
+    return set(probe.state[p])
 
 
 def place_step_counts(optimizer):
@@ -308,7 +359,7 @@ def make_scheduler(optimizer, s, steps_per_epoch, n_epochs, where):
         args["total_steps"] = n_epochs * (steps_per_epoch if s["scheduler_interval"] == "step" else 1)
     try:
         return schedulers()[name](optimizer, **args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
         raise UserError(f"{where}.scheduler_args: {name}({kwargs_text(args)}) failed: {e}") from None
 
 

@@ -21,12 +21,14 @@ import sys
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, user_frames
 from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE
 
 SAMPLES = 2  # enough for a BatchNorm in train mode, few enough to cost nothing
-# What torch and the loss functions raise for data that does not fit (shapes, dtypes, arguments).
-ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
+# What torch and the loss functions raise for data that does not fit (shapes, dtypes, arguments),
+# and what a flow, layer or loss of the user's raises (a KeyError for a submodel the architecture
+# no longer has, say): anything but the pipeline's own UserErrors.
+ERRORS = (Exception,)
 
 
 def check_step(losses, batch, where):
@@ -72,6 +74,13 @@ def check_step(losses, batch, where):
     finally:
         layers.remove()
         restore_state(model, saved)
+    for net, found in terms.items():
+        for term, value in found.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
+                shown = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+                raise UserError(f"{where}: loss.loss_fn {losses.fn.__name__} with loss.loss_args {losses.args} gives "
+                                f"the {net} a term {term!r} that is {shown}; each term must be one number (a 0-d "
+                                "float tensor): check loss.loss_args (a weight written as a list?)")
     return {"outputs": list(outputs.shape[1:]), "terms": {net: ["total", *found] for net, found in terms.items()}}
 
 
@@ -81,6 +90,8 @@ def run_phase(layers, where, phase, fed, step, in_network=True):
     layers.entered.clear()
     try:
         return step()
+    except UserError:
+        raise
     except ERRORS as e:
         if isinstance(e, torch.OutOfMemoryError):  # not a mistake in the data: show it as it is
             raise
@@ -90,7 +101,10 @@ def run_phase(layers, where, phase, fed, step, in_network=True):
         elif in_network:
             lines.append(f"  layer: none; it failed between layers, in the flow {type(layers.model).__name__} "
                          "(e.g. where a submodel's inputs are joined on dim 1)")
-        lines.append(f"  torch: {str(e).strip()}")
+        lines.append(f"  {'torch' if isinstance(e, RuntimeError) else type(e).__name__}: {str(e).strip()}")
+        frames = user_frames(e)
+        if frames:  # where in the user's flow, layers or loss it happened
+            lines.append(f"  in your code:{frames.replace(chr(10), chr(10) + '  ')}")
         raise UserError("\n".join(lines)) from e
 
 

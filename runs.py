@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -381,18 +382,145 @@ def read_metrics(path):
     return rows
 
 
-def load_checkpoint(path):
-    """The checkpoint at `path`, loaded onto the CPU with weights_only=True."""
+def load_checkpoint(path, resume=False):
+    """The checkpoint at `path`, loaded onto the CPU with weights_only=True and checked against
+    the layout this pipeline writes (check_checkpoint; `resume`: for training on from it)."""
+    state = read_checkpoint(path)
+    check_checkpoint(state, path, resume)
+    return state
+
+
+def read_checkpoint(path):
+    """What the file at `path` holds, loaded onto the CPU with weights_only=True (or a UserError)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load: the file holds more than tensors and plain data "
-                        f"(possibly code), and checkpoints are only loaded with weights_only=True ({e})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+        if not zipfile.is_zipfile(path):  # (torch.save writes a zip archive; this is neither that nor a pickle)
+            raise UserError(f"{path}: not a PyTorch checkpoint (not the zip archive torch.save writes)") from None
+        raise UserError(f"{path}: refused to load: the file holds more than tensors and plain data (possibly code), "
+                        f"and checkpoints are only loaded with weights_only=True ({first_line(e, 'Unsupported')})"
+                        ) from None
+    except UserError:
+        raise
+    except Exception as e:  # torch.load on damaged bytes can raise nearly anything (the zip reader's RuntimeError...)
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)}); the file is damaged "
+                        "(cut short, or changed since it was written)") from None
+    return state
+
+
+def first_line(error, prefer=None):
+    """The telling part of a library's long error message: its line containing `prefer`, else its
+    first sentence (or the exception's name when it says nothing)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((x for x in lines if prefer and prefer in x), lines[0])
+    return line.split(". ")[0][:300]
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_tensors(v):
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def is_optimizer_state(v):
+    return isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list) \
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])
+
+
+def is_history(v):  # {network: {term: [numbers]}} (validation_history also has "step": [steps])
+    return isinstance(v, dict) and all(
+        isinstance(terms, list) or isinstance(terms, dict) and all(isinstance(x, list) for x in terms.values())
+        for terms in v.values())
+
+
+def is_rng_state(v):
+    return isinstance(v, dict) and isinstance(v.get("python"), list) and isinstance(v.get("torch"), torch.Tensor) \
+        and isinstance(v.get("numpy"), dict) and isinstance(v["numpy"].get("keys"), torch.Tensor) \
+        and all(isinstance(v["numpy"].get(k), (int, float)) for k in ("pos", "has_gauss", "cached_gaussian")) \
+        and isinstance(v.get("cuda", []), list)
+
+
+def is_yaml_mapping(v):
+    """YAML text of a mapping (the config and architecture a checkpoint keeps)."""
+    try:
+        return isinstance(v, str) and isinstance(yaml.safe_load(v), dict)
+    except yaml.YAMLError:
+        return False
+
+
+def either_none(check):
+    return lambda v: v is None or check(v)
+
+
+# What this pipeline writes into a checkpoint (train_base.Trainer.state): key -> (what a resume
+# needs, the check of its value, what it should be). Keys a checkpoint lacks are fine where they
+# are not needed (older checkpoints lack newer keys); a key of the wrong kind is never fine.
+CHECKPOINT = {
+    "model_state_dict": (True, is_tensors, "the model's weights, {name: tensor}"),
+    "epoch": (True, is_int, "the completed epochs, an integer >= 0"),
+    "step": (True, is_int, "the completed steps, an integer >= 0"),
+    "batches_done_in_epoch": (True, is_int, "an integer >= 0"),
+    "loss_history": (True, is_history, "{network: {term: [values]}}"),
+    "rng_state": (True, is_rng_state, "the random generators' states, as train_base.rng_state writes them"),
+    "config": (True, is_yaml_mapping, "the training config as YAML text"),
+    "optimizer_state_dict": (False, either_none(is_optimizer_state), "an optimizer's state_dict"),
+    "disc_optimizer_state_dict": (False, either_none(is_optimizer_state), "an optimizer's state_dict or null"),
+    "scheduler_state_dict": (False, either_none(lambda v: isinstance(v, dict)), "a scheduler's state_dict"),
+    "disc_scheduler_state_dict": (False, either_none(lambda v: isinstance(v, dict)), "a scheduler's state_dict"),
+    "scaler_state_dicts": (False, either_none(lambda v: isinstance(v, dict) and all(
+        isinstance(x, dict) for x in v.values())), "{network: a GradScaler's state_dict}"),
+    "ema_state_dict": (False, either_none(is_tensors), "the generator's averaged weights, {name: tensor}"),
+    "ema_updates": (False, is_int, "an integer >= 0"),
+    "validation_history": (False, either_none(is_history), "{step: [...], network: {term: [values]}}"),
+    "architecture": (False, either_none(is_yaml_mapping), "the architecture YAML text"),
+    "skipped_updates": (False, is_int, "an integer >= 0"),
+    "world_size": (False, either_none(lambda v: is_int(v) and v >= 1), "an integer >= 1"),
+    "early_stop": (False, lambda v: isinstance(v, bool), "true or false"),
+    "best": (False, either_none(lambda v: isinstance(v, dict) and (
+        not v or {"key", "mode", "value", "epoch"} <= set(v))), "{key, mode, value, epoch} or null"),
+    "classes": (False, either_none(lambda v: isinstance(v, dict) and all(
+        isinstance(names, list) and all(isinstance(n, str) for n in names) for names in v.values())),
+        "{stream: [class names]} or null"),
+    "split": (False, either_none(lambda v: isinstance(v, dict) and all(is_int(v.get(k)) for k in (
+        "n_samples", "split_seed", "batch_size")) and is_number(v.get("validation_fraction"))),
+        "{n_samples, validation_fraction, split_seed, batch_size}"),
+}
+
+
+def check_checkpoint(state, path, resume=False):
+    """A UserError naming the key unless `state` has the layout this pipeline writes: every key
+    of CHECKPOINT that is present of its kind, the model's weights (and, to `resume`, all a
+    resume reads) present, every weight finite. Checked before any of it is used, by every script."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint of this pipeline (it holds a {type(state).__name__}, not a mapping)")
+    for key, (for_resume, check, what) in CHECKPOINT.items():
+        if key not in state:
+            if key == "model_state_dict" or resume and for_resume:
+                raise UserError(f"{path}: not a checkpoint of this pipeline{' to resume from' * resume} (no {key}: "
+                                f"{what})")
+        elif not check(state[key]):
+            raise UserError(f"{path}: {key}: {short(state[key])} is not what this pipeline writes there ({what}); "
+                            "the file is damaged or not this pipeline's")
+    bad = [layer_name(k) for k, v in state["model_state_dict"].items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UserError(f"{path}: model_state_dict: {', '.join(bad[:5])}{more} hold NaN or infinite values; a run that "
+                        "diverged, or a damaged file: use an earlier checkpoint")
+
+
+def short(value):
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__} of {len(value)}"
+    return text if len(text) < 80 else text[:77] + "..."
 
 
 def list_checkpoints(folder):
@@ -439,23 +567,53 @@ def saved_config(state, fallback):
 
 
 def load_weights(model, state, path):
-    """The checkpoint's weights into `model`, or a user error listing the layers that do not fit."""
+    """The checkpoint's weights into `model`, or a user error listing the layers that do not fit;
+    its generator EMA and optimizer states are checked against the model too, before any is used."""
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model_state_dict)")
     saved, own = state["model_state_dict"], model.state_dict()
-    problems = weight_mismatches(saved, own)
+    refuse_mismatches(path, "its weights", weight_mismatches(saved, own), model)
+    if state.get("ema_state_dict") is not None:
+        generator = model.components_of("generator").state_dict()
+        refuse_mismatches(path, "ema_state_dict", weight_mismatches(state["ema_state_dict"], generator), model)
+    for key, network in (("optimizer_state_dict", "generator"), ("disc_optimizer_state_dict", "discriminator")):
+        if state.get(key) is not None and network in model.adv_types.values():
+            refuse_mismatches(path, key, optimizer_mismatches(state[key], model.components_of(network)), model)
+    model.load_state_dict(saved)
+
+
+def refuse_mismatches(path, what, problems, model):
     if problems:
         lines = "\n  ".join(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
-        raise UserError(f"{path}: its weights do not fit the architecture {model.architecture_path} (the checkpoint "
+        raise UserError(f"{path}: {what} do not fit the architecture {model.architecture_path} (the checkpoint "
                         f"holds the architecture it was trained with, under 'architecture'):\n  {lines}")
-    model.load_state_dict(saved)
+
+
+def optimizer_mismatches(saved, module):
+    """What in an optimizer's saved state does not fit the parameters of `module` (its network)."""
+    names = [layer_name(name) for name, _ in module.named_parameters()]
+    params = list(module.parameters())
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        return [f"it updates {len(ids)} parameters, the network has {len(params)}"]
+    problems = []
+    for position, i in enumerate(ids):
+        for key, value in (saved["state"].get(i) or {}).items() if isinstance(saved["state"].get(i), dict) else []:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[position].shape:
+                problems.append(f"{names[position]}: its {key} is {list(value.shape)}, the parameter "
+                                f"{list(params[position].shape)}")
+    return problems
+
+
+def layer_name(key):
+    """A state_dict key by its YAML layer name: model_components.<component>.<submodel>.layers.<layer
+    name>.<tensor> -> <layer name>.<tensor>."""
+    return key.split(".layers.", 1)[-1]
 
 
 def weight_mismatches(saved, own):
     """What differs between a checkpoint's state_dict and the model's, by YAML layer name."""
-    def layer(key):  # model_components.<component>.<submodel>.layers.<layer name>.<tensor>
-        return key.split(".layers.", 1)[-1]
-
+    layer = layer_name
     problems = [f"{layer(k)}: {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the architecture"
                 for k, v in own.items() if k in saved and saved[k].shape != v.shape]
     problems += [f"{layer(k)}: in the architecture, not in the checkpoint" for k in own if k not in saved]

@@ -48,7 +48,7 @@ def train(cfg, placement, source):
     model = build_model(cfg["model"])
     loader, validation_loader = make_loaders(cfg, model, placement, source)
     path = resume_path(cfg, source)
-    resume = load_checkpoint(path) if path else None
+    resume = load_checkpoint(path, resume=True) if path else None
     if resume:
         load_weights(model, resume, path)
     run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)

@@ -196,8 +196,10 @@ class Trainer:
         except NonFiniteLoss as e:
             bar.close()
             if main:
-                print(f"error: {e}\nThe last checkpoint, {last}, is untouched. To skip such updates instead, set "
-                      "training.on_nonfinite_loss: skip; a lower learning rate often helps.", file=sys.stderr)
+                kept = f"The last checkpoint, {last}, is untouched." if last else \
+                    "No checkpoint of this run was written."
+                print(f"error: {e}\n{kept} To skip such updates instead, set training.on_nonfinite_loss: skip; a lower "
+                      "learning rate often helps.", file=sys.stderr)
             raise SystemExit(3) from None
         finally:
             bar.close()
@@ -392,7 +394,25 @@ class Trainer:
         return {"step": self.validation_steps, **{name: net.validation_history for name, net in self.networks.items()}}
 
     def load_state(self, state):
+        """Go on from a checkpoint's training state (its weights are loaded already). Its layout was
+        checked (runs.check_checkpoint); what is inside an optimizer's, scheduler's or random
+        generator's state is torch's to read, and what it raises means a damaged file."""
+        try:
+            self.restore(state)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, yaml.YAMLError) as e:
+            why = (str(e).splitlines() or [""])[0][:300]
+            raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint's training state does not "
+                            f"load ({type(e).__name__}: {why}); the file is damaged or not this pipeline's: resume "
+                            "from an earlier checkpoint") from None
+
+    def restore(self, state):
         saved_cfg = yaml.safe_load(state["config"])
+        if not isinstance(saved_cfg, dict) or not all(isinstance(saved_cfg.get(k), dict) for k in ("training",
+                                                                                                  "adversarial")):
+            raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint's config is not a "
+                            "training config of this pipeline; the file is damaged or not this pipeline's")
         check_resumable(state, saved_cfg, self.accumulate, self.placement.world_size, self.source)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
         steps_done = self.epoch * self.steps_per_epoch + self.batches_done

@@ -19,7 +19,7 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 TIMEOUT = 300  # seconds any one script may run
-IGNORE = shutil.ignore_patterns(".git", "results", "model_checkpoints", "__pycache__", ".pytest_cache")
+IGNORE = shutil.ignore_patterns(".git", "results", "model_checkpoints", "__pycache__", ".pytest_cache", ".hypothesis")
 
 TRAIN_CFG = "configs/example_model/example_training_cfg.yaml"
 MULTIGPU_CFG = "configs/example_model/example_multigpu_training_cfg.yaml"

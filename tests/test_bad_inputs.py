@@ -1,0 +1,197 @@
+"""One bad input of each kind that fuzzing found the scripts crashing on, each through the real
+script: exit status 2, an `error:` message naming the file or the key, no traceback, and nothing
+written (SPEC, Errors). tests/test_fuzz.py searches for more of them at random; these are the
+ones a regression must never bring back.
+
+Every case runs in a child forked from one process that imported the pipeline (conftest.run_forked),
+all of them in one go, which keeps the file to seconds.
+"""
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import runs
+from conftest import ARCH_YAML, EVAL_CFG, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run_forked
+
+CLASSIFIER_CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
+
+
+def architecture(repo, folder, name, change):
+    """The toy GAN's architecture, changed by `change(arch)`, written to `folder`; its path."""
+    arch = yaml.safe_load((repo / ARCH_YAML).read_text())
+    change(arch)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(arch, sort_keys=False))
+    return path
+
+
+def set_prefix(value):
+    return lambda arch: arch["gen_cnn"].__setitem__("layer_name_prefix", value)
+
+
+def renamed(old, new):
+    """A submodel renamed in the architecture (and where it is read there), not in the flow."""
+    def change(arch):
+        arch[new] = arch.pop(old)
+        arch["model_components"]["generator"]["submodels"] = [new if s == old else s for s in
+                                                              arch["model_components"]["generator"]["submodels"]]
+        for spec in arch.values():
+            inputs = spec.get("submodel_input") if isinstance(spec, dict) else None
+            if isinstance(inputs, dict) and old in inputs:
+                inputs[new] = inputs.pop(old)
+    return change
+
+
+def empty_component_name(arch):
+    arch["model_components"][""] = arch["model_components"].pop("discriminator")
+
+
+def config_cases(repo, tmp):
+    """{name: ([script, *args], what the message must name, the folder that must stay empty)}."""
+    files, out = tmp / "files", tmp / "out"
+    files.mkdir()
+
+    def train(*sets, cfg=TRAIN_CFG):
+        return ["train.py", "-t", cfg, "--set", f"saving.save_folder_name={out}", "--set", "training.n_epochs=1",
+                *[a for s in sets for a in ("--set", s)]]
+
+    def arch(name, change):
+        return train(f"model.architecture_cfg_path={architecture(repo, files, name, change)}")
+
+    (files / "not_python.py").write_bytes(b"\x00\x01 binary")
+    (files / "bad_import.py").write_text("import a_module_nobody_has\n")
+    (files / "twice.yaml").write_text((repo / TRAIN_CFG).read_text() + "\ntraining:\n  n_epochs: 3\n")
+    (files / "twice_arch.yaml").write_text((repo / ARCH_YAML).read_text().replace(
+        "  discriminator:\n", "  discriminator: {adv_type: discriminator, submodels: [disc_cnn]}\n  discriminator:\n"))
+    found = {
+        "binary_config": (["train.py", "-t", "data/example_model/blobs_4x4.npy"], "blobs_4x4.npy: not a text file"),
+        "long_path": (["train.py", "-t", "x" * 400 + ".yaml"], "xxxx"),
+        "flow_not_python": (train(f"model.model_flow_path={files / 'not_python.py'}"), "not_python.py"),
+        "flow_import_fails": (train(f"model.model_flow_path={files / 'bad_import.py'}"), "bad_import.py"),
+        "prefix_empty": (arch("prefix_empty", set_prefix("")), "gen_cnn.layer_name_prefix"),
+        "prefix_dot": (arch("prefix_dot", set_prefix("a.b")), "gen_cnn.layer_name_prefix"),
+        "prefix_number": (arch("prefix_number", set_prefix(5)), "gen_cnn.layer_name_prefix"),
+        "submodel_dot": (arch("submodel_dot", renamed("gen_cnn", "gen.cnn")), "'gen.cnn'"),
+        "component_empty": (arch("component_empty", empty_component_name), "model_components."),
+        "flow_reads_missing_submodel": (arch("renamed", renamed("gen_dec", "gen_decoder")), "'gen_dec'"),
+        "shape_nested": (train("dataset.gen_inputs.data_generating_function_args={shape: [[3], 4, 4]}"),
+                         "dataset.gen_inputs.data_generating_function_args"),
+        "low_text": (train("dataset.real_images.data_read_postprocessing_fn=scale_to_symmetric",
+                           "dataset.real_images.data_read_postprocessing_fn_args={low: '3', high: 1}"),
+                     "data_read_postprocessing_fn_args.low"),
+        "betas_short": (train("training.optimizer_args={betas: [0.5]}"), "training.optimizer_args"),
+        "weight_list": (train("loss.loss_args={l1_weight: [100.0]}"), "loss.loss_args.l1_weight"),
+        "weight_empty": (train("loss.loss_args={l1_weight: ''}"), "loss.loss_args.l1_weight"),
+        "n_inputs_huge": (train("dataset.gen_inputs.n_inputs=100000000000"), "dataset.gen_inputs.n_inputs"),
+        "labels_wrong_rank": (train("dataset.labels.file_reader_args={key: images, dtype: int64}",
+                                    cfg=CLASSIFIER_CFG), "cross_entropy_loss"),
+        "key_twice": (["train.py", "-t", files / "twice.yaml", "--set", f"saving.save_folder_name={out}"],
+                      "'training' is written twice"),
+        "component_twice": (train(f"model.architecture_cfg_path={files / 'twice_arch.yaml'}"),
+                            "'discriminator' is written twice"),
+    }
+    return {name: (args, named, out) for name, (args, named) in found.items()}
+
+
+DELETE = object()
+
+
+def damaged_checkpoints(source, folder):
+    """{name: path} of copies of the checkpoint at `source`, each damaged in one way."""
+    state = torch.load(source, map_location="cpu", weights_only=True)
+
+    def save(name, **changes):
+        damaged = {k: v for k, v in {**state, **changes}.items() if v is not DELETE}
+        torch.save(damaged, folder / f"{name}.pth")
+
+    save("no_epoch", epoch=DELETE)
+    save("rng_part", rng_state={k: v for k, v in state["rng_state"].items() if k != "python"})
+    save("history_text", loss_history="x")
+    save("weights_true", model_state_dict=True)
+    save("scheduler_nan", scheduler_state_dict=float("nan"))
+    save("ema_other", ema_state_dict={"a.weight": torch.zeros(3)}, ema_updates=3)
+    save("weights_nan", model_state_dict={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                          for k, v in state["model_state_dict"].items()})
+    (folder / "random_bytes.pth").write_bytes(random.Random(0).randbytes(5000))
+    (folder / "truncated.pth").write_bytes(source.read_bytes()[:source.stat().st_size // 2])
+    return {p.stem: p for p in sorted(folder.glob("*.pth"))}
+
+
+# The damage a script has no need to see, where it may well run: a resume alone needs the epoch,
+# and evaluate_training.py reads a checkpoint's histories, not its generator's EMA.
+UNREAD = {"no_epoch": {"evaluate", "evaluate_training", "jit_trace"}, "ema_other": {"evaluate_training"}}
+
+
+def checkpoint_cases(run_folder, tmp):
+    """Each damaged checkpoint handed to every script that reads one: {name: (args, named, folder)}."""
+    folder = tmp / "checkpoints"
+    folder.mkdir()
+    found = {}
+    for damage, path in damaged_checkpoints(checkpoints(run_folder)[-1], folder).items():
+        scripts = {
+            "train": ["train.py", "-t", TRAIN_CFG, "--set", f"model.model_checkpoint_filename={path}",
+                      "--set", "training.n_epochs=3"],
+            "evaluate": ["evaluate.py", "-t", TRAIN_CFG, "-e", EVAL_CFG, "--set",
+                         f"evaluation.model_checkpoint_filename={path}"],
+            "evaluate_training": ["evaluate_training.py", "-te", TRAIN_EVAL_CFG, "--set",
+                                  f"training_evaluation.model_checkpoint_filename={path}"],
+            "jit_trace": ["jit_trace_model.py", "-t", TRAIN_CFG, "-c", path, "-i", "1", "1", "4", "4"],
+        }
+        for script, args in scripts.items():
+            if script not in UNREAD.get(damage, ()):
+                out = tmp / "checkpoint_runs" / f"{script}-{damage}"
+                shutil.copytree(run_folder, out / "run_1")  # a run for evaluate_training.py to read
+                found[f"{script}-{damage}"] = ([*args, "--set", f"saving.save_folder_name={out}"], path.name, out)
+    return found
+
+
+@pytest.fixture(scope="module")
+def refused(repo, trained, tmp_path_factory):
+    """{case: (CompletedProcess, what its message must name, the folder, its files before)}, all run at once."""
+    _, run_folder = trained
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    found = config_cases(repo, tmp) | checkpoint_cases(run_folder, tmp)
+    before = {name: listing(folder) for name, (_, _, folder) in found.items()}
+    logs = tmp / "logs"
+    logs.mkdir()
+    done = run_forked(repo, {name: args for name, (args, _, _) in found.items()}, logs)
+    return {name: (done[name], named, folder, before[name]) for name, (_, named, folder) in found.items()}
+
+
+def listing(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def broken_promises(proc, named, folder, before):
+    """What in `proc`'s ending breaks the contract for a refused input ([] when nothing does)."""
+    err = proc.stderr
+    problems = []
+    if proc.returncode != 2:
+        problems.append(f"exit {proc.returncode}, not 2")
+    if "Traceback" in err:
+        problems.append("a traceback")
+    if not err.lstrip().startswith("error: "):
+        problems.append("no 'error: ' message")
+    if named not in err:
+        problems.append(f"the message does not name {named!r}")
+    if listing(folder) != before:
+        problems.append(f"files were written: {sorted(set(listing(folder)) - set(before))}")
+    return problems
+
+
+def test_every_bad_input_is_refused_with_a_message_naming_it(refused):
+    broken = {name: (problems, proc.stderr[-1500:]) for name, (proc, named, folder, before) in refused.items()
+              if (problems := broken_promises(proc, named, folder, before))}
+    assert not broken, "\n\n".join(f"{name}: {'; '.join(problems)}\n{err}" for name, (problems, err) in broken.items())
+    assert len(refused) == 19 + 9 * 4 - 4  # every case ran: 19 configs, 9 damaged checkpoints in 4 scripts
+
+
+def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):
+    """runs.CHECKPOINT lists what Trainer.state writes; a key added there and not here would go unchecked."""
+    _, run_folder = trained
+    state = runs.read_checkpoint(checkpoints(run_folder)[-1])
+    assert set(state) <= set(runs.CHECKPOINT), set(state) - set(runs.CHECKPOINT)
+    runs.check_checkpoint(state, "x.pth", resume=True)  # and a real one passes it
