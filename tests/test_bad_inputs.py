@@ -86,6 +86,7 @@ def config_cases(repo, tmp):
         "weight_list": (train("loss.loss_args={l1_weight: [100.0]}"), "loss.loss_args.l1_weight"),
         "weight_empty": (train("loss.loss_args={l1_weight: ''}"), "loss.loss_args.l1_weight"),
         "n_inputs_huge": (train("dataset.gen_inputs.n_inputs=100000000000"), "dataset.gen_inputs.n_inputs"),
+        "data_float64": (train("dataset.real_images.file_reader_args={dtype: float64}"), "(float64)"),
         "labels_wrong_rank": (train("dataset.labels.file_reader_args={key: images, dtype: int64}",
                                     cfg=CLASSIFIER_CFG), "cross_entropy_loss"),
         "key_twice": (["train.py", "-t", files / "twice.yaml", "--set", f"saving.save_folder_name={out}"],
@@ -186,7 +187,7 @@ def test_every_bad_input_is_refused_with_a_message_naming_it(refused):
     broken = {name: (problems, proc.stderr[-1500:]) for name, (proc, named, folder, before) in refused.items()
               if (problems := broken_promises(proc, named, folder, before))}
     assert not broken, "\n\n".join(f"{name}: {'; '.join(problems)}\n{err}" for name, (problems, err) in broken.items())
-    assert len(refused) == 19 + 9 * 4 - 4  # every case ran: 19 configs, 9 damaged checkpoints in 4 scripts
+    assert len(refused) == 20 + 9 * 4 - 4  # every case ran: 20 configs, 9 damaged checkpoints in 4 scripts
 
 
 def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):

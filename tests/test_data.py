@@ -879,7 +879,7 @@ BAD_DATASET_KEYS = {  # name: (the dataset section's own keys, texts one line of
     "validation_fraction 1": ({"validation_fraction": 1.0}, ["dataset.validation_fraction", "[0, 1)"]),
     "validation_fraction negative": ({"validation_fraction": -0.1}, ["dataset.validation_fraction", "[0, 1)"]),
     "split_seed negative": ({"split_seed": -1}, ["dataset.split_seed"]),
-    "num_workers negative": ({"num_workers": -1}, ["dataset.num_workers", ">= 0"]),
+    "num_workers negative": ({"num_workers": -1}, ["dataset.num_workers", "in [0, 256]"]),
     "pin_memory not a bool": ({"pin_memory": "yes"}, ["dataset.pin_memory", "true/false"]),
     "stream transform class arg unknown": (
         {"inputs": dict(ANY_STREAM, data_batch_transform="RandomHorizontalFlip",
