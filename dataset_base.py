@@ -91,10 +91,10 @@ def read_stream(cfg, fns, generator, choice_seed, where):
 def call(fn, where, *args, **kwargs):
     """Call a function of dataset_functions.py that the config names, with its arguments there
     (`where`: their key); what it raises, and a result that is not a tensor, are user errors
-    naming the key, the call and the user's frames (OSError and the like: see read_file)."""
+    naming the key, the call and the user's frames."""
     try:
         out = fn(*args, **kwargs)
-    except (OSError, EOFError, zipfile.BadZipFile, UserError):
+    except UserError:
         raise
     except MemoryError:
         raise UserError(f"{where}: {fn.__name__}({kwargs_text(kwargs)}) ran out of memory; ask for less") from None

@@ -96,7 +96,7 @@ def assert_contract(code, stderr, out_dir, before=None):
     assert "Traceback" not in stderr, stderr[-3000:]
     assert code in (0, 2, 3), (code, stderr[-3000:])
     if code == 2:
-        assert stderr.strip().splitlines()[-1].startswith("error: ") or "error:" in stderr, stderr[-2000:]
+        assert any(line.startswith("error: ") for line in stderr.splitlines()), stderr[-2000:]
         now = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*")) if out_dir.exists() else []
         assert now == (before or []), f"a refused input left files behind: {now}\n{stderr[-2000:]}"
 
