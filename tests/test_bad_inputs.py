@@ -3,8 +3,8 @@ script: exit status 2, an `error:` message naming the file or the key, no traceb
 written (SPEC, Errors). tests/test_fuzz.py searches for more of them at random; these are the
 ones a regression must never bring back.
 
-Every case runs in a child forked from one process that imported the pipeline (conftest.run_forked),
-all of them in one go, which keeps the file to seconds.
+The cases of a test run in children forked from one process that imported the pipeline
+(conftest.run_forked), all of them in one go, which keeps each test to seconds.
 """
 import random
 import shutil
@@ -94,7 +94,9 @@ def config_cases(repo, tmp):
         "component_twice": (train(f"model.architecture_cfg_path={files / 'twice_arch.yaml'}"),
                             "'discriminator' is written twice"),
     }
-    return {name: (args, named, out) for name, (args, named) in found.items()}
+    # each case writes (if it wrongly runs) into a folder of its own, so that one cannot hide another
+    return {name: ([str(a).replace(str(out), str(out / name)) for a in args], named, out / name)
+            for name, (args, named) in found.items()}
 
 
 DELETE = object()
@@ -149,12 +151,9 @@ def checkpoint_cases(run_folder, tmp):
     return found
 
 
-@pytest.fixture(scope="module")
-def refused(repo, trained, tmp_path_factory):
-    """{case: (CompletedProcess, what its message must name, the folder, its files before)}, all run at once."""
-    _, run_folder = trained
-    tmp = tmp_path_factory.mktemp("bad_inputs")
-    found = config_cases(repo, tmp) | checkpoint_cases(run_folder, tmp)
+def run_refused(repo, found, tmp):
+    """Run every case of `found` at once: {case: (CompletedProcess, what its message must name,
+    the folder, its files before)}."""
     before = {name: listing(folder) for name, (_, _, folder) in found.items()}
     logs = tmp / "logs"
     logs.mkdir()
@@ -183,13 +182,24 @@ def broken_promises(proc, named, folder, before):
     return problems
 
 
-def test_every_bad_input_is_refused_with_a_message_naming_it(refused):
+def assert_refused(refused, expected):
     broken = {name: (problems, proc.stderr[-1500:]) for name, (proc, named, folder, before) in refused.items()
               if (problems := broken_promises(proc, named, folder, before))}
     assert not broken, "\n\n".join(f"{name}: {'; '.join(problems)}\n{err}" for name, (problems, err) in broken.items())
-    assert len(refused) == 20 + 9 * 4 - 4  # every case ran: 20 configs, 9 damaged checkpoints in 4 scripts
+    assert len(refused) == expected  # (every case ran)
 
 
+def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_path):
+    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 20)
+
+
+@pytest.mark.slow  # (the fast subset fuzzes checkpoints in every script: tests/test_fuzz.py)
+def test_damaged_checkpoints_are_refused_by_every_script_naming_them(repo, trained, tmp_path):
+    _, run_folder = trained
+    assert_refused(run_refused(repo, checkpoint_cases(run_folder, tmp_path), tmp_path), 9 * 4 - 4)
+
+
+@pytest.mark.slow
 def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):
     """runs.CHECKPOINT lists what Trainer.state writes; a key added there and not here would go unchecked."""
     _, run_folder = trained
