@@ -32,9 +32,9 @@ from errors import run_main  # noqa: E402
 
 FAST = dict(max_examples=12, deadline=None, derandomize=True,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-# The slow profile: 60 fresh examples of each kind in the full suite (about a minute and a half
+# The slow profile: 30 fresh examples of each kind in the full suite (about 12 s
 # in all); FUZZ_EXAMPLES=2000 for a real search.
-LONG = dict(FAST, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), derandomize=False)
+LONG = dict(FAST, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 30)), derandomize=False)
 PROFILES = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 SCRIPTS = {"train.py": train.main, "evaluate.py": evaluate.main, "evaluate_training.py": evaluate_training.main,
            "jit_trace_model.py": jit_trace_model.main}
