@@ -53,7 +53,7 @@ def train(cfg, placement, source):
         load_weights(model, resume, path)
     run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)
     samples = sample_metrics(cfg, model, loader, validation_loader, placement, source)
-    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run, samples)
+    trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run, samples, resume_path=path)
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return

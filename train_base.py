@@ -43,7 +43,7 @@ from sample_metrics import weights_of
 
 class Trainer:
     def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None, run=None,
-                 samples=None):
+                 samples=None, resume_path=None):
         train, adv = cfg["training"], cfg["adversarial"]
         self.cfg, self.model, self.loader, self.placement = cfg, model, loader, placement
         self.source, self.validation_loader = cfg["config_path"], validation_loader
@@ -95,7 +95,7 @@ class Trainer:
                 self.validation_peak = metrics.peak_of(targets)
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
-            self.load_state(resume_state)
+            self.load_state(resume_state, resume_path or "the checkpoint")
         # Under DDP each network gets its own wrapper (network.NetworkLoss), which starts every process
         # from rank 0's weights; and from rank 0's buffers, which older torch's wrappers leave alone.
         if placement.distributed:
@@ -393,7 +393,7 @@ class Trainer:
         """As checkpoints keep it: {"step": [the step of each validation], network: {term: values}}."""
         return {"step": self.validation_steps, **{name: net.validation_history for name, net in self.networks.items()}}
 
-    def load_state(self, state):
+    def load_state(self, state, path):
         """Go on from a checkpoint's training state (its weights are loaded already). Its layout was
         checked (runs.check_checkpoint); what is inside an optimizer's, scheduler's or random
         generator's state is torch's to read, and what it raises means a damaged file."""
@@ -403,16 +403,14 @@ class Trainer:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, yaml.YAMLError) as e:
             why = (str(e).splitlines() or [""])[0][:300]
-            raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint's training state does not "
-                            f"load ({type(e).__name__}: {why}); the file is damaged or not this pipeline's: resume "
-                            "from an earlier checkpoint") from None
+            raise UserError(f"{path}: its training state does not load ({type(e).__name__}: {why}); the file is "
+                            "damaged or not this pipeline's: resume from an earlier checkpoint") from None
 
     def restore(self, state):
         saved_cfg = yaml.safe_load(state["config"])
         if not isinstance(saved_cfg, dict) or not all(isinstance(saved_cfg.get(k), dict) for k in ("training",
                                                                                                   "adversarial")):
-            raise UserError(f"{self.source}: model.model_checkpoint_filename: the checkpoint's config is not a "
-                            "training config of this pipeline; the file is damaged or not this pipeline's")
+            raise ValueError("the config it keeps is not a training config")
         check_resumable(state, saved_cfg, self.accumulate, self.placement.world_size, self.source)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done_in_epoch"]
         steps_done = self.epoch * self.steps_per_epoch + self.batches_done
