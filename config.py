@@ -90,10 +90,11 @@ def existing_path(v):
         return f"cannot be looked up: {e.strerror or e}"
 
 
-# Longest name a checkpoint's file gets beyond its prefix (".<prefix>_epoch123456.pth.tmp" while
-# written), so that the prefix leaves it within the file systems' 255 bytes.
+# Room a checkpoint's file name needs beyond its prefix, so that the whole name fits the file
+# systems' 255 bytes: "_epoch123456_et_20261203-120430.pth" (35), and while it is written
+# runs.atomic_write's temporary ".<name>.<8 random>.tmp" (14 more); with a margin.
 NAME_MAX = 255
-NAME_ROOM = 32
+NAME_ROOM = 56
 
 
 @described("a file name (no /)")

@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
+import config
 import runs
-from conftest import ARCH_YAML, EVAL_CFG, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run_forked
+from conftest import ARCH_YAML, EVAL_CFG, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_forked
+from errors import UserError
 
 CLASSIFIER_CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
 
@@ -212,3 +214,14 @@ def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):
     state = runs.read_checkpoint(checkpoints(run_folder)[-1])
     assert set(state) <= set(runs.CHECKPOINT), set(state) - set(runs.CHECKPOINT)
     runs.check_checkpoint(state, "x.pth", resume=True)  # and a real one passes it
+
+
+def test_the_longest_checkpoint_prefix_allowed_still_saves(repo, tmp_path):
+    """saving.save_filename_prefix is refused past the length whose checkpoint names (and their
+    temporary names while written) still fit a file system's 255 bytes; at that length it saves."""
+    longest = "p" * (config.NAME_MAX - config.NAME_ROOM)
+    args = ["-t", TRAIN_CFG, "--set", "training.n_epochs=1", "--set", f"saving.save_folder_name={tmp_path / 'out'}"]
+    with pytest.raises(UserError, match="saving.save_filename_prefix"):
+        config.load_training_config(repo / TRAIN_CFG, [f"saving.save_filename_prefix={longest}p"])
+    run(repo, "train.py", *args, "--set", f"saving.save_filename_prefix={longest}")
+    assert len(checkpoints(tmp_path / "out" / "run_1")) == 2  # epochs 0 and 1
