@@ -647,10 +647,6 @@ def check_function_args(fn, args, where, errors, passed=0, keyword_only=False, f
     `filled` ones ({name: what sets it}), which the pipeline fills in itself (and a keyword-only
     one, if asked); every parameter without a default that the pipeline does not fill must be in
     `args`."""
-    if not isinstance(args, dict):
-        if not any(e.startswith(f"{where}:") for e in errors):  # (the schema usually said so already)
-            errors.append(f"{where}: {args!r} is not a mapping of argument names to values, e.g. {{}}")
-        return
     filled = filled or {}
     params = list(inspect.signature(fn).parameters.values())
     settable = [p for p in params[passed:] if p.name not in filled and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)

@@ -25,10 +25,6 @@ from errors import UserError, user_frames
 from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE
 
 SAMPLES = 2  # enough for a BatchNorm in train mode, few enough to cost nothing
-# What torch and the loss functions raise for data that does not fit (shapes, dtypes, arguments),
-# and what a flow, layer or loss of the user's raises (a KeyError for a submodel the architecture
-# no longer has, say): anything but the pipeline's own UserErrors.
-ERRORS = (Exception,)
 
 
 def check_step(losses, batch, where):
@@ -92,7 +88,10 @@ def run_phase(layers, where, phase, fed, step, in_network=True):
         return step()
     except UserError:
         raise
-    except ERRORS as e:
+    # Whatever else: torch's errors for data that does not fit (shapes, dtypes, arguments), and what
+    # a flow, layer or loss of the user's raises (a KeyError for a submodel the architecture no
+    # longer has, say).
+    except Exception as e:
         if isinstance(e, torch.OutOfMemoryError):  # not a mistake in the data: show it as it is
             raise
         lines = [f"{where}: one training step cannot run on this data: {phase} failed", f"  data: {fed}"]

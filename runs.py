@@ -36,7 +36,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from config import REPO_ROOT, checkpoint_dir, load_training_config, model_dir, resolve_path, results_dir, to_yaml
+from config import (
+    REPO_ROOT,
+    checkpoint_dir,
+    is_number,
+    load_training_config,
+    model_dir,
+    resolve_path,
+    results_dir,
+    shown,
+    to_yaml,
+)
 from errors import UserError, did_you_mean
 from model_base import architecture_text_for, build_model
 
@@ -419,12 +429,8 @@ def first_line(error, prefer=None):
     return line.split(". ")[0][:300]
 
 
-def is_int(v):
+def is_count(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def is_tensors(v):
@@ -466,9 +472,9 @@ def either_none(check):
 # are not needed (older checkpoints lack newer keys); a key of the wrong kind is never fine.
 CHECKPOINT = {
     "model_state_dict": (True, is_tensors, "the model's weights, {name: tensor}"),
-    "epoch": (True, is_int, "the completed epochs, an integer >= 0"),
-    "step": (True, is_int, "the completed steps, an integer >= 0"),
-    "batches_done_in_epoch": (True, is_int, "an integer >= 0"),
+    "epoch": (True, is_count, "the completed epochs, an integer >= 0"),
+    "step": (True, is_count, "the completed steps, an integer >= 0"),
+    "batches_done_in_epoch": (True, is_count, "an integer >= 0"),
     "loss_history": (True, is_history, "{network: {term: [values]}}"),
     "rng_state": (True, is_rng_state, "the random generators' states, as train_base.rng_state writes them"),
     "config": (True, is_yaml_mapping, "the training config as YAML text"),
@@ -479,18 +485,18 @@ CHECKPOINT = {
     "scaler_state_dicts": (False, either_none(lambda v: isinstance(v, dict) and all(
         isinstance(x, dict) for x in v.values())), "{network: a GradScaler's state_dict}"),
     "ema_state_dict": (False, either_none(is_tensors), "the generator's averaged weights, {name: tensor}"),
-    "ema_updates": (False, is_int, "an integer >= 0"),
+    "ema_updates": (False, is_count, "an integer >= 0"),
     "validation_history": (False, either_none(is_history), "{step: [...], network: {term: [values]}}"),
     "architecture": (False, either_none(is_yaml_mapping), "the architecture YAML text"),
-    "skipped_updates": (False, is_int, "an integer >= 0"),
-    "world_size": (False, either_none(lambda v: is_int(v) and v >= 1), "an integer >= 1"),
+    "skipped_updates": (False, is_count, "an integer >= 0"),
+    "world_size": (False, either_none(lambda v: is_count(v) and v >= 1), "an integer >= 1"),
     "early_stop": (False, lambda v: isinstance(v, bool), "true or false"),
     "best": (False, either_none(lambda v: isinstance(v, dict) and (
         not v or {"key", "mode", "value", "epoch"} <= set(v))), "{key, mode, value, epoch} or null"),
     "classes": (False, either_none(lambda v: isinstance(v, dict) and all(
         isinstance(names, list) and all(isinstance(n, str) for n in names) for names in v.values())),
         "{stream: [class names]} or null"),
-    "split": (False, either_none(lambda v: isinstance(v, dict) and all(is_int(v.get(k)) for k in (
+    "split": (False, either_none(lambda v: isinstance(v, dict) and all(is_count(v.get(k)) for k in (
         "n_samples", "split_seed", "batch_size")) and is_number(v.get("validation_fraction"))),
         "{n_samples, validation_fraction, split_seed, batch_size}"),
 }
@@ -519,8 +525,7 @@ def check_checkpoint(state, path, resume=False):
 
 
 def short(value):
-    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__} of {len(value)}"
-    return text if len(text) < 80 else text[:77] + "..."
+    return f"a {type(value).__name__} of {len(value)}" if isinstance(value, (dict, list)) else shown(value, 80)
 
 
 def list_checkpoints(folder):
@@ -613,9 +618,8 @@ def layer_name(key):
 
 def weight_mismatches(saved, own):
     """What differs between a checkpoint's state_dict and the model's, by YAML layer name."""
-    layer = layer_name
-    problems = [f"{layer(k)}: {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the architecture"
+    problems = [f"{layer_name(k)}: {list(saved[k].shape)} in the checkpoint, {list(v.shape)} in the architecture"
                 for k, v in own.items() if k in saved and saved[k].shape != v.shape]
-    problems += [f"{layer(k)}: in the architecture, not in the checkpoint" for k in own if k not in saved]
-    problems += [f"{layer(k)}: in the checkpoint, not in the architecture" for k in saved if k not in own]
+    problems += [f"{layer_name(k)}: in the architecture, not in the checkpoint" for k in own if k not in saved]
+    problems += [f"{layer_name(k)}: in the checkpoint, not in the architecture" for k in saved if k not in own]
     return problems

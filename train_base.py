@@ -37,7 +37,7 @@ from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
 from preflight import eagerly
 from registry import loss_functions
-from runs import BEST, Run
+from runs import BEST, Run, first_line
 from sample_metrics import weights_of
 
 
@@ -401,10 +401,9 @@ class Trainer:
             self.restore(state)
         except UserError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, yaml.YAMLError) as e:
-            why = (str(e).splitlines() or [""])[0][:300]
-            raise UserError(f"{path}: its training state does not load ({type(e).__name__}: {why}); the file is "
-                            "damaged or not this pipeline's: resume from an earlier checkpoint") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise UserError(f"{path}: its training state does not load ({type(e).__name__}: {first_line(e)}); the "
+                            "file is damaged or not this pipeline's: resume from an earlier checkpoint") from None
 
     def restore(self, state):
         saved_cfg = yaml.safe_load(state["config"])
