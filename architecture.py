@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from errors import UserError, did_you_mean
+from errors import UserError, did_you_mean, shown
 from registry import layer_types, lookup
 
 # torch.nn classes that cannot be a layer of a chain, and what to use instead.
@@ -41,6 +41,11 @@ ADV_TYPES = ("generator", "discriminator")
 COMPONENT_KEYS = ("adv_type", "submodels")
 SUBMODEL_KEYS = ("submodel_input", "submodel_inputs", "layer_name_prefix", "layers", "skip_connections")
 SKIP_KEYS = ("future_layers", "connection_types")
+# The names torch.nn.ModuleDict refuses to hold a module under: components, a component's submodels
+# and a submodel's layers are the entries of one, and its add_module refuses a name that is already
+# an attribute (keys, items, training, forward, ...). Nothing else holds them by name: the flow and
+# PyNet reach them as model_components[<component>][<submodel>], never as attributes.
+TAKEN_NAMES = frozenset(dir(nn.ModuleDict()))
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -123,8 +128,15 @@ class Reader:
         """Component, submodel and layer names become torch module names and YAML keys that flows
         index: each must be an identifier (letters, digits, underscores; not a digit first)."""
         if not isinstance(name, str) or not name.isidentifier():
-            self.fail(key_path, f"{what} {name!r} is not a valid name: use letters, digits and underscores, not "
+            self.fail(key_path, f"{what} {shown(name)} is not a valid name: use letters, digits and underscores, not "
                                 "starting with a digit (e.g. gen_cnn)")
+
+    def check_free(self, key_path, name, what):
+        """A component, submodel or layer name that torch.nn.ModuleDict can hold (TAKEN_NAMES)."""
+        if name in TAKEN_NAMES:
+            kind = "a method" if callable(getattr(nn.ModuleDict, name, None)) else "an attribute"
+            self.fail(key_path, f"{what} {shown(name)} is taken: torch.nn.ModuleDict, which holds the components, "
+                      f"submodels and layers by name, has {kind} of that name; rename it, e.g. {name.strip('_')}_net")
 
 
 class LayerReader(Reader):
@@ -153,10 +165,12 @@ class LayerReader(Reader):
                       "{generator: {adv_type: generator, submodels: [gen_cnn]}}")
         defined = [k for k in self.arch if k != "model_components"]
         for sname in defined:
-            self.check_name(repr(sname) if not isinstance(sname, str) else sname, sname, "the submodel")
+            self.check_name(shown(sname) if not isinstance(sname, str) else sname, sname, "the submodel")
+            self.check_free(sname, sname, "the submodel")
         components, adv_types = {}, {}
         for cname, comp in comps.items():
             self.check_name(f"model_components.{cname}", cname, "the component")
+            self.check_free(f"model_components.{cname}", cname, "the component")
             components[cname] = self.read_component(cname, comp, defined, adv_types)
         if "generator" not in [c.adv_type for c in components.values()]:
             self.fail("model_components", "no generator component; the model's inference path runs its generator "
@@ -177,14 +191,14 @@ class LayerReader(Reader):
                           f"valid: {', '.join(COMPONENT_KEYS)}")
         adv_type = comp.get("adv_type") or "generator"
         if adv_type not in ADV_TYPES:
-            self.fail(f"{where}.adv_type", f"{adv_type!r} is not one of {', '.join(ADV_TYPES)}")
+            self.fail(f"{where}.adv_type", f"{shown(adv_type)} is not one of {', '.join(ADV_TYPES)}")
         for i, sname in enumerate(comp["submodels"]):
             self.check_name(f"{where}.submodels[{i}]", sname, "the submodel")
             if sname not in defined:
-                self.fail(f"{where}.submodels[{i}]", f"submodel {sname!r} is not defined in the file"
+                self.fail(f"{where}.submodels[{i}]", f"submodel {shown(sname)} is not defined in the file"
                           f"{did_you_mean(sname, defined)}; defined: {', '.join(defined) or 'none'}")
             if sname in adv_types:
-                self.fail(f"{where}.submodels[{i}]", f"submodel {sname!r} is listed twice")
+                self.fail(f"{where}.submodels[{i}]", f"submodel {shown(sname)} is listed twice")
             adv_types[sname] = adv_type
         return ComponentPlan(adv_type, comp["submodels"])
 
@@ -211,9 +225,11 @@ class LayerReader(Reader):
                       "[{layer_type: Conv2d, layer_params: {out_channels: 16, kernel_size: 3}}]")
         layers = [self.parse_layer(layer, f"{sname}.layers[{i}]") for i, layer in enumerate(spec["layers"])]
         sub = SubmodelPlan(sname, adv_type, prefix, [f"{prefix}_{t}_{i}" for i, (t, _) in enumerate(layers)], layers)
+        for name in sub.layer_names:  # (<prefix>_<type>_<index> never is one today; a new attribute might be)
+            self.check_free(f"{sname}.layer_name_prefix", name, "the layer name")
         for name in [sub.input_name, *sub.layer_names]:
             if name in self.order:
-                self.fail(f"{sname}.layer_name_prefix", f"layer name {name!r} is used twice; give each "
+                self.fail(f"{sname}.layer_name_prefix", f"layer name {shown(name)} is used twice; give each "
                           "submodel its own layer_name_prefix")
             self.order[name], self.owner[name] = len(self.order), sname
         return sub
@@ -232,7 +248,7 @@ class LayerReader(Reader):
         if params is None:
             params = {}
         if not isinstance(params, dict):
-            self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {params!r}")
+            self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {shown(params)}")
         self.check_layer_type(type_name, where)
         return type_name, params
 
@@ -297,7 +313,7 @@ class WiringReader(Reader):
         for i, (target, kind) in enumerate(zip(targets, kinds)):
             self.check_skip_target(source, target, f"{where}.future_layers[{i}]")
             if kind not in CONNECTION_TYPES:
-                self.fail(f"{where}.connection_types[{i}]", f"{kind!r} is not one of {', '.join(CONNECTION_TYPES)}"
+                self.fail(f"{where}.connection_types[{i}]", f"{shown(kind)} is not one of {', '.join(CONNECTION_TYPES)}"
                           f"{did_you_mean(kind, CONNECTION_TYPES)}")
         return list(zip(targets, kinds))
 
@@ -314,21 +330,22 @@ class WiringReader(Reader):
 
     def check_skip_target(self, source, target, where):
         if not isinstance(target, str):
-            self.fail(where, f"expected a layer name, got {target!r}")
+            self.fail(where, f"expected a layer name, got {shown(target)}")
         if target not in self.order:
-            self.fail(where, f"unknown layer {target!r}{did_you_mean(target, self.order)}")
+            self.fail(where, f"unknown layer {shown(target)}{did_you_mean(target, self.order)}")
         if target == self.submodels[self.owner[target]].input_name:
-            self.fail(where, f"{target!r} is a submodel's input; a skip can only reach a layer")
+            self.fail(where, f"{shown(target)} is a submodel's input; a skip can only reach a layer")
         self.check_crosses_into_discriminator(source, target, where)
         if self.order[target] <= self.order[source]:
-            self.fail(where, f"{target!r} runs before {source!r}; a skip can only reach a later layer")
+            self.fail(where, f"{shown(target)} runs before {shown(source)}; a skip can only reach a later layer")
 
     def check_crosses_into_discriminator(self, source, target, where):
         """A discriminator also scores real samples, which have no generator layers to read."""
         if self.submodels[self.owner[source]].adv_type == "generator" and \
                 self.submodels[self.owner[target]].adv_type == "discriminator":
-            self.fail(where, f"{target!r} is in a discriminator but {source!r} in a generator; a discriminator can "
-                      "only read a generator's output (submodel_input: {<generator submodel>: output})")
+            self.fail(where, f"{shown(target)} is in a discriminator but {shown(source)} in a generator; a "
+                      "discriminator can only read a generator's output (submodel_input: {<generator submodel>: "
+                      "output})")
 
     # ---- submodel inputs ----
     def read_inputs(self, sub):
@@ -352,8 +369,12 @@ class WiringReader(Reader):
         size = value.get("input_size")
         if not isinstance(size, list) or not size or \
                 not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-            self.fail(f"{where}.input_size", f"expected the per-sample shape as a list of positive ints, got {size!r}")
+            self.fail(f"{where}.input_size", "expected the per-sample shape as a list of positive ints, got "
+                      f"{shown(size)}")
         data = value["data_key"], tuple(size)
+        if data[0] in self.submodels:  # (PyNet's forward and discriminate look both up in one dict)
+            self.fail(f"{where}.data_key", f"{shown(data[0])} is also a submodel's name; a submodel's output and the "
+                      f"data stream it reads would be one name: rename the submodel, e.g. {data[0]}_net")
         if self.data_input not in (None, data):
             self.fail(where, f"reads {data[0]} {list(data[1])}, but the model's data input is "
                       f"{self.data_input[0]} {list(self.data_input[1])}; a model reads one data stream "
@@ -367,17 +388,17 @@ class WiringReader(Reader):
         if src not in run_order:
             self.fail(where, f"unknown submodel{did_you_mean(src, run_order)}; submodels: {', '.join(run_order)}")
         if run_order.index(src) >= run_order.index(sub.name):
-            self.fail(where, f"{src!r} does not run before {sub.name!r}; list submodels in dependency order")
+            self.fail(where, f"{shown(src)} does not run before {shown(sub.name)}; list submodels in dependency order")
         if not isinstance(value, str):
-            self.fail(where, f"expected 'output' or a layer name of {src}, got {value!r}")
+            self.fail(where, f"expected 'output' or a layer name of {src}, got {shown(value)}")
         generator_output = [s for s, plan in self.submodels.items() if plan.adv_type == "generator"][-1]
         if sub.adv_type == "discriminator" and self.submodels[src].adv_type == "generator" and src != generator_output:
-            self.fail(where, f"a discriminator scores the generator's final output, {generator_output!r} "
-                      f"(real samples stand in for it), so it cannot read {src!r}")
+            self.fail(where, f"a discriminator scores the generator's final output, {shown(generator_output)} "
+                      f"(real samples stand in for it), so it cannot read {shown(src)}")
         if value == "output":
             return src, "output"
         if value in self.order and self.owner[value] == src:
             self.check_crosses_into_discriminator(value, sub.input_name, where)
             return value, "layer"
         names = ["output"] + [n for n, o in self.owner.items() if o == src]
-        self.fail(where, f"{value!r} is not 'output' or a layer of {src}{did_you_mean(value, names)}")
+        self.fail(where, f"{shown(value)} is not 'output' or a layer of {src}{did_you_mean(value, names)}")

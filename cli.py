@@ -6,7 +6,7 @@ command line with it, and answer --help, before importing torch (which takes sec
 import argparse
 import sys
 
-from errors import UserError, did_you_mean
+from errors import UserError, did_you_mean, shown
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
             "(the value is read as YAML; repeat --set for several keys)")
@@ -79,8 +79,8 @@ def check_data_fits_model(streams, model, adversarial, source):
     """The streams the model reads exist, and paired inputs and targets are equally many."""
     for key, role in ((model.input_key, "input_data.data_key"), (model.target_key, "target_key")):
         if key is not None and key not in streams:
-            raise UserError(f"{source}: dataset: no stream {key!r}{did_you_mean(key, streams)}, which the model reads "
-                            f"({role} in {model.architecture_path if role.startswith('input') else 'its flow'}); "
+            raise UserError(f"{source}: dataset: no stream {shown(key)}{did_you_mean(key, streams)}, which the model "
+                            f"reads ({role} in {model.architecture_path if role.startswith('input') else 'its flow'}); "
                             f"streams: {', '.join(streams)}")
     if targets_are_paired(model, adversarial):
         n_in, n_target = len(streams[model.input_key]), len(streams[model.target_key])

@@ -9,6 +9,7 @@ Paths inside configs are relative to the repository root (the folder holding thi
 commands work the same from any directory.
 """
 import argparse
+import collections
 import inspect
 import math
 import operator
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from errors import UserError, did_you_mean
+from errors import UserError, did_you_mean, shown
 from registry import batch_transforms, dataset_functions, loss_functions, optimizers, schedulers, unknown_name
 from sample_metrics import METRICS as SAMPLE_METRICS
 from sample_metrics import result_keys
@@ -121,7 +122,7 @@ def folder_name(v):
 def existing_paths(v):
     """One path or a list of them, every one existing."""
     for path in v if isinstance(v, list) else [v]:
-        problem = existing_path(path) if isinstance(path, str) else f"{path!r} is not a path"
+        problem = existing_path(path) if isinstance(path, str) else f"{shown(path)} is not a path"
         if problem:
             return problem
     return None
@@ -155,11 +156,18 @@ def function_names(table_fn, what):
     @described(f"{one.text}, or a list of them")
     def check(v):
         for name in v if isinstance(v, list) else [v]:
-            problem = one(name) if isinstance(name, str) else f"{name!r} is not a name"
+            problem = one(name) if isinstance(name, str) else f"{shown(name)} is not a name"
             if problem:
                 return problem
         return None
     return check
+
+
+@described("[low, high]: two finite numbers, low < high")
+def value_range(v):
+    if len(v) != 2 or not all(is_number(x) and math.isfinite(x) for x in v):
+        return "must be [low, high], two finite numbers, e.g. [-1, 1] or [0, 255]"
+    return None if v[0] < v[1] else "low must be below high, e.g. [-1, 1]"
 
 
 @described("GPU ids (integers >= 0), or auto")
@@ -177,7 +185,7 @@ def gpu_list(v):
 def metric_names(v):
     for name in v:
         if name not in SAMPLE_METRICS:
-            return (f"{name!r} is not a sample metric{did_you_mean(str(name), SAMPLE_METRICS)}; valid: "
+            return (f"{shown(name)} is not a sample metric{did_you_mean(name, SAMPLE_METRICS)}; valid: "
                     f"{', '.join(SAMPLE_METRICS)}")
     if len(set(v)) != len(v):
         return "names a metric twice"
@@ -261,6 +269,11 @@ STREAM = {
     "in_memory": Key(True, bool,
                      doc="false (folder streams): read files as batches are made, for data larger than memory"),
     "h5_key": Key(None, str, doc="dataset name inside the HDF5 file (required for h5; needs h5py)"),
+    "value_range": Key(None, list, check=value_range,
+                       doc="[low, high]: the range the stream's values are made in, e.g. [-1, 1]; PSNR and SSIM "
+                           "measure against it (peak high - low, outputs clamped to it), and pictures and Inception "
+                           "show images on it. null: the range its reader, generating or postprocessing function "
+                           "declares (dataset_functions.py), else a guess from its values, which evaluate.py says"),
 }
 
 TRAINING = {
@@ -463,7 +476,7 @@ def resolve_path(path):
 
 class DuplicateKey(yaml.YAMLError):
     def __init__(self, key, first, second):
-        super().__init__(f"the key {key!r} is written twice in one mapping, on lines {first} and {second}; "
+        super().__init__(f"the key {shown(key)} is written twice in one mapping, on lines {first} and {second}; "
                          "YAML would keep only the second: delete one")
 
 
@@ -514,7 +527,49 @@ def parse_yaml(text, source, what="config"):
         raise UserError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: the {what} must be a YAML mapping of keys to values")
+    refuse_keys_not_names(data, "", source)
     return data
+
+
+def refuse_keys_not_names(tree, where, source):
+    """A UserError listing every mapping key in `tree` that is not text: YAML reads `1:`, `1.5:`,
+    `yes:`, `~:` and `2024-01-01:` as a number, true, null or a date, and every check after this
+    one takes keys for names (of sections, streams, arguments, layers)."""
+    problems = key_problems(tree, where)
+    if problems:
+        more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
+        raise UserError(f"{source}: {len(problems)} key(s) that YAML reads as other than text:\n  "
+                        + "\n  ".join(problems[:10] + more))
+
+
+def key_problems(tree, where=""):
+    """'<key path>: why' of each mapping key in `tree` that is not text, in the order written. Each
+    list or mapping is looked at once: one built of YAML aliases may hold the same one many times."""
+    problems, seen, todo = [], set(), collections.deque([(where, tree)])
+    while todo:
+        path, node = todo.popleft()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        items = node.items() if isinstance(node, dict) else ((f"[{i}]", v) for i, v in enumerate(node))
+        for key, value in items:
+            name = key if isinstance(key, str) else default_text(key)  # (as YAML writes it: null, true)
+            at = f"{path}{name}" if isinstance(node, list) else f"{path}.{name}" if path else name
+            if isinstance(node, dict) and not isinstance(key, str):
+                problems.append(f"{at}: {key_kind(key)}")
+            if isinstance(value, (dict, list)):
+                todo.append((at, value))
+    return problems
+
+
+def key_kind(key):
+    """Why a key that is not text is no name, and how to write the name meant."""
+    if key is None:
+        return "this key is null (empty, ~ or null), not a name; give it one"
+    kind = "true or false (YAML reads yes, no, on, off, true and false so)" if isinstance(key, bool) else \
+        "a number" if is_number(key) else f"a {type(key).__name__}"
+    example = "'on'" if isinstance(key, bool) else f"'{default_text(key)}'"
+    return f"this key is {kind}, not a name; keys are names: write it in quotes ({example}) if it is meant"
 
 
 def apply_overrides(raw, overrides, source):
@@ -523,11 +578,12 @@ def apply_overrides(raw, overrides, source):
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training.n_epochs=3")
+            raise UserError(f"--set {shown(item)}: expected KEY.PATH=VALUE, e.g. --set training.n_epochs=3")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise UserError(f"--set {item!r}: value is not valid YAML: {e}") from None
+            raise UserError(f"--set {shown(item)}: value is not valid YAML: {e}") from None
+        refuse_keys_not_names(value, key, f"{source}: --set {key}")
         node, path = raw, override_path(key, source)
         for step, following in zip(path, path[1:]):
             if isinstance(node, dict) and node.get(step) is None and isinstance(following, str):
@@ -591,7 +647,7 @@ def check_section(raw, schema, where, errors, also_valid=()):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{where}: {raw!r} is not a mapping of keys; valid keys: {', '.join(schema)}")
+        errors.append(f"{where}: {shown(raw)} is not a mapping of keys; valid keys: {', '.join(schema)}")
         return defaults(schema)
     out = {}
     valid = [*schema, *also_valid]
@@ -623,12 +679,6 @@ def check_section(raw, schema, where, errors, also_valid=()):
             continue
         out[key] = None if rule.default is REQUIRED else _copy(rule.default)  # later checks see a valid value
     return out
-
-
-def shown(value, width=100):
-    """`value` as a message shows it: its repr, cut short past `width` characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _as_float(text):
@@ -665,7 +715,7 @@ def check_function_args(fn, args, where, errors, passed=0, keyword_only=False, f
             # torch's and torchvision's numbers often take one per group or a (min, max) pair too
             wrong = unlike_default(args[p.name], p.default, getattr(fn, "__module__", "").startswith("torch"))
             if wrong:
-                errors.append(f"{where}.{p.name}: {args[p.name]!r} {wrong}")
+                errors.append(f"{where}.{p.name}: {shown(args[p.name])} {wrong}")
 
 
 def is_number(value):
@@ -708,7 +758,7 @@ def is_float_text(text):
 def check_dataset(raw, where, errors):
     """The dataset section: data_len_key plus one sub-section per named data stream."""
     if raw is not None and not isinstance(raw, dict):
-        errors.append(f"{where}: {raw!r} is not a mapping of data streams")
+        errors.append(f"{where}: {shown(raw)} is not a mapping of data streams")
         raw = None
     raw = dict(raw or {})
     fixed = {k: raw.pop(k, None) for k in TRAINING["dataset"]}
@@ -721,7 +771,7 @@ def check_dataset(raw, where, errors):
         check_stream(out[name], path, errors)
     check_labels_of({name: out[name] for name in raw}, where, errors)
     if out["data_len_key"] is not None and raw and out["data_len_key"] not in raw:
-        errors.append(f"{where}.data_len_key: {out['data_len_key']!r} is not a stream"
+        errors.append(f"{where}.data_len_key: {shown(out['data_len_key'])} is not a stream"
                       f"{did_you_mean(out['data_len_key'], raw)}; streams: {', '.join(raw)}")
     entries = out["batch_transforms"] if isinstance(out["batch_transforms"], list) else []
     out["batch_transforms"] = [check_batch_transform(entry, f"{where}.batch_transforms[{i}]", list(raw), errors)
@@ -740,7 +790,7 @@ def check_batch_transform(entry, where, streams, errors):
         errors.append(f"{where}.streams: empty; list the streams to transform, e.g. [inputs, targets]")
     for name in out["streams"] if isinstance(out["streams"], list) else []:
         if name not in streams:
-            errors.append(f"{where}.streams: {name!r} is not a stream{did_you_mean(str(name), streams)}; "
+            errors.append(f"{where}.streams: {shown(name)} is not a stream{did_you_mean(name, streams)}; "
                           f"streams: {', '.join(streams)}")
     if out["transform"] in batch_transforms() and isinstance(out["args"], dict):
         check_transform_args(out["transform"], out["args"], f"{where}.args", errors)
@@ -781,7 +831,7 @@ def check_postprocessing(s, where, errors):
     names, args = s["data_read_postprocessing_fn"], s["data_read_postprocessing_fn_args"]
     key = f"{where}.data_read_postprocessing_fn_args"
     if isinstance(args, list) and not isinstance(names, list):
-        errors.append(f"{key}: a list is for a list of functions; {names!r} takes one mapping")
+        errors.append(f"{key}: a list is for a list of functions; {shown(names)} takes one mapping")
         return
     if isinstance(names, list) and isinstance(args, list) and len(args) != len(names):
         errors.append(f"{key}: {len(args)} mapping(s) for {len(names)} functions; give one per function, in order "
@@ -795,7 +845,7 @@ def check_postprocessing(s, where, errors):
     for i, (name, fn_args) in enumerate(postprocessing_steps(s)):
         at = key + (f"[{i}]" if isinstance(names, list) else "")
         if not isinstance(fn_args, dict):
-            errors.append(f"{at}: {fn_args!r} is not a mapping of {name}'s arguments")
+            errors.append(f"{at}: {shown(fn_args)} is not a mapping of {name}'s arguments")
         elif isinstance(name, str) and name in fns:
             check_function_args(fns[name], fn_args, at, errors, passed=1)
 
@@ -831,7 +881,7 @@ def check_labels_of(streams, where, errors):
         target = streams.get(source)
         if target is None:
             folders = [n for n, t in streams.items() if t["class_folders"]]
-            errors.append(f"{where}.{name}.labels_of: {source!r} is not a stream{did_you_mean(source, streams)}; "
+            errors.append(f"{where}.{name}.labels_of: {shown(source)} is not a stream{did_you_mean(source, streams)}; "
                           f"class_folders streams: {', '.join(folders) or 'none'}")
         elif not target["class_folders"]:
             errors.append(f"{where}.{name}.labels_of: {source} is not read from class folders; set "
@@ -959,7 +1009,7 @@ def check_keep_best(cfg, errors):
     if cfg["saving"]["keep_best"] is None:
         return
     key, _ = keep_best(cfg)
-    where = f"saving.keep_best: {cfg['saving']['keep_best']!r}"
+    where = f"saving.keep_best: {shown(cfg['saving']['keep_best'])}"
     samples = cfg["sample_metrics"]
     computed = [m for m in samples["metrics"] if m in SAMPLE_METRICS] if samples["every_epochs"] else []
     logged = [f"sample/{k}" for k in result_keys(computed)]

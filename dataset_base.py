@@ -8,14 +8,18 @@ The functions that do the reading are named in the config and live in dataset_fu
 A folder of class folders (`class_folders: true`, <data_path>/<class>/<file>) is read as one
 stream of samples, and a `class_labels` stream beside it holds each sample's class index.
 """
+import inspect
+import math
 import zipfile
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from config import postprocessing_steps, resolve_path, stream_configs
+from dashboard import known_range
 from errors import UserError, kwargs_text, user_code_error
-from registry import dataset_functions
+from registry import batch_transforms, dataset_functions
 
 
 def load_streams(dataset_cfg, seed, source):
@@ -35,6 +39,11 @@ def load_streams(dataset_cfg, seed, source):
             labels = class_folder_files(resolve_path(folder["data_path"]), f"{source}: dataset.{cfg['labels_of']}")[1]
             streams[name] = select(labels, folder["n_inputs"], folder["randomize_inputs"], dataset_cfg["split_seed"],
                                    f"{source}: dataset.{cfg['labels_of']}")
+    for name, stream in streams.items():
+        if len(stream) == 0:  # (a batch of it could not be made: not one step of an epoch)
+            made = f"read from {configs[name]['data_path']}" if configs[name].get("data_path") else "made"
+            raise UserError(f"{source}: dataset.{name}: 0 samples {made}; every stream needs at least one sample "
+                            "(a shorter stream than data_len_key's wraps around, an empty one cannot)")
     return {name: streams[name] for name in configs}
 
 
@@ -286,6 +295,100 @@ class FileStream:
         """The stream of the files at `index` (still on disk)."""
         return FileStream([self.files[i] for i in index.tolist()], self.reader, self.args, self.where)
 
+
+# ---- the range of a stream's values ------------------------------------------------------------
+class ValueRange(NamedTuple):
+    """The range [low, high] a stream's values are made in (both None where it is not known), and
+    `how` it is known: declared (by the stream's value_range key, or by a function of its chain),
+    guessed from its values, or why it is not known. PSNR and SSIM, Inception's features and
+    evaluate.py's pictures use it, and say `how`."""
+    low: float | None
+    high: float | None
+    how: str
+    declared: bool = False  # by the stream's key or a function, not guessed
+
+    @property
+    def known(self):
+        return self.low is not None
+
+    @property
+    def peak(self):
+        return self.high - self.low
+
+
+# torchvision.transforms.v2 classes that rescale values: after them no range is known
+RESCALING_TRANSFORMS = ("Normalize", "ToDtype", "ConvertImageDtype", "LinearTransformation")
+
+
+def value_range(dataset_cfg, stream, values=None):
+    """The range of `stream`'s values as validation and evaluate.py see them, a ValueRange: its
+    value_range key; else the last range declared along the chain that makes it (declared_range);
+    else a guess from `values` that tolerates an overshoot (dashboard.known_range: [0, 1], [-1, 1],
+    or [0, 255] for whole numbers); else not known. `stream` None: values that no stream makes (a
+    GAN's outputs without a target stream), whose range can only be guessed."""
+    s = stream_configs(dataset_cfg).get(stream) if stream is not None else None
+    key = f"dataset.{stream}.value_range"
+    if s is not None and s.get("value_range") is not None:
+        low, high = s["value_range"]
+        return ValueRange(float(low), float(high), f"declared by {key}", True)
+    declared = declared_range(dataset_cfg, stream) if s is not None else None
+    if declared is not None:
+        (low, high), by = declared
+        return ValueRange(float(low), float(high), f"declared by {by}", True)
+    unset = f"nothing declares it: set {key}" if s is not None else "no data stream declares it"
+    guess = known_range(values) if values is not None and values.numel() else None
+    if guess is not None:
+        return ValueRange(*guess, f"guessed from the values ({unset})")
+    return ValueRange(None, None, f"not known: the values fit none of [0, 1], [-1, 1], [0, 255] and {unset}")
+
+
+def declared_range(dataset_cfg, stream):
+    """((low, high), what declared it) of the last declaration along `stream`'s chain, or None:
+    its file_reader or data_generating_function, its data_read_postprocessing_fn in order, then
+    the dataset.batch_transforms entries with in_evaluation that list it (validation and
+    evaluate.py see no others). A function declares with its `value_range` attribute (see
+    dataset_functions.py); one without keeps the range before it, and a declaration of None
+    (normalize) forgets it."""
+    s, where = stream_configs(dataset_cfg)[stream], f"dataset.{stream}"
+    chain = []  # (function name, its arguments, arguments the pipeline passes first, its key)
+    if s["data_read_type"] in ("file", "folder"):
+        chain.append((s["file_reader"], s["file_reader_args"], 1, f"{where}.file_reader"))
+    elif s["data_read_type"] == "function":
+        chain.append((s["data_generating_function"], s["data_generating_function_args"], 2,
+                      f"{where}.data_generating_function"))
+    chain += [(name, args, 1, f"{where}.data_read_postprocessing_fn") for name, args in postprocessing_steps(s)]
+    chain += [(entry["transform"], entry["args"], 2, f"dataset.batch_transforms[{i}]")
+              for i, entry in enumerate(dataset_cfg["batch_transforms"])
+              if entry["in_evaluation"] and stream in entry["streams"]]
+    found = None
+    for name, args, passed, key in chain:
+        fn = dataset_functions().get(name) or batch_transforms().get(name)
+        if isinstance(fn, type):  # a torchvision class
+            found = None if name in RESCALING_TRANSFORMS else found
+        elif hasattr(fn, "value_range"):
+            declared = declared_by(fn, args, passed, f"{key}: {name}")
+            found = None if declared is None else (declared, f"{name} ({key})")
+    return found
+
+
+def declared_by(fn, args, passed, where):
+    """The range `fn.value_range` declares for these arguments (those after the `passed` ones
+    the pipeline gives, defaults filled in), checked: (low, high) or None."""
+    declared = fn.value_range
+    if callable(declared):
+        params = list(inspect.signature(fn).parameters.values())[passed:]
+        every = {p.name: p.default for p in params if p.default is not p.empty} | args
+        try:
+            declared = declared(**every)
+        except Exception as e:
+            raise user_code_error(e, f"{where}: {fn.__name__}.value_range({kwargs_text(every)})") from None
+    if declared is None:
+        return None
+    if not (isinstance(declared, (tuple, list)) and len(declared) == 2
+            and all(isinstance(x, (int, float)) and math.isfinite(x) for x in declared) and declared[0] < declared[1]):
+        raise UserError(f"{where}: dataset_functions.py: {fn.__name__}.value_range gives {declared!r}; it must give "
+                        "(low, high), two finite numbers with low < high, or None where the range is not known")
+    return tuple(declared)
 
 
 def split_indices(n, validation_fraction, seed, where):

@@ -13,6 +13,20 @@ Four kinds, each named by a key of a data stream in the config:
   streams gives each the same generator state, so sample i of each is flipped, cropped or
   shifted alike. With dataset.on_device the batch and the generator are on the GPU: create
   tensors with device=batch.device, as the functions here do.
+
+The range of the values a function makes: PSNR and SSIM measure against it (its width is the
+peak; outputs are clamped to it), and pictures and Inception's features show images on it.
+Declare it after the function, as the ones here do:
+    fn.value_range = (-1.0, 1.0)
+or, where it depends on the arguments, as a function of them (every argument, the defaults
+filled in) that gives the range or None where it is not known:
+    fn.value_range = lambda dtype, **args: (0.0, 255.0) if dtype == "uint8" else (0.0, 1.0)
+A function without one keeps the range it was given (a flip, a crop, a resize, added noise);
+one that changes values in a way no range describes declares `fn.value_range = None`
+(normalize). A stream's range is the last one declared along the chain that makes it: its
+file_reader or data_generating_function, its data_read_postprocessing_fn in order, then the
+dataset.batch_transforms entries with in_evaluation: true that list it. A stream's own
+`value_range: [low, high]` key overrides them all (dataset_base.value_range reads them).
 """
 import numpy as np
 import torch
@@ -61,6 +75,10 @@ def read_image(path, grayscale=False, size=None, crop=None, dtype="float32"):
     return image.to(torch_dtype(dtype)) / torch.iinfo(image.dtype).max  # 255, or 65535 for 16-bit PNGs
 
 
+read_image.value_range = lambda dtype, **args: (
+    (0.0, 255.0) if torch_dtype(dtype) == torch.uint8 else (0.0, 1.0) if torch_dtype(dtype).is_floating_point else None)
+
+
 def torch_dtype(name):
     """torch's dtype of a name such as float32 or int64 (a reader's `dtype` argument)."""
     dtype = getattr(torch, str(name), None)
@@ -87,6 +105,9 @@ def blobs(n_samples, generator, size=4, width=0.8):
     return (2 * torch.exp(-squared / (2 * width ** 2)) - 1).unsqueeze(1)
 
 
+blobs.value_range = (-1.0, 1.0)
+
+
 def shapes(n_samples, generator, size=32, max_shapes=3):
     """size x size grayscale images in [-1, 1]: one to max_shapes filled circles, squares and
     triangles of random size, position and brightness on a dark background, later ones on top.
@@ -95,6 +116,9 @@ def shapes(n_samples, generator, size=32, max_shapes=3):
     samples, float16); its noisy inputs are the same images through add_gaussian_noise.
     """
     return _draw_shapes(n_samples, generator, size, max_shapes)[0]
+
+
+shapes.value_range = (-1.0, 1.0)
 
 
 SHAPE_KINDS = ("circle", "square", "triangle")  # what _draw_shapes' kind numbers 0, 1, 2 stand for
@@ -138,6 +162,9 @@ def _draw_shapes(n_samples, generator, size, max_shapes, radius=(0.12, 0.3), ins
 def scale_to_symmetric(data, low=0.0, high=1.0):
     """Map values from [low, high] to [-1, 1] (the range of a Tanh generator)."""
     return (data - low) / (high - low) * 2 - 1
+
+
+scale_to_symmetric.value_range = (-1.0, 1.0)
 
 
 def to_images(data, size=None, channels=None, mode="bilinear"):
@@ -209,9 +236,15 @@ def normalize(batch, generator, mean, std):
     return (batch - mean) / std
 
 
+normalize.value_range = None  # one range per channel at best: guessed from the values, or declared on the stream
+
+
 def to_float(batch, generator, scale=255.0):
     """uint8 samples (read_image with dtype uint8) as float32 in [0, 1]."""
     return batch.float() / scale
+
+
+to_float.value_range = lambda scale, **args: (0.0, 255.0 / scale)  # [0, 1] for 8-bit values
 
 
 def add_gaussian_noise(batch, generator, std=0.05):

@@ -19,7 +19,10 @@ class UserError(Exception):
 
 
 def did_you_mean(name, valid):
-    """' (did you mean 'x'?)' when a near name exists (ignoring case), else ''."""
+    """' (did you mean 'x'?)' when a near name exists (ignoring case), else ''. Only text is compared:
+    a name of another kind (a list, a number) is near no name, and its text may be huge."""
+    if not isinstance(name, str):
+        return ""
     by_lower = {str(v).lower(): str(v) for v in valid}
     close = difflib.get_close_matches(str(name).lower(), by_lower, n=1, cutoff=0.6)
     return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
@@ -27,7 +30,90 @@ def did_you_mean(name, valid):
 
 def kwargs_text(kwargs):
     """{"a": 1} as "a=1", for messages that show a call."""
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return ", ".join(f"{k}={shown(v)}" for k, v in kwargs.items())
+
+
+SHOWN_WIDTH = 100  # characters of a value that a message echoes
+MESSAGE_LIMIT = 4000  # characters of a whole message; run_main cuts the middle out of a longer one
+BRACKETS = {list: "[]", tuple: "()", dict: "{}"}
+
+
+def shown(value, width=SHOWN_WIDTH):
+    """`value` as a message echoes it: its repr, cut past `width` characters with how many were left
+    out. Worked out piece by piece, never whole: a YAML value built of aliases is small in memory,
+    but its repr can run to gigabytes."""
+    head = ""
+    try:
+        for piece in repr_pieces(value, set()):
+            head += piece
+            if len(head) > width:
+                return left_out(head[:width], repr_length(value, {}, set()) - width)
+    except RecursionError:
+        return f"{head[:width]}... (nested too deep to show whole)"
+    return head
+
+
+def cut(text, width=SHOWN_WIDTH):
+    """Text that a message echoes as it is (not as a repr), cut past `width` characters as `shown` cuts."""
+    return text if len(text) <= width else left_out(text[:width], len(text) - width)
+
+
+def left_out(head, n):
+    return f"{head}... ({n:,} characters left out)"
+
+
+def repr_pieces(value, inside):
+    """repr(value) in pieces, lazily (`inside`: the containers being written, to write one that
+    holds itself as repr does, [...])."""
+    brackets = BRACKETS.get(type(value))
+    if brackets is None:
+        yield repr(value)
+        return
+    if id(value) in inside:
+        yield f"{brackets[0]}...{brackets[1]}"
+        return
+    inside.add(id(value))
+    yield brackets[0]
+    for i, item in enumerate(value.items() if isinstance(value, dict) else value):
+        yield ", " if i else ""
+        if isinstance(value, dict):
+            yield from repr_pieces(item[0], inside)
+            yield ": "
+            yield from repr_pieces(item[1], inside)
+        else:
+            yield from repr_pieces(item, inside)
+    yield "," if isinstance(value, tuple) and len(value) == 1 else ""
+    yield brackets[1]
+    inside.discard(id(value))
+
+
+def repr_length(value, known, inside):
+    """len(repr(value)), each container and value counted once however often it recurs (`known`:
+    id -> length), as an alias-built value holds the same few many times."""
+    if id(value) in known:
+        return known[id(value)]
+    brackets = BRACKETS.get(type(value))
+    if brackets is None:
+        n = len(repr(value))
+    elif id(value) in inside:
+        return 5  # [...]
+    else:
+        inside.add(id(value))
+        items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else value
+        n = 2 + sum(repr_length(x, known, inside) for x in items) + 2 * max(len(value) - 1, 0) \
+            + 2 * isinstance(value, dict) * len(value) + (isinstance(value, tuple) and len(value) == 1)
+        inside.discard(id(value))
+    known[id(value)] = n
+    return n
+
+
+def cut_middle(text, limit=MESSAGE_LIMIT):
+    """`text` whole or, past `limit` characters, its start and its end with how much was left out
+    between: the last safety net for a message that echoes more than it should."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}\n... ({len(text) - 2 * keep:,} characters left out) ...\n{text[-keep:]}"
 
 
 ROOT = Path(__file__).resolve().parent
@@ -72,7 +158,7 @@ def run_main(main, argv=None):
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cut_middle(str(e))}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         if debug or e.errno != errno.ENAMETOOLONG:

@@ -30,18 +30,21 @@ answer_early(__name__, parse_args)  # --help in a fraction of a second: before t
 import hashlib
 import json
 import math
+import textwrap
 
 import matplotlib
 import torch
 from tqdm import tqdm
 
+import dataset_base
 from cli import check_batches_fit_model, check_data_fits_model, select_device, split_overrides, targets_are_paired
 from config import EVALUATION, load_config
-from dashboard import PAD, grid_columns, image_grid, known_range, scale_note, to_unit_range
+from dashboard import PAD, grid_columns, image_grid, scale_note, to_unit_range
 from dataset import FixedBatches, build_dataset
-from dataset_base import check_same_classes, load_streams, split_indices, stream_classes
+from dataset_base import check_same_classes, load_streams, split_indices, stream_classes, value_range
 from errors import UserError, run_main
-from metrics import batch_sums, finish, peak_of
+from metrics import batch_sums, finish, ssim_window
+from preflight import check_outputs
 from runs import Run, load_trained_run
 from sample_metrics import prepare
 
@@ -66,35 +69,44 @@ def main(argv):
                                            f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
     inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], batches))
+    # the range PSNR, SSIM, Inception's features and the pictures use: the target stream's
+    target_range = value_range(cfg["dataset"], model.target_key, targets) if targets is not None else None
     samples = None if not ev["sample_metrics"] else \
-        prepare(ev["sample_metrics"], ev, targets, f"{args.evaluation_cfg}: evaluation", device)  # before generating
+        prepare(ev["sample_metrics"], ev, targets, f"{args.evaluation_cfg}: evaluation", device,
+                value_range=target_range)  # before generating
     model = model.to(device).eval()
-    outputs = run_batched(model, inputs, ev["batch_size"], device)
+    outputs = run_batched(model, inputs, ev["batch_size"], device, args.training_cfg)
     paired = targets_are_paired(model, adversarial)
     names = class_names(state, model, outputs.shape[-1])
-    metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names)
+    notes = []  # one line for each figure left out or null, and why
+    metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names, target_range, notes)
     if samples is not None:
         metrics |= samples(outputs, f"{args.evaluation_cfg}: evaluation.sample_metrics")
         metrics["feature_extractor"] = samples.features.name
+    if is_classification(outputs, targets):
+        title = f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)"
+        figures = {"confusion": confusion_matrix(metrics["confusion_matrix"], names, title)} | \
+            labelled_pictures(inputs, outputs.argmax(1), targets, names, ev["grid_nrow"], path.name,
+                              value_range(cfg["dataset"], model.input_key, inputs), notes)
+    else:
+        shown = ev["grid_nrow"] ** 2  # (thousands of samples for FID would make an unreadable grid)
+        shown_range = target_range if comparable(outputs, targets) else value_range(cfg["dataset"], None, outputs)
+        figures = sample_pictures(inputs[:shown] if paired else None, outputs[:shown],
+                                  None if targets is None else targets[:shown], ev["grid_nrow"], path.name,
+                                  shown_range, notes)
     settings = resolved_settings(ev, path, split)
     digest = settings_hash(settings, cfg)
+    metrics |= {"notes": notes} if notes else {}
     metrics |= {"checkpoint": str(path), "epoch": state.get("epoch"), "data_split": split, "settings_hash": digest,
                 "evaluation": settings}
     run, out = Run.of(cfg, path.parent), f"{path.stem}_{split}_{digest}"  # this checkpoint, split and settings
-    text = json.dumps(metrics, indent=2).encode()
-    print(json.dumps(metrics, indent=2))
-    print(f"saved {run.write_result(f'{out}_metrics.json', lambda f: f.write(text))}")
-    if outputs.dim() == 4 and outputs.shape[1] in (1, 3):
-        shown = ev["grid_nrow"] ** 2  # (thousands of samples for FID would make an unreadable grid)
-        save_figure(run, f"{out}_samples.png", sample_grid(inputs[:shown] if paired else None, outputs[:shown],
-                                                            None if targets is None else targets[:shown],
-                                                            ev["grid_nrow"], title=path.name))
-    if is_classification(outputs, targets):
-        title = f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)"
-        save_figure(run, f"{out}_confusion.png", confusion_matrix(metrics["confusion_matrix"], names, title))
-        if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
-            save_figure(run, f"{out}_samples.png", labelled_inputs(inputs, outputs.argmax(1), targets, names,
-                                                                    ev["grid_nrow"], title=path.name))
+    text = json.dumps(strict(metrics), indent=2, allow_nan=False)  # (JSON has no Infinity or NaN)
+    print(text)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"saved {run.write_result(f'{out}_metrics.json', lambda f: f.write(text.encode()))}")
+    for kind, fig in figures.items():
+        save_figure(run, f"{out}_{kind}.png", fig)
 
 
 def resolved_settings(ev, path, split):
@@ -150,28 +162,41 @@ def first_samples(data, n, batches):
 
 
 @torch.no_grad()
-def run_batched(model, inputs, batch_size, device):
+def run_batched(model, inputs, batch_size, device, where):
     starts = range(0, len(inputs), batch_size)
-    return torch.cat([model(inputs[i:i + batch_size].to(device)).cpu()
-                      for i in tqdm(starts, desc="evaluating", unit="batch", leave=False, disable=len(starts) < 4)])
+    outputs = []
+    for i in tqdm(starts, desc="evaluating", unit="batch", leave=False, disable=len(starts) < 4):
+        outputs.append(model(inputs[i:i + batch_size].to(device)))
+        check_outputs(outputs[-1], model, where)
+        outputs[-1] = outputs[-1].cpu()
+    return torch.cat(outputs)
 
 
 @torch.no_grad()
-def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names):
+def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names, target_range, notes):
     """Output statistics; with targets, how close outputs are to them (pairwise for paired data,
-    by nearest neighbours for a GAN); with a trained discriminator, its mean score for real and
-    for generated samples."""
+    on the targets' range `target_range`, dataset_base.value_range's, which they say; by nearest
+    neighbours for a GAN); with a trained discriminator that gives one score a sample, its mean
+    score for real and for generated samples. What is left out gets a line in `notes`."""
     metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
                "output_min": outputs.min().item(), "output_max": outputs.max().item()}
     if is_classification(outputs, targets):  # class scores [N, C] against class labels [N]
         return metrics | classification_metrics(outputs, targets, names)
-    if targets is None or targets.shape[1:] != outputs.shape[1:]:
+    if not comparable(outputs, targets):
         return metrics
     targets = targets.float()
+    metrics |= {"value_range": [target_range.low, target_range.high] if target_range.known else None,
+                "value_range_how": target_range.how}
+    if not target_range.declared:
+        notes.append(f"the range of the targets is {target_range.how}")
     if paired:
-        metrics |= pairwise_metrics(outputs, targets)
+        if target_range.known:  # what PSNR and SSIM clamp
+            low, high = target_range.low, target_range.high
+            metrics["outputs_clamped"] = ((outputs < low) | (outputs > high)).float().mean().item()
+        metrics |= pairwise_metrics(outputs, targets, target_range)
         if inputs.shape == targets.shape:  # what the model improves on (e.g. the noisy images themselves)
-            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(inputs.float(), targets, peak_of(targets)).items()}
+            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(inputs.float(), targets, target_range,
+                                                                     clamp=False).items()}
     else:
         # Mean distance from each output to its nearest target (are outputs like the data?) and from
         # each target to its nearest output (is all of the data covered, or did a GAN collapse?).
@@ -183,21 +208,59 @@ def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial
                     "target_to_nearest_output": distances.min(0).values.mean().item(),
                     "target_to_nearest_other_target": among.min(1).values.mean().item()}
     if adversarial:
-        real = model.discriminate(targets.to(device), inputs.to(device)).mean().item()
-        fake = model.discriminate(outputs.to(device), inputs.to(device)).mean().item()
-        metrics |= {"discriminator_score_real": real, "discriminator_score_generated": fake}
+        metrics |= discriminator_scores(model, inputs, outputs, targets, device, notes)
     return metrics
 
 
-def pairwise_metrics(outputs, targets, peak=None):
-    """Mean absolute and squared error, PSNR in dB and, for images, SSIM (metrics.py, as
-    validation computes them), with the width of the targets' range as the peak (2 for data in
-    [-1, 1]; metrics.peak_of). `peak`: the targets' (for the inputs' scores too)."""
-    peak = peak_of(targets) if peak is None else peak
-    mse = torch.mean((outputs - targets) ** 2).item()
-    quality = finish({k: v.item() for k, v in batch_sums("images", outputs, targets, peak).items()}, peak)
-    return {"l1": torch.mean((outputs - targets).abs()).item(), "mse": mse, "psnr_db": quality["psnr"],
-            **({"ssim": quality["ssim"]} if "ssim" in quality else {})}
+def comparable(outputs, targets):
+    """Whether outputs and targets are samples of one shape (images against images, say)."""
+    return targets is not None and targets.shape[1:] == outputs.shape[1:]
+
+
+def pairwise_metrics(outputs, targets, value_range, clamp=True):
+    """Mean absolute and squared error of the outputs as they are; PSNR in dB and, for images,
+    SSIM (metrics.py, as validation computes them) of the outputs clamped to the targets'
+    `value_range` (a dataset_base.ValueRange, whose width is the peak: 2 for [-1, 1]), or as they
+    are with `clamp` False (the inputs, which are data, not a model's answer). A PSNR or SSIM
+    that cannot be had is None, with the reason beside it (<key>_reason)."""
+    result = {"l1": torch.mean((outputs - targets).abs()).item(), "mse": torch.mean((outputs - targets) ** 2).item()}
+    has_ssim = outputs.dim() == 4 and ssim_window(outputs.shape) > 0
+    if not value_range.known:
+        why = f"the range of the targets is {value_range.how}"
+        return result | {"psnr_db": None, "psnr_db_reason": why} | \
+            ({"ssim": None, "ssim_reason": why} if has_ssim else {})
+    sums = batch_sums("images", outputs, targets, value_range, clamp)
+    quality = finish({k: v.item() for k, v in sums.items()}, value_range)
+    result["psnr_db"] = quality["psnr"]
+    if math.isinf(result["psnr_db"]):
+        result |= {"psnr_db": None, "psnr_db_reason": "identical to the targets: PSNR is infinite"}
+    return result | ({"ssim": quality["ssim"]} if "ssim" in quality else {})
+
+
+def discriminator_scores(model, inputs, outputs, targets, device, notes):
+    """The discriminator's mean score for real and for generated samples, where it gives one score
+    a sample ([N] or [N, 1]); else none, and a line in `notes` saying why: the mean of a map of
+    scores per sample (a PatchGAN's) is no sample's score."""
+    real = model.discriminate(targets.to(device), inputs.to(device))
+    fake = model.discriminate(outputs.to(device), inputs.to(device))
+    if not all(isinstance(x, torch.Tensor) and x.shape in ((len(targets),), (len(targets), 1)) for x in (real, fake)):
+        shape = list(real.shape[1:]) if isinstance(real, torch.Tensor) else type(real).__name__
+        notes.append(f"no discriminator_score_real or _generated: the discriminator gives {shape} scores per sample "
+                     "(a PatchGAN's map?), not one, and their mean is no sample's score")
+        return {}
+    return {"discriminator_score_real": real.mean().item(), "discriminator_score_generated": fake.mean().item()}
+
+
+def strict(metrics):
+    """`metrics` as strict JSON holds them: a number that is not finite (an output of NaN) as
+    null, with the reason beside it (<key>_reason), in every mapping."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key], out[f"{key}_reason"] = None, f"not a finite number ({value})"
+        else:
+            out[key] = strict(value) if isinstance(value, dict) else value
+    return out
 
 
 def is_classification(outputs, targets):
@@ -261,19 +324,34 @@ def confusion_matrix(confusion, names, title):
     return fig
 
 
-def labelled_inputs(inputs, predicted, targets, names, nrow, title):
+def labelled_pictures(inputs, predicted, targets, names, nrow, title, value_range, notes):
+    """{"samples": labelled_inputs' figure} for inputs that are images of 1 or 3 channels; else
+    nothing, and a line in `notes` saying why (the confusion matrix is the picture then)."""
+    if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
+        return {"samples": labelled_inputs(inputs, predicted, targets, names, nrow, title, value_range)}
+    notes.append(f"no samples picture: the inputs are {list(inputs.shape[1:])} per sample, not images of 1 or 3 "
+                 "channels to title with their class; the confusion matrix shows the classes")
+    return {}
+
+
+def labelled_inputs(inputs, predicted, targets, names, nrow, title, value_range=None):
     """Up to nrow x nrow input images, about as many a row as rows, each titled with its predicted
     class, the misclassified ones first, in red and with their true class under; all on one colour
-    scale (the inputs' known_range, clipped, or their min..max), which the figure's title states."""
+    scale (the input stream's `value_range`, clipped, or where it is not known their min..max;
+    None: guessed from them), which the figure's title states."""
     order = torch.cat([torch.nonzero(predicted != targets).flatten(), torch.nonzero(predicted == targets).flatten()])
     order = order[:nrow * nrow]
     shown = inputs[order].float()
-    value_range = known_range(shown)
+    value_range = value_range or dataset_base.value_range(None, None, shown)
+    how = f"range {value_range.how}"
+    value_range = (value_range.low, value_range.high) if value_range.known else None
     images = to_unit_range(shown, value_range)
     columns = grid_columns(len(order), nrow)
     rows = math.ceil(len(order) / columns)
     width = max(1.0, 0.065 * max(len(name) for name in names) + 0.45)  # a title as wide as "true: <name>"
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns + 0.2, 1.45 * rows + 0.7), squeeze=False,
+    how = wrapped(how, width * columns + 0.2)
+    extra = LINE * (how.count("\n") + 1)  # the range's lines, under the title's three
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns + 0.2, 1.45 * rows + 0.7 + extra), squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -291,32 +369,106 @@ def labelled_inputs(inputs, predicted, targets, names, nrow, title):
         label = f"{names[predicted[i]]}\ntrue: {names[targets[i]]}" if wrong else names[predicted[i]]
         ax.set_title(label, fontsize=7, color="red" if wrong else "black")
     fig.suptitle(f"{title}\npredicted class; mistakes first, in red, with the true class\n"
-                 f"inputs {scale_note(shown, value_range)}", fontsize=9)
+                 f"inputs {scale_note(shown, value_range)}\n{how}", fontsize=9)
     return fig
 
 
-def sample_grid(inputs, outputs, targets, nrow, title):
+MAX_CHANNELS = 8  # channels a picture shows of images of other than 1 or 3 channels, or of signals
+MAX_SIGNALS = 16  # samples a picture of signals shows
+
+
+def sample_pictures(inputs, outputs, targets, nrow, title, value_range, notes):
+    """{"samples": a figure} of outputs that are not class scores: images [N, C, H, W] (sample_grid)
+    or signals [N, L] or [N, C, L] (signal_plot), beside their inputs (`inputs` given: paired
+    data) and targets; of any other outputs nothing, and a line in `notes` saying why."""
+    if outputs.dim() == 4:
+        return {"samples": sample_grid(inputs, outputs, targets, nrow, title, value_range)}
+    if outputs.dim() in (2, 3) and outputs.shape[-1] > 1:
+        return {"samples": signal_plot(inputs, outputs, targets, nrow, title)}
+    what = "one value" if outputs.dim() == 1 or outputs[0].numel() == 1 else f"{list(outputs.shape[1:])}"
+    notes.append(f"no samples picture: the outputs are {what} per sample, neither images [C, H, W] nor signals [L] "
+                 "or [C, L]; the output statistics above describe them")
+    return {}
+
+
+def sample_grid(inputs, outputs, targets, nrow, title, value_range=None):
     """Outputs beside the data: input, output and target for paired data (inputs given), generated
     beside real samples otherwise; about as many images a row as rows, at most `nrow`. Every
-    panel is shown on the data's range (known_range of the targets, else of the outputs) and
-    clipped to it, so that inputs far outside it (noisy ones) do not wash the others out; where no
-    usual range fits, each panel is stretched from its own min..max. Each panel's title says which."""
+    panel is shown on `value_range` (the target stream's, dataset_base.value_range) and clipped
+    to it, so that inputs far outside it (noisy ones) do not wash the others out; where it is not
+    known, each panel is stretched from its own min..max (None: guessed from the targets, else
+    the outputs). Each panel's title says which, the figure's how the range is known. Images of
+    other than 1 or 3 channels are shown a sample a row (`nrow` of them), a channel a column in
+    grey (MAX_CHANNELS at most)."""
     comparable = targets is not None and targets.shape[1:] == outputs.shape[1:]
     if inputs is not None and inputs.shape[1:] == outputs.shape[1:]:
         panels = [("input", inputs), ("output", outputs)] + ([("target", targets.float())] if comparable else [])
     else:
         panels = [("generated", outputs)] + ([("data", targets[:len(outputs)].float())] if comparable else [])
-    value_range = known_range(targets.float() if comparable else outputs)
-    columns = grid_columns(len(outputs), nrow)
+    value_range = value_range or dataset_base.value_range(None, None, targets.float() if comparable else outputs)
+    how = f"range {value_range.how}"
+    value_range = (value_range.low, value_range.high) if value_range.known else None
+    columns, channels = grid_columns(len(outputs), nrow), outputs.shape[1]
+    if channels not in (1, 3):
+        columns = min(channels, MAX_CHANNELS)
+        panels = [(name, images[:nrow, :columns].reshape(-1, 1, *images.shape[2:])) for name, images in panels]
+        how += (f"\na sample a row; channel{'s' * (columns > 1)} 0-{columns - 1} of {channels} a column each, grey"
+                if columns > 1 else f"\na sample a row; channel 0 of {channels}, grey")
     grids = [image_grid(to_unit_range(images, value_range), columns) for _, images in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=grid_figure_size(grids[0].shape[1:], len(panels)),
-                             squeeze=False, layout="constrained")
+    width, height = grid_figure_size(grids[0].shape[1:], len(panels))
+    how = wrapped(how, width)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height + LINE * (how.count("\n") + 1)), squeeze=False,
+                             layout="constrained")  # (the range's lines under the title)
     for ax, (name, images), grid in zip(axes[0], panels, grids):
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(f"{name}\n{scale_note(images, value_range)}", fontsize=9)
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\n{how}", fontsize=9)
     fig.get_layout_engine().set(h_pad=0.08)  # (the default leaves the suptitle touching the panel titles)
+    return fig
+
+
+LINE = 0.16  # inches a line of text at font size 9 takes
+
+
+def wrapped(text, width):
+    """`text` in lines that fit a figure `width` inches wide at font size 9 (12 characters an inch)."""
+    return "\n".join(textwrap.fill(line, max(24, int(width * 12))) for line in text.splitlines())
+
+
+def signal_plot(inputs, outputs, targets, nrow, title):
+    """Outputs that are signals ([N, L] or [N, C, L]) as a line plot a sample (MAX_SIGNALS at
+    most, about as many a row as rows, at most `nrow`): the output solid, its target dashed and
+    its input faint where they have its shape; channels in colours (MAX_CHANNELS at most).
+    Without inputs (a GAN's samples, which pair with no target) the dashed line is a real sample."""
+    def lines(x):
+        return None if x is None or x.shape[1:] != outputs.shape[1:] else x.float().reshape(len(x), -1, x.shape[-1])
+
+    shown = min(len(outputs), MAX_SIGNALS, nrow * nrow)
+    columns = grid_columns(shown, nrow)
+    rows = math.ceil(shown / columns)
+    target = "target" if inputs is not None else "a real sample"
+    series = [("input", lines(inputs), {"alpha": 0.35, "linewidth": 0.8}),
+              ("output", lines(outputs), {"linewidth": 1.2}),
+              (target, lines(targets), {"linestyle": "--", "linewidth": 1.0})]
+    series = [(name, x, style) for name, x, style in series if x is not None]
+    channels = lines(outputs).shape[1]
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.3, 1.8 * rows + 0.9), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    for ax in axes.flat[shown:]:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:shown]):
+        for _, x, style in series:
+            for c in range(min(channels, MAX_CHANNELS)):
+                ax.plot(x[i, c].numpy(), color=f"C{c}", **style)
+        ax.set_title(f"sample {i}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    legend = [plt.Line2D([], [], color="black", **style, label=name) for name, _, style in series]
+    legend += [plt.Line2D([], [], color=f"C{c}", label=f"channel {c}") for c in range(min(channels, MAX_CHANNELS))] * \
+        (channels > 1)
+    fig.legend(handles=legend, loc="outside lower center", ncols=min(len(legend), 6), fontsize=8, frameon=False)
+    more = f"; channels 0-{MAX_CHANNELS - 1} of {channels}" if channels > MAX_CHANNELS else ""
+    fig.suptitle(f"{title}\n{shown} of {len(outputs)} samples, values against position{more}", fontsize=9)
     return fig
 
 

@@ -48,13 +48,26 @@ from config import (
     resolve_path,
     results_dir,
 )
-from errors import UserError, run_main
-from runs import Run, list_checkpoints, load_checkpoint, read_metrics, results_of, run_config, saved_config, select_runs
+from errors import UserError, run_main, shown
+from runs import (
+    Run,
+    is_count,
+    list_checkpoints,
+    load_checkpoint,
+    looking_in,
+    read_metrics,
+    results_of,
+    run_config,
+    saved_config,
+    select_runs,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 NOT_PLOTTED = ("epoch", "step", "time", "nonfinite", "samples_per_s", "data_wait")  # metrics.jsonl bookkeeping
+MAX_STEP = 2 ** 62  # steps a run may log (a larger one is a damaged file, beyond numpy's integers)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the largest loss a run logs
 STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))  # one per loss term in a panel
 # The panel of each sample metric (sample_metrics): (title, y label); kid_std is in the table only.
 SAMPLE_PANELS = {"fid": ("FID of generated samples (lower is better)", "FID"),
@@ -102,18 +115,20 @@ def gather_runs(cfgs, te, where):
     null) or up to the checkpoints named; a checkpoint given as a path is read wherever it lies."""
     specs = te["model_checkpoint_filename"]
     specs = None if specs is None else as_list(specs)
-    paths = [p for p in map(checkpoint_path, specs or []) if p is not None]
-    names = [s for s in specs or [] if checkpoint_path(s) is None]
-    runs = [read_run(cfgs[0], path.parent, where, path) for path in paths]
+    with looking_in(f"{where}.model_checkpoint_filename"):  # (a folder it cannot look through)
+        paths = [p for p in map(checkpoint_path, specs or []) if p is not None]
+        names = [s for s in specs or [] if checkpoint_path(s) is None]
+        runs = [read_run(cfgs[0], path.parent, where, path) for path in paths]
     if specs is not None and not names:
         return runs
     for cfg in cfgs:
         for folder in select_runs(cfg, te["runs"], f"{where}.runs"):
-            if specs is None:
-                runs.append(read_run(cfg, folder, where))
-            else:
-                runs += [read_run(cfg, folder, where, path)
-                         for path in checkpoints_of(folder, names, f"{where}.model_checkpoint_filename")]
+            with looking_in(f"{where}.runs"):
+                if specs is None:
+                    runs.append(read_run(cfg, folder, where))
+                else:
+                    runs += [read_run(cfg, folder, where, path)
+                             for path in checkpoints_of(folder, names, f"{where}.model_checkpoint_filename")]
     return runs
 
 
@@ -133,7 +148,7 @@ def checkpoints_of(folder, specs, where):
     found, have = [], list_checkpoints(folder)
     for spec in specs:
         if not isinstance(spec, str):
-            raise UserError(f"{where}: {spec!r} is not a checkpoint name, latest, best or a glob")
+            raise UserError(f"{where}: {shown(spec)} is not a checkpoint name, latest, best or a glob")
         if spec == "latest":
             matches = have[-1:]
         elif spec == "best":  # saving.keep_best's <prefix>_best.pth
@@ -144,7 +159,7 @@ def checkpoints_of(folder, specs, where):
             matches = [p for p in have if p.name == spec]
         if not matches:
             listing = ", ".join(p.name for p in have[-5:]) or "none"
-            raise UserError(f"{where}: {spec!r} matches no checkpoint in {folder} (it holds: {listing})")
+            raise UserError(f"{where}: {shown(spec)} matches no checkpoint in {folder} (it holds: {listing})")
         found += matches
     return list(dict.fromkeys(found))
 
@@ -223,15 +238,30 @@ def history_rows(state):
 
 def curves(rows):
     """{key: (steps, values)} for every metric in the rows; a null (a non-finite value) as NaN,
-    which leaves a gap in the curve."""
+    which leaves a gap in the curve. A row whose step no run reaches is left out."""
     found = {}
     for row in rows:
+        if not is_count(row["step"]) or row["step"] >= MAX_STEP:
+            continue
         for key, value in row.items():
             if key not in NOT_PLOTTED and (value is None or isinstance(value, (int, float))):
                 found.setdefault(key, ([], []))
                 found[key][0].append(row["step"])
-                found[key][1].append(math.nan if value is None else float(value))
+                found[key][1].append(plotted(value))
     return {key: (np.asarray(steps), np.asarray(values)) for key, (steps, values) in found.items()}
+
+
+def plotted(value):
+    """A logged value as a curve holds it: null (a value that was not finite) as NaN, and one beyond
+    float32's range, which no run logs (a file edited or damaged), as infinite: matplotlib cannot
+    scale an axis out to float64's end."""
+    if value is None:
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float
+        return math.inf if value > 0 else -math.inf
+    return value if math.isnan(value) or abs(value) <= FLOAT32_MAX else math.copysign(math.inf, value)
 
 
 def label_runs(runs):
@@ -288,7 +318,8 @@ def loss_keys(runs):
     # per network (and validation of it): total + terms; a validation metric (PSNR, accuracy) is no term
     terms_of = Counter(k.rsplit("/", 1)[0] for k in keys if not (k.startswith("validation/") and
                                                                   k.rsplit("/", 1)[-1] in METRIC_PANELS))
-    return [k for k in keys if not k.endswith("/total") or terms_of[k.rsplit("/", 1)[0]] > 2]
+    # (a total of one term repeats it; a total logged alone is all there is of its network)
+    return [k for k in keys if not k.endswith("/total") or terms_of[k.rsplit("/", 1)[0]] != 2]
 
 
 def summary_table(runs, window):
@@ -311,8 +342,25 @@ def summary_table(runs, window):
         table.append((f"final {key}", finals))
         if any(b != "-" for b in bests):
             table.append((f"best {key}", bests))
-    return {"runs": [run["label"] for run in runs], "rows": table,
-            "note": f"training terms: moving averages over {window} steps; validation: one value per epoch"}
+    notes = [f"training terms: moving averages over {window} steps; validation: one value per epoch",
+             *nonfinite_notes(runs)]
+    return {"runs": [run["label"] for run in runs], "rows": table, "note": "\n".join(notes)}
+
+
+def nonfinite_notes(runs):
+    """A line for each curve holding NaN or infinite values (a loss that diverged, or a run that
+    skipped such steps): how many, and whether anything of it is drawn."""
+    notes = []
+    for run in runs:
+        for key, (_, values) in run["curves"].items():
+            bad = int((~np.isfinite(values)).sum())
+            if bad == len(values):
+                notes.append(f"{run['label']}: {key}: all {bad} values are non-finite (NaN or infinite); no curve "
+                             "is drawn")
+            elif bad:
+                notes.append(f"{run['label']}: {key}: {bad} of {len(values)} values are non-finite (NaN or "
+                             "infinite); they are gaps in its curve")
+    return notes
 
 
 def markdown(table):
@@ -321,7 +369,7 @@ def markdown(table):
 
     lines = ["| | " + " | ".join(table["runs"]) + " |", "|---" * (len(table["runs"]) + 1) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in [name, *values]) + " |" for name, values in table["rows"]]
-    return "\n".join(lines) + f"\n\n{table['note']}\n"
+    return "\n".join(lines) + "\n\n" + table["note"].replace("\n", "\n\n") + "\n"
 
 
 def csv_text(table):
@@ -342,13 +390,15 @@ def plot(runs, window):
     lr_keys = list(dict.fromkeys(k for run in runs for k in run["curves"] if k.endswith("/lr")))
     with_lr = any(rate_changes(run["curves"][k][1]) for run in runs for k in lr_keys if k in run["curves"])
     n = len(panels) + with_lr
-    rows = -(-n // 3)  # rows of at most three panels, so that six stay readable ...
-    cols = -(-n // rows)  # ... and as full as can be: four make 2 x 2
+    rows = -(-max(n, 1) // 3)  # rows of at most three panels, so that six stay readable ...
+    cols = -(-max(n, 1) // rows)  # ... and as full as can be: four make 2 x 2
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols + 1.5, 4.8 * rows + 0.4), squeeze=False,
                              layout="constrained")
     axes = axes.reshape(1, -1)  # one row of panels, in reading order
     for ax in axes[0][n:]:
         ax.axis("off")
+    if n == 0:  # learning rates alone, that never change or are never finite: the legend and the table say them
+        axes[0][0].text(0.5, 0.5, "no loss term or metric to draw", ha="center", va="center", color="0.4")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         draw(ax, runs, [k for k in keys if panel_of(k) == panel], window, colours)
@@ -424,6 +474,11 @@ def draw(ax, runs, keys, window, colours):
             steps, values = smoothed(key, steps, values, window)
             point = key.startswith(("validation/", "sample/")) or len(values) == 1  # (one point is no line)
             ax.plot(steps, values, marker="o" if point else None, markersize=3, linewidth=1.2, **style)
+    missing = [f"{run['label']}: {term_label(key, runs)}" for key in keys for run in runs
+               if key in run["curves"] and not np.isfinite(run["curves"][key][1]).any()]
+    if missing:  # (an empty panel would say nothing of why)
+        ax.text(0.5, 0.5, "no finite value, not drawn:\n" + "\n".join(missing), transform=ax.transAxes,
+                ha="center", va="center", fontsize="small", color="0.4")
     term_legend(ax, keys, runs)
     log_scale_if_wide(ax)
     include_bulk(ax, raw)

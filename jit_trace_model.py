@@ -54,9 +54,11 @@ def parse_args(argv):
 answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
 
 import contextlib
+import decimal
 import importlib
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -66,10 +68,14 @@ import warnings
 
 import torch
 
-from errors import UserError, run_main
+from errors import UserError, cut, run_main
 from runs import Run, load_trained_run
 
 TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
+# -i: the most values an example input may hold (1 GiB of float32). The checks run the model on it
+# and on a copy, and a trace records the same operations at any batch size, so more buys nothing.
+MAX_INPUT_VALUES = 2 ** 28
+MAX_BENCHMARK = 10 ** 6  # --benchmark: the most timed passes (a median settles within hundreds)
 BAKED_IN = ("forward fixes the batch size, usually by a reshape or view to a fixed size such as x.view(2, -1): "
             "use x.flatten(1) or x.reshape(x.shape[0], -1) there, or drop --dynamic-batch")
 
@@ -80,10 +86,7 @@ class CaptureFailed(Exception):
 
 def main(argv):
     args = parse_args(argv)
-    if any(n < 1 for n in args.input_size):
-        raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: every size must be >= 1")
-    if args.benchmark < 0:
-        raise UserError(f"--benchmark {args.benchmark}: give a number of runs >= 1 (or leave it out)")
+    check_numbers(args)
     device = benchmark_device(args.device)
     cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides,
                                            use_ema=not args.no_ema)
@@ -113,6 +116,23 @@ def main(argv):
         if device.type != "cpu" and args.format != "onnx":
             model, run_artifact = model.to(device), run_artifact.to(device)
         benchmark(model, run_artifact, example, args.benchmark, args.format, device)
+
+
+def check_numbers(args):
+    """-i and --benchmark within what a tensor and a run can hold, before anything is loaded or written."""
+    given = cut(" ".join(map(str, args.input_size)))
+    if any(n < 1 for n in args.input_size):
+        raise UserError(f"--input_size {given}: every size must be >= 1")
+    values = math.prod(args.input_size)
+    if values > MAX_INPUT_VALUES:
+        values = decimal.Decimal(values)  # (a float cannot hold every product of integers typed)
+        raise UserError(f"--input_size {given}: an example input of {values:.3g} values ({values * 4 / 2 ** 30:.3g} "
+                        f"GiB of float32) is more than the {MAX_INPUT_VALUES:,} (1 GiB) allowed; a trace records the "
+                        "same operations at any batch size: give a batch of 1 (with --dynamic-batch for an artifact "
+                        "that takes any batch)")
+    if not 0 <= args.benchmark <= MAX_BENCHMARK:
+        raise UserError(f"--benchmark {args.benchmark}: give a number of runs from 1 to {MAX_BENCHMARK:,} (or leave "
+                        "it out)")
 
 
 def export(fmt, model, traced_at, example, flow_path, dynamic):
@@ -160,13 +180,19 @@ def difference_to_eager(run_artifact, model, inputs, flow_path, fmt, dynamic):
             raise UserError(f"{flow_path}: {'--dynamic-batch: ' if dynamic else ''}{at} the {fmt} model gives shape "
                             f"{list(got.shape)}, the eager one {list(expected.shape)}; "
                             + (BAKED_IN if dynamic else "the output's shape depends on the data, which tracing fixes"))
-        diff = (got - expected).abs().max().item()
-        if diff > TOLERANCE:
+        diff = max_difference(got, expected)
+        if not diff <= TOLERANCE:  # (NaN where the other has a number is a difference too)
             raise UserError(f"{flow_path}: the {fmt} model differs from the eager one on a new input {at} (max abs "
                             f"difference {diff:.3g} > {TOLERANCE}); forward probably has data-dependent control "
                             "flow, which tracing cannot capture" + (f", or {BAKED_IN}" if dynamic else ""))
         worst = max(worst, diff)
     return worst
+
+
+def max_difference(a, b):
+    """The largest abs difference between two outputs, NaN where one is NaN and the other is not
+    (where both are, they agree)."""
+    return (a - b).abs().masked_fill(a.isnan() & b.isnan(), 0).max().item()
 
 
 def forward(fn, x, failed, flow_path, dynamic):
@@ -190,8 +216,8 @@ def batched_to_alone(run_artifact, x, flow_path, fmt):
     if together.shape != alone.shape:
         raise UserError(f"{flow_path}: --dynamic-batch: the {fmt} model gives {together.shape[0]} output(s) for a "
                         f"batch of {x.shape[0]} (shape {list(together.shape)}); {BAKED_IN}")
-    diff = (together - alone).abs().max().item()
-    if diff > TOLERANCE:
+    diff = max_difference(together, alone)
+    if not diff <= TOLERANCE:
         raise UserError(f"{flow_path}: --dynamic-batch: a sample's output in a batch of {x.shape[0]} differs from "
                         f"its output alone (max abs difference {diff:.3g} > {TOLERANCE}): forward mixes the samples "
                         "of a batch (a reshape across the batch dimension, or batch statistics); fix forward or "

@@ -28,7 +28,7 @@ from torch.func import functional_call
 import layers as custom_layers
 from architecture import ADV_TYPES, read_architecture
 from config import parse_yaml, read_yaml, resolve_path
-from errors import UserError, did_you_mean, kwargs_text, run_main, user_code_error
+from errors import UserError, did_you_mean, kwargs_text, run_main, shown, user_code_error
 from registry import layer_types
 
 
@@ -65,6 +65,13 @@ SEQUENCE_LAYERS = ("RNN", "GRU", "LSTM", "MultiheadAttention", "TransformerEncod
 # Norms over the last dim that a conv map ([C, H, W]) is better normalised by giving all of it.
 LAST_DIM_NORMS = ("LayerNorm", "RMSNorm")
 SHAPE_BATCH = 2  # batch size of the meta tensors used to work out shapes (BatchNorm needs > 1)
+# Layer arguments that the pipeline sets for the whole model: a layer built on another device or
+# in another dtype would not move with the rest (a meta or float64 layer among float32 ones).
+SET_BY_PIPELINE = {
+    "device": "the pipeline places the whole model (training.gpus; evaluation.gpus; jit_trace_model.py --device)",
+    "dtype": "the pipeline sets the whole model's precision (training.precision: fp32, bf16 or fp16); a layer of "
+             "its own dtype would not match its neighbours",
+}
 
 
 class Submodel(nn.Module):
@@ -267,15 +274,21 @@ class ArchitectureBuilder:
 
     def make_layer(self, type_name, params, shape, where):
         """The layer, its input-size arguments filled in from `shape` (the previous output's)."""
+        for name in SET_BY_PIPELINE:
+            if name in params:
+                self.fail(f"{where}.layer_params.{name}", f"{SET_BY_PIPELINE[name]}; leave {name} out")
         cls = layer_types()[type_name]
-        signature = init_parameters(cls)
+        try:
+            signature = init_parameters(cls)
+        except (TypeError, ValueError) as e:  # (a class whose constructor inspect cannot read)
+            self.fail(f"{where}.layer_type", f"{type_name}'s constructor cannot be read: {e}")
         rules = input_size_rules(type_name, cls, signature)
         self.check_input_rank(type_name, params, shape, where)
         if not any(p.kind is p.VAR_KEYWORD for p in signature.values()):
             for name in params:
                 if name not in signature:
                     valid = [n for n in signature if n != "self" and n not in rules]
-                    self.fail(f"{where}.layer_params.{name}", f"{type_name} takes no argument {name!r}"
+                    self.fail(f"{where}.layer_params.{name}", f"{type_name} takes no argument {shown(name)}"
                               f"{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
         kwargs = self.layer_kwargs(params, rules, shape, where)
         missing = [n for n, p in signature.items() if n != "self" and p.default is p.empty

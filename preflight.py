@@ -9,20 +9,26 @@ against the architecture's input_size; the real samples, the flow's wiring and t
 first used by the step itself.
 
 So `check_step` runs the forward passes and loss terms of one step on a first batch, phase by
-phase, and turns a failure into a UserError that says what was fed where. It leaves no trace:
-the random number generators, the model's buffers (BatchNorm statistics) and its train/eval
-modes are restored, so a run with the check trains bit for bit as one without it.
+phase, and turns a failure into a UserError that says what was fed where. Then
+`check_whole_step` runs the whole step as the Trainer does (backward, optimizer, schedules, EMA,
+a validation pass) and names the config key of what fails there. Both leave no trace: every
+piece of state they change is put back (ModelState, TrainingState), so a run with the checks
+trains bit for bit as one without them.
 """
 import contextlib
+import copy
 import functools
+import inspect
 import random
 import sys
+import warnings
 
 import numpy as np
 import torch
 
-from errors import UserError, user_frames
+from errors import UserError, kwargs_text, user_frames
 from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE
+from runs import first_line
 
 SAMPLES = 2  # enough for a BatchNorm in train mode, few enough to cost nothing
 
@@ -41,14 +47,15 @@ def check_step(losses, batch, where):
     fed_inputs = (f"dataset stream '{model.input_key}' (the generator's inputs, input_data.data_key of "
                   f"{model.architecture_path}), {samples(inputs)}")
     layers = LayerTrace(model)
-    saved = saved_state(model)
+    saved = ModelState([model]), RandomState(model)
     try:
         # As training runs: under autograd (a gradient penalty needs it) and in train mode (so that
         # a BatchNorm on a batch of one fails here as in step 1).
-        with torch.random.fork_rng(cuda_devices(model)), torch.enable_grad(), eagerly():
+        with torch.enable_grad(), eagerly():
             model.train()
             outputs = run_phase(layers, where, "the generator's forward pass", fed_inputs,
                                 lambda: losses.forward(inputs))
+            check_outputs(outputs, model, where)
             networks = ["generator"]
             if losses.adversarial:
                 networks.append("discriminator")
@@ -69,7 +76,8 @@ def check_step(losses, batch, where):
                                           lambda net=net: losses(net, inputs, targets, outputs), in_network=False)
     finally:
         layers.remove()
-        restore_state(model, saved)
+        for state in saved:
+            state.restore()
     for net, found in terms.items():
         for term, value in found.items():
             if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
@@ -78,6 +86,15 @@ def check_step(losses, batch, where):
                                 f"the {net} a term {term!r} that is {shown}; each term must be one number (a 0-d "
                                 "float tensor): check loss.loss_args (a weight written as a list?)")
     return {"outputs": list(outputs.shape[1:]), "terms": {net: ["total", *found] for net, found in terms.items()}}
+
+
+def check_outputs(outputs, model, where):
+    """The flow's forward gives the model's outputs as a tensor (a forward that ends without
+    `return` gives None, which would fail far from it)."""
+    if not isinstance(outputs, torch.Tensor):
+        flow = type(model)
+        raise UserError(f"{where}: model.model_flow_path: {flow.__name__}.forward in {inspect.getfile(flow)} "
+                        f"returned {type(outputs).__name__}; it must return the model's outputs, a torch.Tensor")
 
 
 def run_phase(layers, where, phase, fed, step, in_network=True):
@@ -186,20 +203,314 @@ def cuda_devices(model):
     return sorted({t.device.index for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
 
 
-def saved_state(model):
-    """What a forward pass in train mode changes: the buffers (BatchNorm running statistics and
-    num_batches_tracked, spectral norm's vectors), the modules' modes, and the python and numpy
-    random number generators (torch's are forked)."""
-    return ({name: b.clone() for name, b in model.named_buffers()}, {m: m.training for m in model.modules()},
-            random.getstate(), np.random.get_state())
+# ---- the whole step ----------------------------------------------------------------------------
+# check_step above tries the forward passes and loss terms phase by phase, to say which stream
+# and layer did not fit. What only the rest of a step meets (a loss that does not depend on the
+# weights it trains, optimizer or scheduler arguments that build but cannot step, an EMA, a
+# validation pass in eval mode) would still fail after the run's files were written. So
+# check_whole_step then runs the step itself, the Trainer's own code, and puts everything back.
+def check_whole_step(trainer, batch, validation_batch, where):
+    """One whole training step of `trainer` on `batch` ({stream: tensor}, as its loader makes
+    them), as fit() runs it: every network's update(s) (forward, loss, backward with the run's
+    precision, scaler and batches per step, clipping, the optimizer's step, the EMA), a per-step
+    and an epoch-end schedule step, a validation pass on `validation_batch` (None without a
+    split) and the dashboard's outputs in eval mode. Then every piece of state is put back
+    (TrainingState), so that the run trains bit for bit as one without the trial. A failure is a
+    UserError starting with `where` that names the config key it comes from and torch's reason."""
+    saved = TrainingState(trainer)
+    micro = [trainer.losses.to_device(batch)] * trainer.accumulate  # the step's batches, as the run has them
+    for net in trainer.networks.values():
+        if net.scaler is not None:  # fp16's first scale (2^16) overflows: the optimizer's step would be skipped
+            net.scaler.load_state_dict(net.scaler.state_dict() | {"scale": 1.0})
+    try:
+        # (compiled submodels run eagerly: compiling for the trial's batch of two would make torch
+        # recompile the run's steps for any batch size, with slower code)
+        with named_stages(trainer), eagerly():
+            terms = trainer.updates(micro)  # (eagerly, also with training.cuda_graphs: nothing is recorded yet)
+            check_finite(trainer, terms, where)
+            validation = trainer.validation_of([validation_batch]) if validation_batch is not None else None
+            for net in trainer.networks.values():
+                net.step_schedule(epoch_end=False)
+                net.step_schedule(epoch_end=True, plateau_loss=lambda net=net: plateau_value(net, terms, validation))
+                step_through_schedule(trainer, net)
+            trainer.generate(first_inputs(micro[0][0]))
+    except StageFailed as failure:
+        raise UserError(failure.message(where, trainer)) from None
+    except UserError:
+        raise
+    except Exception as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise UserError(f"{where}: one training step cannot run: {type(e).__name__}: {first_line(e)} (model.model_flow_"
+                        f"path {type(trainer.model).__name__}, loss.loss_fn {trainer.losses.fn.__name__})") from None
+    finally:
+        saved.restore()
 
 
-def restore_state(model, saved):
-    buffers, modes, python_rng, numpy_rng = saved
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
-    for module, training in modes.items():
-        module.training = training
-    random.setstate(python_rng)
-    np.random.set_state(numpy_rng)
+SCHEDULE_STEPS = 200_000  # of a schedule stepped through in the trial: a second at most (5 us each)
+
+
+def step_through_schedule(trainer, net):
+    """Step `net`'s schedule through the rest of the run (its first SCHEDULE_STEPS steps): a
+    schedule of its own length (OneCycleLR's total_steps) fails where it runs out, hours into a
+    run. ReduceLROnPlateau follows a loss, and never runs out."""
+    if isinstance(net.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    per_epoch = trainer.steps_per_epoch if net.every_step else 1
+    done = trainer.epoch * per_epoch + (trainer.batches_done if net.every_step else 0) + 1  # (+ the trial's own)
+    total = trainer.n_epochs * per_epoch
+    with warnings.catch_warnings():  # (no optimizer steps between them: that is the point here)
+        warnings.simplefilter("ignore")
+        for step in range(done + 1, min(total, done + SCHEDULE_STEPS) + 1):
+            try:
+                net.scheduler.step()
+            except Exception as e:
+                failure = StageFailed("schedule", net, e)
+                failure.at = f" at {'step' if net.every_step else 'epoch'} {step} of the run's {total}"
+                raise failure from e
+
+
+def first_inputs(inputs):
+    return inputs[:SAMPLES].cpu()
+
+
+def plateau_value(net, terms, validation):
+    """What ReduceLROnPlateau follows in the trial: the validation loss, else this step's."""
+    return validation[0][net.name, "total"] if validation else terms[net.name]["total"].item()
+
+
+def check_finite(trainer, terms, where):
+    """With on_nonfinite_loss: stop, a loss that is already NaN or infinite on the first samples
+    would stop the run at its first log, after its files were written."""
+    if trainer.on_nonfinite != "stop":
+        return
+    for name, found in terms.items():
+        bad = {term: value.item() for term, value in found.items() if not torch.isfinite(value).all()}
+        if bad:
+            raise UserError(f"{where}: the {name}'s loss is not finite on the first samples of the data, before any "
+                            f"update ({', '.join(f'{t}={v}' for t, v in bad.items())}): check the data streams for "
+                            f"NaN or infinite values, and loss.loss_fn {trainer.losses.fn.__name__} for a log or "
+                            "division of zero; training.on_nonfinite_loss: skip or ignore trains on regardless")
+
+
+class StageFailed(Exception):
+    """A stage of the trial step failed: `stage` says which (backward, step, schedule or ema),
+    `net` of which network (a network.Network), `error` with what."""
+
+    def __init__(self, stage, net, error):
+        super().__init__(stage)
+        self.stage, self.net, self.error = stage, net, error
+        self.at = ""  # where in the run, if not at its first step
+
+    def message(self, where, trainer):
+        net, reason = self.net, first_line(self.error)
+        s = net.settings
+        if self.stage == "backward":
+            return (f"{where}: loss.loss_fn: the {net.name}'s loss from {trainer.losses.fn.__name__} cannot be "
+                    f"backpropagated to its weights: {reason}")
+        if self.stage == "step":
+            key = ", ".join(config_key(trainer, net, k) for k in ("optimizer", "optimizer_args") if s[k])
+            scaled = " with training.precision fp16's gradient scaler" if net.scaler is not None else ""
+            return (f"{where}: {key}: {s['optimizer']}(lr={s['learning_rate']:g}"
+                    f"{', ' + kwargs_text(s['optimizer_args']) if s['optimizer_args'] else ''}) cannot update the "
+                    f"{net.name}'s weights{scaled}: {reason}")
+        if self.stage == "schedule":
+            key = ", ".join(config_key(trainer, net, k) for k in ("scheduler", "scheduler_args") if s[k])
+            return (f"{where}: {key}: the {net.name}'s {s['scheduler']}({kwargs_text(s['scheduler_args'])}) cannot "
+                    f"step{self.at}: {reason}")
+        return f"{where}: training.ema_decay: the moving average of the {net.name}'s weights cannot update: {reason}"
+
+
+def config_key(trainer, net, key):
+    """The key a network's setting comes from: the discriminator's adversarial.<key>, which copies
+    training.<key> when left null."""
+    if net.section == "adversarial" and net.settings[key] == trainer.cfg["training"][key]:
+        return f"training.{key} (adversarial.{key} copies it)"
+    return f"{net.section}.{key}"
+
+
+@contextlib.contextmanager
+def named_stages(trainer):
+    """Each network's backward pass, optimizer step, schedule step and EMA update, wrapped for
+    the trial so that a failure says which of them failed (StageFailed): the trial runs the
+    training code itself, so that what it tries is what training runs."""
+    wrapped = []
+
+    def name(owner, method, stage, net, check=None):
+        original = getattr(owner, method)
+
+        def named(*args, **kwargs):
+            if check is not None:
+                check(*args)
+            try:
+                return original(*args, **kwargs)
+            except (UserError, StageFailed, torch.OutOfMemoryError):
+                raise
+            except Exception as e:
+                raise StageFailed(stage, net, e) from e
+
+        wrapped.append((owner, method))
+        setattr(owner, method, named)  # (an instance attribute: deleting it brings back the class's method)
+
+    try:
+        for net in trainer.networks.values():
+            name(net, "backward", "backward", net, check=functools.partial(check_loss_trains, trainer, net))
+            name(net, "step", "step", net)
+            name(net, "step_schedule", "schedule", net)
+            if net.ema is not None:
+                name(net.ema, "update_parameters", "ema", net)
+        yield
+    finally:
+        for owner, method in wrapped:
+            delattr(owner, method)
+
+
+def check_loss_trains(trainer, net, loss):
+    """A loss that does not depend on the weights of the network it trains (a reconstruction loss
+    given to a discriminator) cannot be backpropagated: say so in those words, not torch's."""
+    if loss.requires_grad:
+        return
+    fn = trainer.losses.fn
+    hint, scores = "", inspect.signature(fn).parameters.get("fake_scores")
+    if net.name == "discriminator" and (scores is None or scores.default is not scores.empty):
+        hint = (f"; {fn.__name__} takes no discriminator scores: with adversarial.enable_adversarial_training true "
+                "use a GAN loss (one with fake_scores, e.g. example_gan_loss), or set it to false")
+    raise UserError(f"{trainer.source}: loss.loss_fn: the {net.name}'s loss from {fn.__name__} does not depend on "
+                    f"the {net.name}'s weights, so it cannot train on it{hint}")
+
+
+class TrainingState:
+    """Everything a training step can change, copied, to put back after the trial step: the
+    model's (ModelState, with the EMA's copy of the weights), the Trainer's and each Network's
+    attributes, each optimizer's state and groups, each schedule's and fp16 scaler's state, the
+    gradients and the random number generators."""
+
+    def __init__(self, trainer):
+        nets = list(trainer.networks.values())
+        self.model = ModelState([trainer.model, *(net.ema for net in nets if net.ema is not None)])
+        objects = [trainer, *nets, *(net.optimizer for net in nets), *(net.scheduler for net in nets),
+                   *(net.scaler for net in nets if net.scaler is not None)]
+        self.attributes = [(obj, copied(dict(vars(obj)))) for obj in objects]
+        self.grads = [(p, p.grad) for p in trainer.model.parameters()]
+        self.random = RandomState(trainer.model)
+
+    @torch.no_grad()
+    def restore(self):
+        self.model.restore()
+        for obj, saved in self.attributes:
+            put_back(vars(obj), saved)
+        for p, grad in self.grads:
+            p.grad = grad
+        self.random.restore()
+
+
+class ModelState:
+    """What running `models` (nn.Modules) can change, copied: their weights and buffers
+    (BatchNorm's running statistics), put back in place so that DDP's, the optimizers' and
+    compiled code's references stay valid; and the attributes of every module in them: train or
+    eval mode, and whatever a flow or a layer keeps (counters, lists and dicts of tensors, an
+    image pool, torch.Generators)."""
+
+    def __init__(self, models):
+        self.models = models
+        self.weights = [{k: copied(v) for k, v in model.state_dict().items()} for model in models]
+        self.attributes = [(m, copied(own_attributes(m))) for model in models for m in model.modules()]
+
+    @torch.no_grad()
+    def restore(self):
+        for model, saved in zip(self.models, self.weights):
+            now = model.state_dict()  # (views of the weights and buffers)
+            for key, value in saved.items():
+                now[key].copy_(value.tensor)
+        for module, saved in self.attributes:
+            put_back(vars(module), saved, keep=MODULE_INTERNALS)
+
+
+class RandomState:
+    """torch's (CPU and the model's GPUs), Python's and numpy's random number generators."""
+
+    def __init__(self, model):
+        self.devices = cuda_devices(model)
+        self.states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices], random.getstate(),
+                       np.random.get_state())
+
+    def restore(self):
+        torch_state, cuda_states, python_state, numpy_state = self.states
+        torch.set_rng_state(torch_state)
+        for device, state in zip(self.devices, cuda_states):
+            torch.cuda.set_rng_state(state, device)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def put_back(attributes, saved, keep=()):
+    """An object's attributes (`vars(obj)`) as `saved` (copied) has them: what was added since is
+    removed, except the names in `keep`."""
+    for key in [k for k in attributes if k not in saved and k not in keep]:
+        del attributes[key]
+    for key, value in saved.items():
+        attributes[key] = restored(attributes.get(key, MISSING), value)
+
+
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}  # parameters, buffers, submodules, hooks
+MISSING = object()
+
+
+def own_attributes(module):
+    """A module's attributes without torch's internals (its weights go through its state_dict)."""
+    return {k: v for k, v in vars(module).items() if k not in MODULE_INTERNALS}
+
+
+class GeneratorState:
+    def __init__(self, generator):
+        self.generator, self.state = generator, generator.get_state()
+
+
+class TensorCopy:
+    """A tensor's values, kept in the CPU's memory (a GPU that holds a model, its optimizer's
+    state and its EMA may have no room for copies of them all), and the device it came from."""
+
+    def __init__(self, tensor):
+        self.tensor, self.device = tensor.detach().to("cpu", copy=True), tensor.device
+
+
+def copied(value):
+    """A copy of `value` to put back later (`restored`): tensors copied (TensorCopy), dicts,
+    lists, tuples and sets copied through, a torch.Generator's state kept; anything else (numbers,
+    text, modules, optimizers, functions, parameters, whose values the state_dicts keep) as it is."""
+    if isinstance(value, torch.nn.Parameter):
+        return value
+    if torch.is_tensor(value):
+        return TensorCopy(value)
+    if isinstance(value, torch.Generator):
+        return GeneratorState(value)
+    if isinstance(value, dict):
+        new = copy.copy(value)  # (a defaultdict keeps its factory)
+        new.update((k, copied(v)) for k, v in value.items())
+        return new
+    if isinstance(value, (list, tuple, set)) and not hasattr(value, "_fields"):  # (a namedtuple as it is)
+        return type(value)(copied(v) for v in value)
+    return value
+
+
+def restored(now, saved):
+    """The value to keep where `now` is, with what `saved` holds: tensors of the same kind copied
+    into in place, dicts and lists refilled in place (others may hold them too), else `saved`."""
+    if isinstance(saved, TensorCopy):
+        values = saved.tensor
+        if torch.is_tensor(now) and (now.shape, now.dtype, now.device) == (values.shape, values.dtype, saved.device):
+            return now.copy_(values)
+        return values.to(saved.device, copy=True)
+    if isinstance(saved, GeneratorState):
+        saved.generator.set_state(saved.state)
+        return saved.generator
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [k for k in now if k not in saved]:
+            del now[key]
+        for key, value in saved.items():
+            now[key] = restored(now.get(key, MISSING), value)
+        return now
+    if isinstance(saved, list) and isinstance(now, list):
+        now[:] = [restored(now[i] if i < len(now) else MISSING, v) for i, v in enumerate(saved)]
+        return now
+    return copied(saved)  # (a copy again: the saved one stays as it was, should the state be restored twice)

@@ -12,7 +12,7 @@ they read (torch, torchvision, the repository's own) are imported when a table i
 import functools
 import inspect
 
-from errors import UserError, did_you_mean
+from errors import UserError, did_you_mean, shown
 
 
 def lookup(name, table, what, where, valid=None):
@@ -24,7 +24,7 @@ def lookup(name, table, what, where, valid=None):
     """
     if isinstance(name, str) and name in table:
         return table[name]
-    raise UserError(f"{where}: {name!r}: {unknown_name(name, table, what, valid)}")
+    raise UserError(f"{where}: {shown(name)}: {unknown_name(name, table, what, valid)}")
 
 
 def unknown_name(name, table, what, valid=None):

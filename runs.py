@@ -19,6 +19,8 @@ folder, flushed to disk and renamed into place, so a crash never leaves a partia
 reader would pick it up; the next run removes such leftovers. Every checkpoint load uses
 `weights_only=True`: a checkpoint can hold tensors and plain data, never code.
 """
+import contextlib
+import errno
 import fnmatch
 import json
 import math
@@ -44,10 +46,9 @@ from config import (
     model_dir,
     resolve_path,
     results_dir,
-    shown,
     to_yaml,
 )
-from errors import UserError, did_you_mean
+from errors import UserError, did_you_mean, shown
 from model_base import architecture_text_for, build_model
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
@@ -81,8 +82,9 @@ class Run:
 
     @classmethod
     def new(cls, cfg):
-        """A from-scratch run of `cfg`; its folder is made when it starts."""
+        """A from-scratch run of `cfg`; its folder is made when it starts (and can be: checked now)."""
         saving = cfg["saving"]
+        check_can_make(checkpoint_dir(cfg), saving_key(cfg))
         return cls(None, results_dir(cfg), saving["save_filename_prefix"], saving["keep_last"], checkpoint_dir(cfg))
 
     @property
@@ -161,10 +163,10 @@ class Run:
         self.metrics_file.flush()
         self.dashboard.scalars(rows)
 
-    def log_images(self, epoch, step, outputs):
+    def log_images(self, epoch, step, outputs, value_range=None):
         """The generator's outputs on the run's fixed inputs, as a grid (TensorBoard or a PNG)."""
         if self.dashboard is not None:
-            self.dashboard.images(epoch, step, outputs)
+            self.dashboard.images(epoch, step, outputs, value_range)
 
     def close(self):
         if self.metrics_file is not None:
@@ -235,14 +237,45 @@ def git_state(repo):
 
 
 # ---- finding runs and checkpoints ----
+@contextlib.contextmanager
+def looking_in(where):
+    """An OSError while looking through folders for runs and checkpoints (a folder without read
+    permission, a file where a folder should be) as a UserError naming `where`, the key that led
+    there, and the path."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise  # (errors.run_main says it, for every path)
+        raise UserError(f"{where}: cannot look through {e.filename or 'a folder'}: {e.strerror or e}") from None
+
+
+def saving_key(cfg):
+    """Where a config's runs are: what a message about their folder names."""
+    return f"{cfg.get('config_path', 'the training config')}: saving.save_folder_name"
+
+
+def check_can_make(folder, where):
+    """`folder` exists or can be made: the nearest part of its path that exists is a folder this
+    process may write in. Checked before anything is written; mkdir would fail only after it."""
+    with looking_in(where):
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        inside = "" if existing == folder else f", so {folder} cannot be made a folder inside it"
+        raise UserError(f"{where}: {existing} is a file{inside}; name a folder for the runs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: no permission to write in {existing}, where {folder} would be made")
+
+
 def run_folders(cfg):
     """The runs of `cfg`'s save_folder_name, oldest first: run_1, run_2, ... (and, first, the
     save_folder_name folder itself where it holds checkpoints from before run folders)."""
     root = checkpoint_dir(cfg)
-    if not root.is_dir():
-        return []
-    numbered = sorted((int(m["n"]), p) for p in root.iterdir() if p.is_dir() and (m := RUN.match(p.name)))
-    return ([root] if list_checkpoints(root) else []) + [p for _, p in numbered]
+    with looking_in(saving_key(cfg)):
+        if not root.is_dir():
+            return []
+        numbered = sorted((int(m["n"]), p) for p in root.iterdir() if p.is_dir() and (m := RUN.match(p.name)))
+        return ([root] if list_checkpoints(root) else []) + [p for _, p in numbered]
 
 
 def results_of(cfg, folder):
@@ -264,24 +297,32 @@ def run_config(folder):
 
 def newest_checkpoint(cfg):
     """The newest checkpoint of the newest run of `cfg`'s save_folder_name that has one, or None."""
-    for folder in reversed(run_folders(cfg)):
-        found = list_checkpoints(folder)
-        if found:
-            return found[-1]
+    with looking_in(saving_key(cfg)):
+        for folder in reversed(run_folders(cfg)):
+            found = list_checkpoints(folder)
+            if found:
+                return found[-1]
     return None
 
 
 def best_checkpoint(cfg):
     """The best checkpoint (saving.keep_best) of the newest run of `cfg` that has one, or None."""
     name = BEST.format(prefix=cfg["saving"]["save_filename_prefix"])
-    return next((folder / name for folder in reversed(run_folders(cfg)) if (folder / name).is_file()), None)
+    with looking_in(saving_key(cfg)):
+        return next((folder / name for folder in reversed(run_folders(cfg)) if (folder / name).is_file()), None)
 
 
 def find_checkpoint(cfg, spec, where):
     """The checkpoint `spec` names among the runs of `cfg`'s save_folder_name: None; latest (the
     newest of the newest run); best (the best of the newest run that kept one); a run folder (its
     newest); a checkpoint file name (found in whichever run holds it; in several, a user error
-    listing them); or a path."""
+    listing them); or a path. A path it cannot look through is a user error naming `where`."""
+    with looking_in(where):
+        return search_checkpoint(cfg, spec, where)
+
+
+def search_checkpoint(cfg, spec, where):
+    """find_checkpoint's search, which may raise the OSError of a folder it cannot look through."""
     if spec is None:
         return None
     root, runs = checkpoint_dir(cfg), run_folders(cfg)
@@ -302,20 +343,20 @@ def find_checkpoint(cfg, spec, where):
         if candidate.is_dir():
             found = list_checkpoints(candidate)
             if not found:
-                raise UserError(f"{where}: {spec!r}: the folder {candidate} holds no checkpoint")
+                raise UserError(f"{where}: {shown(spec)}: the folder {candidate} holds no checkpoint")
             return found[-1]
         if candidate.is_file():
             return candidate
     matches = [folder / spec for folder in runs if (folder / spec).is_file()]
     if len(matches) > 1:
-        raise UserError(f"{where}: {spec!r} is a checkpoint of several runs: "
+        raise UserError(f"{where}: {shown(spec)} is a checkpoint of several runs: "
                         f"{', '.join(str(m.parent.relative_to(root)) for m in matches)}; name one as <run>/{spec}")
     if matches:
         return matches[0]
     names = [p.name for folder in runs for p in list_checkpoints(folder)]
     choices = [p.name for p in runs if p != root] + ["latest", "best"]
     listing = ", ".join(names[-5:]) if names else "none"
-    raise UserError(f"{where}: checkpoint {spec!r} not found in the runs of {root}"
+    raise UserError(f"{where}: checkpoint {shown(spec)} not found in the runs of {root}"
                     f"{did_you_mean(spec, names + choices)}; use latest, best, a run folder "
                     f"({', '.join(choices[-4:])}), a path, or a file name such as: {listing}")
 
@@ -323,11 +364,17 @@ def find_checkpoint(cfg, spec, where):
 def select_runs(cfg, specs, where):
     """The run folders that `specs` pick among `cfg`'s runs (oldest first, each once): all, latest,
     run folder names, globs over them (run_1*), or paths to run folders."""
+    with looking_in(where):
+        return pick_runs(cfg, specs, where)
+
+
+def pick_runs(cfg, specs, where):
+    """select_runs' search, which may raise the OSError of a folder it cannot look through."""
     runs, root, picked = run_folders(cfg), checkpoint_dir(cfg), []
     names = {str(p.relative_to(root)) if p != root else ".": p for p in runs}
     for spec in specs if isinstance(specs, list) else [specs]:
         if not isinstance(spec, str):
-            raise UserError(f"{where}: {spec!r} is not a run: use all, latest, a run folder or a glob")
+            raise UserError(f"{where}: {shown(spec)} is not a run: use all, latest, a run folder or a glob")
         if spec == "all":
             found = runs
         elif spec == "latest":
@@ -342,7 +389,7 @@ def select_runs(cfg, specs, where):
             found = []
         if not found:
             listing = ", ".join(names) if names else f"none yet: train first (python train.py -t {cfg['config_path']})"
-            raise UserError(f"{where}: {spec!r} picks no run of {root}{did_you_mean(spec, list(names))}; "
+            raise UserError(f"{where}: {shown(spec)} picks no run of {root}{did_you_mean(spec, list(names))}; "
                             f"runs: {listing}")
         picked += found
     return list(dict.fromkeys(picked))
@@ -442,10 +489,15 @@ def is_optimizer_state(v):
         and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])
 
 
-def is_history(v):  # {network: {term: [numbers]}} (validation_history also has "step": [steps])
-    return isinstance(v, dict) and all(
-        isinstance(terms, list) or isinstance(terms, dict) and all(isinstance(x, list) for x in terms.values())
-        for terms in v.values())
+def is_history(v, steps=False):
+    """{network: {term: [numbers]}}, as the trainer writes loss_history; with `steps`
+    (validation_history), also "step": [the step of each value] once there are values."""
+    if not isinstance(v, dict) or steps and set(v) - {"step"} and not (
+            isinstance(v.get("step"), list) and all(map(is_count, v["step"]))):
+        return False
+    return all(isinstance(network, str) and isinstance(terms, dict) and all(
+        isinstance(term, str) and isinstance(values, list) and all(map(is_number, values))
+        for term, values in terms.items()) for network, terms in v.items() if not (steps and network == "step"))
 
 
 def is_rng_state(v):
@@ -475,7 +527,7 @@ CHECKPOINT = {
     "epoch": (True, is_count, "the completed epochs, an integer >= 0"),
     "step": (True, is_count, "the completed steps, an integer >= 0"),
     "batches_done_in_epoch": (True, is_count, "an integer >= 0"),
-    "loss_history": (True, is_history, "{network: {term: [values]}}"),
+    "loss_history": (True, is_history, "{network: {term: [numbers]}}"),
     "rng_state": (True, is_rng_state, "the random generators' states, as train_base.rng_state writes them"),
     "config": (True, is_yaml_mapping, "the training config as YAML text"),
     "optimizer_state_dict": (False, either_none(is_optimizer_state), "an optimizer's state_dict"),
@@ -486,7 +538,8 @@ CHECKPOINT = {
         isinstance(x, dict) for x in v.values())), "{network: a GradScaler's state_dict}"),
     "ema_state_dict": (False, either_none(is_tensors), "the generator's averaged weights, {name: tensor}"),
     "ema_updates": (False, is_count, "an integer >= 0"),
-    "validation_history": (False, either_none(is_history), "{step: [...], network: {term: [values]}}"),
+    "validation_history": (False, either_none(lambda v: is_history(v, steps=True)),
+                           "{step: [steps], network: {term: [numbers]}}"),
     "architecture": (False, either_none(is_yaml_mapping), "the architecture YAML text"),
     "skipped_updates": (False, is_count, "an integer >= 0"),
     "world_size": (False, either_none(lambda v: is_count(v) and v >= 1), "an integer >= 1"),
@@ -533,8 +586,11 @@ def list_checkpoints(folder):
     found = []
     for path in Path(folder).glob("*.pth"):
         m = NAME.match(path.name)
-        if m:
-            found.append(((m["stamp"], int(m["epoch"]), path.stat().st_mtime_ns), path))
+        try:
+            if m:
+                found.append(((m["stamp"], int(m["epoch"]), path.stat().st_mtime_ns), path))
+        except FileNotFoundError:  # a link to nothing, or deleted since (keep_last): no checkpoint
+            continue
     return [path for _, path in sorted(found)]
 
 

@@ -16,8 +16,9 @@ imported only when asked for); precision/recall is written here from the paper (
 
 The features (`feature_extractor`):
 - `inception`: torch-fidelity's port of the TensorFlow Inception v3 that FID was defined with
-  (2048-d pool features), so that numbers compare with papers. Images are mapped from the data's
-  range to 0..255 (grey repeated to RGB) and resized to 299x299 as torchmetrics does.
+  (2048-d pool features), so that numbers compare with papers. Images are mapped from the real
+  samples' stream's range (dataset_base.value_range) to 0..255, values beyond it clipped (grey
+  repeated to RGB), and resized to 299x299 as torchmetrics does.
 - `pixels`: the flattened samples. For tiny images (the toy GAN's 4x4) where Inception means
   nothing; its numbers compare only with other pixel numbers of the same data.
 - `checkpoint:<path>`: a network trained with this pipeline (a classifier of the domain); the
@@ -80,10 +81,11 @@ class Features:
         return (self.network(x) if self.network is not None else x).flatten(1)
 
 
-def build_features(spec, where, real, inception_weights=None, feature_layer=None, device="cpu"):
+def build_features(spec, where, real, inception_weights=None, feature_layer=None, device="cpu", value_range=None):
     """The extractor `spec` names (inception, pixels or checkpoint:<path>) for samples like the
     `real` ones; checked, and its weights loaded, before any sample is generated. `where`: the
-    config key path of `spec`, for messages."""
+    config key path of `spec`, for messages; `value_range`: the real samples' range
+    (dataset_base.ValueRange), which inception maps to 0..255."""
     shape = tuple(real.shape[1:])
     if spec == "pixels":
         n = math.prod(shape)
@@ -93,7 +95,7 @@ def build_features(spec, where, real, inception_weights=None, feature_layer=None
                             "values, else inception or checkpoint:<path>")
         return Features("pixels", None, device)
     if spec == "inception":
-        return inception_features(where, shape, inception_weights, data_range(real), device)
+        return inception_features(where, shape, inception_weights, value_range, device)
     if spec.startswith("checkpoint:"):
         return checkpoint_features(spec.removeprefix("checkpoint:"), where, shape, feature_layer, device)
     raise UserError(f"{where}: {spec!r} is not a feature extractor{did_you_mean(spec, EXTRACTORS)}; "
@@ -123,13 +125,16 @@ def inception_weights_path(given, where):
     return cached
 
 
-def inception_features(where, shape, weights, image_range, device):
+def inception_features(where, shape, weights, value_range, device):
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise UserError(f"{where}: inception takes images of 1 or 3 channels ([C, H, W]), but the samples are "
                         f"{list(shape)}; use pixels or checkpoint:<path>")
     optional("torch_fidelity", "torch-fidelity", f"{where}: inception")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    if value_range is None or not value_range.known:
+        raise UserError(f"{where}: inception maps the real samples from their range to 0..255, but that range is "
+                        f"{value_range.how if value_range is not None else 'not known'}")
     path = inception_weights_path(weights, where)
     try:
         torch.load(path, map_location="cpu", weights_only=True)  # plain tensors (torch-fidelity loads it unchecked)
@@ -137,7 +142,7 @@ def inception_features(where, shape, weights, image_range, device):
     except Exception as e:  # not a weights file, or weights of another network
         raise UserError(f"{where}: inception_weights: {path} is not the Inception weights file {INCEPTION_URL} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    low, high = image_range
+    low, high = value_range.low, value_range.high
 
     def to_uint8(x):  # the data's range to 0..255, grey to RGB
         x = ((x.float() - low) / (high - low) * 255).round().clamp(0, 255).to(torch.uint8)
@@ -147,15 +152,8 @@ def inception_features(where, shape, weights, image_range, device):
         return network(x)[0]
 
     network.to(device)
-    return Features(f"inception-v3 (2048, images in [{low:g}, {high:g}])", network_features, device, to_uint8)
-
-
-def data_range(real):
-    """The value range images are taken to span: [-1, 1] if the real samples go below 0, [0, 255]
-    if above 1 (8-bit values), else [0, 1]."""
-    low = -1.0 if real.min().item() < -1e-6 else 0.0
-    high = 255.0 if real.max().item() > 1 + 1e-6 else 1.0
-    return low, high
+    return Features(f"inception-v3 (2048, images in [{low:g}, {high:g}], {value_range.how})", network_features,
+                    device, to_uint8)
 
 
 def checkpoint_features(path_text, where, shape, feature_layer, device):
@@ -291,16 +289,17 @@ class SampleMetrics:
         return measure(self.metrics, self.real_features, found, where)
 
 
-def prepare(metrics, settings, real, where, device, inputs=None):
+def prepare(metrics, settings, real, where, device, inputs=None, value_range=None):
     """SampleMetrics of `metrics` on the `real` samples (None: the flow names no target stream),
     with the feature extractor that `settings` (feature_extractor, inception_weights and
-    feature_layer of a config section at `where`) names, loaded."""
+    feature_layer of a config section at `where`) names, loaded; `value_range`: the real
+    samples' (dataset_base.value_range)."""
     if real is None:
         raise UserError(f"{where}: sample metrics compare generated with real samples, but the model's flow sets "
                         "no target_key (the data stream holding them)")
     real = real.float()
     features = build_features(settings["feature_extractor"], f"{where}.feature_extractor", real,
-                              settings["inception_weights"], settings["feature_layer"], device)
+                              settings["inception_weights"], settings["feature_layer"], device, value_range)
     return SampleMetrics(metrics, features, real, inputs)
 
 

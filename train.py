@@ -21,10 +21,10 @@ import metrics
 from cli import check_batches_fit_model, check_data_fits_model
 from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader, on_device
-from dataset_base import load_streams, split_indices
+from dataset_base import load_streams, split_indices, value_range
 from errors import UserError, did_you_mean, run_main
 from model_base import build_model
-from preflight import check_step
+from preflight import check_step, check_whole_step
 from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
 from sample_metrics import prepare
 from train_base import Trainer, first_samples, seed_everything, set_num_threads, setup_placement
@@ -57,18 +57,24 @@ def train(cfg, placement, source):
     if trainer.finished:
         print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
         return
-    # two samples (one with batch_size 1, as training would see) through one whole step
-    first = first_samples(loader.dataset, min(2, cfg["training"]["batch_size"]))
-    made = check_step(trainer.losses, first, source)
-    made["metrics"] = metrics.names_of(metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired),
-                                       made["outputs"])
+    # The first samples through one step, phase by phase (naming the stream and layer that does
+    # not fit), as many as the smallest batch of an epoch holds, up to two (enough for a BatchNorm).
+    first = first_samples(loader.dataset, trial_size(loader))
+    made = check_step_on(trainer, first, source)
+    kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired)
+    made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation_range)
     check_step_gives(made, samples, trainer.best, source)
     check_classes_fit(made, trainer.classes, model, source)
+    # Then the whole step, as training runs it, and everything it changed put back.
+    held_out = first_samples(validation_loader.dataset, 2) if validation_loader is not None else None
+    check_whole_step(trainer, first, held_out, source)
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
             run.claim()
         print(header(trainer, loader, validation_loader, run, path, placement))
+        if kind == "images" and trainer.validation_range is not None:
+            print(validation_range_line(trainer.validation_range, made["metrics"], model.target_key))
         if resume:
             changes = config_changes(saved_config(resume, cfg), cfg)
             print(f"config changes since {path.name}:" + "".join(f"\n  {c}" for c in changes) if changes else
@@ -88,7 +94,30 @@ def sample_metrics(cfg, model, loader, validation_loader, placement, source):
     data = validation_loader.dataset if validation_loader is not None else \
         build_dataset(loader.dataset.streams, cfg["dataset"], loader.dataset.indices, False, f"{source}: dataset")
     inputs, real = model.split_batch(first_samples(data, section["n_samples"]))
-    return prepare(section["metrics"], section, real, where, placement.device, inputs)
+    return prepare(section["metrics"], section, real, where, placement.device, inputs,
+                   value_range(cfg["dataset"], model.target_key, real) if real is not None else None)
+
+
+def trial_size(loader):
+    """The trial step's batch size: the smallest batch an epoch makes (its last may be short), at
+    most two samples."""
+    batches = loader.batch_sampler
+    last = batches.num_samples % batches.batch_size or batches.batch_size
+    return min(2, last)
+
+
+def check_step_on(trainer, first, source):
+    """preflight.check_step on the first samples; when they are one because the epoch's last
+    batch holds one, a failure says so (a BatchNorm cannot train on one sample)."""
+    try:
+        return check_step(trainer.losses, first, source)
+    except UserError as e:
+        batches, n = trainer.loader.batch_sampler, len(next(iter(first.values())))
+        if n > 1 or batches.batch_size == 1:
+            raise
+        raise UserError(f"{e}\n  (one sample, as the last batch of every epoch holds: {batches.num_samples} training "
+                        f"samples per process at training.batch_size {batches.batch_size}; a batch_size that divides "
+                        f"them, or one sample fewer or more, avoids it)") from None
 
 
 def check_step_gives(made, samples, best, source):
@@ -146,6 +175,15 @@ def header(trainer, loader, validation_loader, run, path, placement):
         lines.append(f"  best checkpoint by {trainer.best['key']} ({trainer.best['mode']}): "
                      f"{run.folder / BEST.format(prefix=run.prefix)}")
     return "\n".join(lines)
+
+
+def validation_range_line(value_range, names, stream):
+    """What validation's PSNR and SSIM measure against: the target stream's range and how it is
+    known (outputs clamped to it), or why they are left out."""
+    if not names:
+        return f"  validation psnr, ssim: left out, the range of {stream} is {value_range.how}"
+    return (f"  validation {', '.join(names)}: {stream} on [{value_range.low:g}, {value_range.high:g}], "
+            f"{value_range.how}; outputs clamped to it")
 
 
 def holds_run(cfg, folder):

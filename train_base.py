@@ -32,7 +32,7 @@ import metrics
 from cli import resolve_gpus, select_device, targets_are_paired
 from config import keep_best, to_yaml
 from dashboard import use_tensorboard
-from dataset_base import check_same_classes, stream_classes
+from dataset_base import check_same_classes, stream_classes, value_range
 from errors import UserError, kwargs_text
 from network import Network, checkpoint_entries, network_state
 from preflight import eagerly
@@ -86,13 +86,16 @@ class Trainer:
         self.best = None if best is None else {"key": best[0], "mode": best[1], "value": None, "epoch": None}
         self.classes = stream_classes(cfg["dataset"], self.source)  # {class_labels stream: class names}
         # validation's accuracy, PSNR and SSIM (metrics.py) for outputs paired with their targets,
-        # PSNR's peak read once off the held-out targets
+        # PSNR's range the target stream's (held-out targets only for a guess, where none is declared)
         self.paired = targets_are_paired(model, self.losses.adversarial)
-        self.validation_peak = None
+        self.validation_range = None
         if validation_loader is not None:
             targets = model.split_batch(first_samples(validation_loader.dataset, 256))[1]
-            if targets is not None and targets.dim() > 1:  # (images; class labels need no peak)
-                self.validation_peak = metrics.peak_of(targets)
+            if targets is not None and targets.dim() > 1:  # (images; class labels need no range)
+                self.validation_range = value_range(cfg["dataset"], model.target_key, targets)
+        # what the dashboard shows the outputs on: the range the target stream declares, if it does
+        declared = value_range(cfg["dataset"], model.target_key) if model.target_key is not None else None
+        self.image_range = (declared.low, declared.high) if declared is not None and declared.declared else None
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state, resume_path or "the checkpoint")
@@ -188,7 +191,7 @@ class Trainer:
                     measured = self.measure_samples(bar) if self.sample_every and epoch % self.sample_every == 0 else {}
                     self.step_epoch_schedules(validation)
                     if main and epoch % self.image_every == 0:
-                        self.run.log_images(epoch, self.step, self.sample_outputs())
+                        self.run.log_images(epoch, self.step, self.sample_outputs(), self.image_range)
                     self.keep_if_best({f"validation/{name}/{term}": value for name, terms in (validation or {}).items()
                                        for term, value in terms.items()} | measured, bar)
                     if epoch % self.save_every == 0 or epoch == self.n_epochs:
@@ -326,8 +329,7 @@ class Trainer:
         """Each network's mean loss terms over the held-out samples, kept in its
         validation_history and in metrics.jsonl, and shown."""
         self.share_buffers()
-        means, quality = validation_means(self.losses, self.validation_loader, list(self.networks), self.placement,
-                                          self.paired, self.validation_peak)
+        means, quality = self.validation_of(self.validation_loader)
         means |= {("generator", name): value for name, value in quality.items()}  # beside its loss terms
         result = {name: {} for name in self.networks}
         for (name, term), mean in means.items():
@@ -341,6 +343,12 @@ class Trainer:
                 f"{self.shown_name(name)}{terms['total']:.4f}" for name, terms in result.items())
                 + "".join(f", {name} {value:.4g}" for name, value in quality.items()))
         return result
+
+    def validation_of(self, batches):
+        """({(network, term): mean loss}, {metric: value}) over `batches` (the validation loader,
+        or the trial step's one batch), over every process."""
+        return validation_means(self.losses, batches, list(self.networks), self.placement, self.paired,
+                                self.validation_range)
 
     def shown_name(self, name):
         """How the progress bar names a network: a GAN's two by role ("generator "), a lone one
@@ -554,9 +562,10 @@ class StopSignal:
         return self.signum is not None
 
 
-def validation_means(losses, loader, names, placement, paired, peak):
+def validation_means(losses, loader, names, placement, paired, value_range):
     """({(network, term): mean over the held-out samples of every process}, {metric: value} of
-    the generator's outputs against their targets, metrics.py's), in eval mode. No autograd,
+    the generator's outputs against their targets, metrics.py's, images' on the targets'
+    `value_range` (dataset_base.ValueRange; none where it is not known)), in eval mode. No autograd,
     unless a loss term penalises the discriminator's gradient (WGAN-GP, R1); and the random
     numbers such a penalty draws do not shift training's."""
     losses.model.eval()
@@ -571,7 +580,8 @@ def validation_means(losses, loader, names, placement, paired, peak):
                 for term, value in {"total": total, **terms}.items():
                     sums[name, term] = sums.get((name, term), 0) + value.detach().float() * len(inputs)
             kind = metrics.kind_of(outputs.shape[1:], targets, paired)
-            for metric, value in (metrics.batch_sums(kind, outputs, targets, peak) if kind else {}).items():
+            measured = metrics.names_of(kind, outputs.shape[1:], value_range)
+            for metric, value in (metrics.batch_sums(kind, outputs, targets, value_range) if measured else {}).items():
                 quality[metric] = quality.get(metric, 0) + value
             count += len(inputs)
     losses.model.train()
@@ -580,7 +590,7 @@ def validation_means(losses, loader, names, placement, paired, peak):
         dist.all_reduce(totals)
     totals = totals.tolist()
     means = {key: value / totals[-1] for key, value in zip(sums, totals)}
-    return means, metrics.finish(dict(zip(quality, totals[len(sums):-1])), peak) if quality else {}
+    return means, metrics.finish(dict(zip(quality, totals[len(sums):-1])), value_range) if quality else {}
 
 
 def check_resumable(state, saved_cfg, accumulate, world_size, source):

@@ -7,6 +7,9 @@ The cases of a test run in children forked from one process that imported the pi
 (conftest.run_forked), all of them in one go, which keeps each test to seconds.
 """
 import copy
+import errno
+import json
+import pathlib
 import random
 import shutil
 
@@ -15,8 +18,11 @@ import torch
 import yaml
 
 import config
+import errors
+import evaluate_training
+import model_base
 import runs
-from conftest import ARCH_YAML, EVAL_CFG, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_forked
+from conftest import ARCH_YAML, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_forked
 from errors import UserError
 
 CLASSIFIER_CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
@@ -52,6 +58,18 @@ def empty_component_name(arch):
     arch["model_components"][""] = arch["model_components"].pop("discriminator")
 
 
+def component_named(name):
+    return lambda arch: arch["model_components"].__setitem__(name, arch["model_components"].pop("discriminator"))
+
+
+def alias_bomb(levels):
+    """YAML flow text of a list whose `levels` levels each repeat the one before 9 times, by alias:
+    a few hundred bytes that load into a small tree, whose repr is 12 x 9^levels characters."""
+    steps = ["&l0 [" + ", ".join(["xxxxxxxx"] * 9) + "]"] + \
+        [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(steps) + "]"
+
+
 def config_cases(repo, tmp):
     """{name: ([script, *args], what the message must name, the folder that must stay empty)}."""
     files, out = tmp / "files", tmp / "out"
@@ -69,6 +87,12 @@ def config_cases(repo, tmp):
     (files / "twice.yaml").write_text((repo / TRAIN_CFG).read_text() + "\ntraining:\n  n_epochs: 3\n")
     (files / "twice_arch.yaml").write_text((repo / ARCH_YAML).read_text().replace(
         "  discriminator:\n", "  discriminator: {adv_type: discriminator, submodels: [disc_cnn]}\n  discriminator:\n"))
+    cfg = yaml.safe_load((repo / TRAIN_CFG).read_text())
+    cfg["dataset"][1] = cfg["dataset"]["gen_inputs"]  # written `1:`, which YAML reads as a number
+    (files / "int_stream.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (files / "a_file").write_text("not a folder")
+    (files / "bomb_arch.yaml").write_text((repo / ARCH_YAML).read_text().replace(
+        "adv_type: discriminator", f"adv_type: {alias_bomb(6)}"))
     found = {
         "binary_config": (["train.py", "-t", "data/example_model/blobs_4x4.npy"], "blobs_4x4.npy: not a text file"),
         "long_path": (["train.py", "-t", "x" * 400 + ".yaml"], "xxxx"),
@@ -96,6 +120,23 @@ def config_cases(repo, tmp):
                       "'training' is written twice"),
         "component_twice": (train(f"model.architecture_cfg_path={files / 'twice_arch.yaml'}"),
                             "'discriminator' is written twice"),
+        # issue 29: names torch.nn.ModuleDict keeps for itself, and a submodel named like the stream
+        # it reads; a key YAML reads as a number; a layer built on the meta device; an input beyond
+        # any tensor (jit_trace_model.py refuses it before loading); runs under a path through a
+        # file; a message echoing an alias bomb (7 MB as a repr)
+        "component_taken": (arch("component_taken", component_named("keys")), "model_components.keys: "),
+        "submodel_taken": (arch("submodel_taken", renamed("gen_cnn", "items")), "items: the submodel 'items'"),
+        "submodel_named_as_stream": (arch("submodel_named_as_stream", renamed("gen_cnn", "gen_inputs")),
+                                     "gen_inputs.submodel_input.input_data.data_key"),
+        "stream_key_int": (train(cfg=files / "int_stream.yaml"), "dataset.1: this key is a number"),
+        "layer_device": (arch("layer_device", lambda a: a["disc_cnn"]["layers"][0]["Conv2d"].update(device="meta")),
+                         "disc_cnn.layers[0].layer_params.device"),
+        "input_size_huge": (["jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "100000000000", "1", "32",
+                             "32", "--set", f"saving.save_folder_name={out}"], "--input_size"),
+        "save_folder_through_file": (train(f"saving.save_folder_name={files / 'a_file' / 'runs'}"),
+                                     "saving.save_folder_name"),
+        "alias_bomb": (train(f"model.architecture_cfg_path={files / 'bomb_arch.yaml'}"),
+                       "model_components.discriminator.adv_type"),
     }
     # each case writes (if it wrongly runs) into a folder of its own, so that one cannot hide another
     return {name: ([str(a).replace(str(out), str(out / name)) for a in args], named, out / name)
@@ -185,6 +226,8 @@ def broken_promises(proc, named, folder, before):
         problems.append("no 'error: ' message")
     if named not in err:
         problems.append(f"the message does not name {named!r}")
+    if len(err[err.find("error: "):]) > errors.MESSAGE_LIMIT + 200:  # (the cut leaves a line and a note)
+        problems.append(f"a message of {len(err):,} characters")
     if listing(folder) != before:
         problems.append(f"files were written: {sorted(set(listing(folder)) - set(before))}")
     return problems
@@ -198,7 +241,7 @@ def assert_refused(refused, expected):
 
 
 def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_path):
-    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 20)
+    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 28)
 
 
 @pytest.mark.slow  # (the fast subset fuzzes checkpoints in every script: tests/test_fuzz.py)
@@ -225,3 +268,124 @@ def test_the_longest_checkpoint_prefix_allowed_still_saves(repo, tmp_path):
         config.load_training_config(repo / TRAIN_CFG, [f"saving.save_filename_prefix={longest}p"])
     run(repo, "train.py", *args, "--set", f"saving.save_filename_prefix={longest}")
     assert len(checkpoints(tmp_path / "out" / "run_1")) == 2  # epochs 0 and 1
+
+
+# ---- issue 29, in process ------------------------------------------------------------------------
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "metrics"])
+def test_a_loss_history_of_nans_is_drawn_as_far_as_finite_and_said(tmp_path, capsys, source):
+    """evaluate_training.py on a run whose every loss value is NaN (in its checkpoint's loss_history,
+    or as the nulls of its metrics.jsonl) is no error: it writes its figure and tables and says that
+    the curve is all non-finite. (A network's lone total was dropped as a duplicate, leaving no
+    panel, and dividing the panels into rows raised ZeroDivisionError.)"""
+    folder = tmp_path / "runs" / "run_1"
+    folder.mkdir(parents=True)
+    torch.save({"model_state_dict": {}, "epoch": 1, "step": 3, "loss_history": {"generator": {"total": [NAN] * 3}}},
+               folder / "model_epoch1_20260101-000000.pth")
+    if source == "metrics":
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "generator/total": None}) + "\n"
+                                                      for step in (1, 2, 3)))
+    evaluate_training.main(["-te", str(SRC / TRAIN_EVAL_CFG), "--set", f"saving.save_folder_name={tmp_path / 'runs'}"])
+    out = capsys.readouterr().out
+    assert "generator/total: all 3 values are non-finite (NaN or infinite); no curve is drawn" in out, out
+    assert (folder / "training_losses.png").is_file() and "non-finite" in (folder / "training_summary.md").read_text()
+
+
+def test_histories_no_run_writes_are_refused_or_drawn_as_far_as_they_can_be(tmp_path, capsys):
+    """Found fuzzing evaluate_training.py: a checkpoint history of another shape than the trainer
+    writes (a network's values as a bare list, validation values without their steps) is refused
+    naming its key; a metrics.jsonl row whose step or value no run logs (a step beyond numpy's
+    integers; an integer beyond any float, or a float beyond float32's range, which matplotlib
+    cannot scale an axis to) is left out or drawn as infinite, and said."""
+    for key, history in (("loss_history", {"generator": [1.0, 2.0]}),
+                         ("validation_history", {"generator": {"total": [1.0]}}),
+                         ("validation_history", {"step": ["a"], "generator": {"total": [1.0]}})):
+        with pytest.raises(UserError, match=f"x.pth: {key}: "):
+            runs.check_checkpoint({"model_state_dict": {}, key: history}, "x.pth")
+    folder = tmp_path / "runs" / "run_1"
+    folder.mkdir(parents=True)
+    rows = [{"step": 1, "generator/g": 10 ** 400}, {"step": 2, "generator/g": -1e308}, {"step": 3, "generator/g": 1.0},
+            {"step": 10 ** 20, "generator/g": 2.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    evaluate_training.main(["-te", str(SRC / TRAIN_EVAL_CFG), "--set", f"saving.save_folder_name={tmp_path / 'runs'}"])
+    assert "generator/g: 2 of 3 values are non-finite" in capsys.readouterr().out
+    assert (folder / "training_losses.png").is_file()
+
+
+def test_a_checkpoint_search_through_a_folder_it_cannot_list_names_the_path_and_the_key(tmp_path, monkeypatch):
+    """Every search of runs and checkpoints that meets a folder it cannot list (no read permission:
+    tests run as root, so Path.iterdir is made to say so; a file where a folder should be, as
+    os.scandir says it) is a UserError naming the path and the key, not an OSError."""
+    root = tmp_path / "runs"
+    (root / "run_1").mkdir(parents=True)
+    (root / "run_1" / "model_epoch1_20260101-000000.pth").write_bytes(b"")
+    cfg = config.load_training_config(SRC / TRAIN_CFG, [f"saving.save_folder_name={root}"])
+    te = {"model_checkpoint_filename": None, "runs": "latest"}
+    lists_run_1 = {  # the searches that list run_1's checkpoints
+        "latest": lambda: runs.find_checkpoint(cfg, "latest", "model.model_checkpoint_filename"),
+        "run folder": lambda: runs.find_checkpoint(cfg, "run_1", "model.model_checkpoint_filename"),
+        "newest": lambda: runs.newest_checkpoint(cfg),
+        "gather_runs": lambda: evaluate_training.gather_runs([cfg], te, "training_evaluation"),
+    }
+    lists_root = {**lists_run_1, "best": lambda: runs.find_checkpoint(cfg, "best", "model.model_checkpoint_filename"),
+                  "select_runs": lambda: runs.select_runs(cfg, "all", "training_evaluation.runs")}
+    iterdir, scandir = pathlib.Path.iterdir, runs.os.scandir
+    for fails, denied, searches in (
+            (root, PermissionError(errno.EACCES, "Permission denied", str(root)), lists_root),
+            (root / "run_1", NotADirectoryError(errno.ENOTDIR, "Not a directory", str(root / "run_1")), lists_run_1)):
+        def refuse(path, real, fails=fails, denied=denied):
+            if pathlib.Path(path) == fails:
+                raise denied
+            return real(path)
+        monkeypatch.setattr(pathlib.Path, "iterdir", lambda self, refuse=refuse: refuse(self, iterdir))
+        monkeypatch.setattr(runs.os, "scandir", lambda path=".", refuse=refuse: refuse(path, scandir))
+        for name, search in searches.items():
+            with pytest.raises(UserError) as e:
+                search()
+            assert str(fails) in str(e.value) and denied.strerror in str(e.value), (name, str(e.value))
+            assert "saving.save_folder_name" in str(e.value) or "model_checkpoint_filename" in str(e.value) \
+                or "training_evaluation.runs" in str(e.value), (name, str(e.value))
+
+
+def test_an_echoed_value_is_cut_saying_how_much_was_left_out():
+    """errors.shown echoes a value's repr up to 100 characters and counts the rest, without writing
+    it out: a 10-level alias bomb (a repr of 50 GB) takes no time."""
+    def repr_length(levels):  # of alias_bomb(levels): a list of 9 'xxxxxxxx', then lists of 9 of the one before
+        lengths = [2 + 9 * 10 + 8 * 2]
+        for _ in range(1, levels):
+            lengths.append(2 + 9 * lengths[-1] + 8 * 2)
+        return 2 + sum(lengths) + 2 * (levels - 1)
+
+    small = yaml.safe_load(alias_bomb(3))
+    assert repr_length(3) == len(repr(small))
+    assert errors.shown(small) == repr(small)[:100] + f"... ({len(repr(small)) - 100:,} characters left out)"
+    huge = errors.shown(yaml.safe_load(alias_bomb(10)))
+    assert huge == repr(small)[:100] + f"... ({repr_length(10) - 100:,} characters left out)"
+    assert errors.shown("short") == "'short'" and errors.shown([1, (2,), {"a": None}]) == "[1, (2,), {'a': None}]"
+
+
+def test_run_main_cuts_the_middle_out_of_a_message_too_long(capsys):
+    def main(argv):
+        raise UserError("start " + "x" * 10_000 + " end")
+
+    with pytest.raises(SystemExit) as e:
+        errors.run_main(main, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: start ") and err.rstrip().endswith(" end")
+    assert len(err) < errors.MESSAGE_LIMIT + 100 and "characters left out" in err
+
+
+@pytest.mark.parametrize("name", ["submodels", "discriminate", "summary", "sources", "keys_net"])
+def test_names_of_pynet_attributes_still_name_components_and_submodels(tmp_path, name):
+    """Only what torch.nn.ModuleDict holds as an attribute is refused: the flow and PyNet reach
+    components and submodels by key, so their own attribute names work."""
+    arch = yaml.safe_load((SRC / ARCH_YAML).read_text())
+    component_named(name)(arch)
+    renamed("disc_cnn", name)(arch)
+    arch["model_components"][name]["submodels"] = [name]
+    path = tmp_path / "arch.yaml"
+    path.write_text(yaml.safe_dump(arch, sort_keys=False))
+    model = model_base.PyNet(path)
+    assert isinstance(model.model_components[name][name], model_base.Submodel)

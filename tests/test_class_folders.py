@@ -163,8 +163,9 @@ def test_to_images_repeats_a_channel_and_keeps_values_with_nearest():
 
 
 # ---- the validation metrics ---------------------------------------------------------------------
-def summed(kind, outputs, targets, peak=None):
-    return metrics.finish({k: v.item() for k, v in metrics.batch_sums(kind, outputs, targets, peak).items()}, peak)
+def summed(kind, outputs, targets, value_range=None):
+    sums = metrics.batch_sums(kind, outputs, targets, value_range)
+    return metrics.finish({k: v.item() for k, v in sums.items()}, value_range)
 
 
 def test_accuracy_and_top5_of_known_scores():
@@ -177,13 +178,13 @@ def test_accuracy_and_top5_of_known_scores():
 
 
 def test_psnr_and_ssim_of_known_images():
-    targets = torch.linspace(-1, 1, 2 * 16 * 16).view(2, 1, 16, 16)
-    off = summed("images", targets + 0.1, targets, metrics.peak_of(targets))
+    targets = torch.linspace(-0.9, 0.9, 2 * 16 * 16).view(2, 1, 16, 16)
+    off = summed("images", targets + 0.1, targets, (-1.0, 1.0))  # (none past 1: nothing clamped)
     assert off["psnr"] == pytest.approx(10 * math.log10(4 / 0.01))  # peak 2 for [-1, 1]: 4 / MSE
-    same = summed("images", targets, targets, 2.0)
+    same = summed("images", targets, targets, (-1.0, 1.0))
     assert same["psnr"] == math.inf and same["ssim"] == pytest.approx(1.0)
     noisy = summed("images", targets + 0.5 * torch.randn(targets.shape, generator=torch.Generator().manual_seed(0)),
-                   targets, 2.0)
+                   targets, (-1.0, 1.0))
     assert noisy["ssim"] < 0.9
 
 

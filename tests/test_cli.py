@@ -230,14 +230,16 @@ def evaluation_hash(out, stem, split):
 
 
 def test_paired_metrics_of_known_errors():
-    """PSNR uses the targets' range as the peak: outputs off by 0.1 everywhere from targets
-    spanning [-1, 1] are at 10 log10(4 / 0.01) dB."""
+    """PSNR uses the width of the targets' range as the peak: outputs off by 0.1 everywhere from
+    targets in [-1, 1] are at 10 log10(4 / 0.01) dB."""
     import evaluate
-    targets = torch.linspace(-1, 1, 64).view(4, 1, 4, 4)
-    metrics = evaluate.pairwise_metrics(targets + 0.1, targets)
+    from dataset_base import ValueRange
+    targets, symmetric = torch.linspace(-0.9, 0.9, 64).view(4, 1, 4, 4), ValueRange(-1.0, 1.0, "test", True)
+    metrics = evaluate.pairwise_metrics(targets + 0.1, targets, symmetric)
     assert metrics["l1"] == pytest.approx(0.1) and metrics["mse"] == pytest.approx(0.01)
     assert metrics["psnr_db"] == pytest.approx(10 * math.log10(4 / 0.01))
-    assert evaluate.pairwise_metrics(targets, targets)["psnr_db"] == math.inf  # the identity model
+    identity = evaluate.pairwise_metrics(targets, targets, symmetric)  # the identity model: infinite, so null
+    assert identity["psnr_db"] is None and "infinite" in identity["psnr_db_reason"]
 
 
 @pytest.mark.slow
@@ -434,7 +436,9 @@ def test_unet_example_evaluates_and_traces(unet_trained):
     out = repo / "results/unet_gan/denoise_run" / folder.name
     digest = evaluation_hash(out, stem, "validation")
     metrics = json.loads((out / f"{stem}_validation_{digest}_metrics.json").read_text())  # its held-out images
-    assert metrics["n_samples"] == 3 and "discriminator_score_generated" in metrics  # all 3 held out
+    assert metrics["n_samples"] == 3  # all 3 held out
+    # its PatchGAN scores a map of patches per sample: no score of a sample to report, and a note says so
+    assert "discriminator_score_generated" not in metrics and any("PatchGAN" in n for n in metrics["notes"])
     # paired data: output vs target and, for reference, the noisy input vs target
     assert metrics["l1"] >= 0 and metrics["mse"] >= 0 and math.isfinite(metrics["psnr_db"])
     assert 10 < metrics["input_psnr_db"] < 14  # noise of std 0.5 on data in [-1, 1]: about 12 dB

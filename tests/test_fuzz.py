@@ -57,6 +57,11 @@ def paths_of(tree, prefix=()):
     return found
 
 
+# What a key is renamed to, besides a near miss: empty, dotted, keys YAML reads as other than text
+# (1:, 1.5:, yes:, ~:) and names torch.nn.ModuleDict keeps for itself.
+RENAMES = ["", "1", "a.b", 1, 1.5, True, None, "keys", "training"]
+
+
 @st.composite
 def mutated(draw, tree):
     """`tree` with 1-3 mutations: a key deleted, a value replaced by an odd one, a key renamed."""
@@ -75,8 +80,7 @@ def mutated(draw, tree):
         elif kind == "replace":
             parent[path[-1]] = copy.deepcopy(draw(ODD_VALUES))  # never the strategy's own list or dict
         elif isinstance(parent, dict):
-            parent[draw(st.sampled_from([str(path[-1]) + "s", str(path[-1])[:-1], "", "1", "a.b"]))] = \
-                parent.pop(path[-1])
+            parent[draw(st.sampled_from([str(path[-1]) + "s", str(path[-1])[:-1], *RENAMES]))] = parent.pop(path[-1])
     return tree
 
 
@@ -225,6 +229,7 @@ def test_mutated_evaluation_configs(tmp_path, trained, profile):
     check()
 
 
+NAN_HISTORY = st.just({"generator": {"total": [float("nan")] * 3}})  # a run that diverged from its first step
 ODD_TENSORS = st.sampled_from([torch.zeros(0), torch.zeros(3, 3), torch.full((2,), float("nan")),
                                torch.zeros(2, dtype=torch.int64), torch.tensor(1.0)])
 
@@ -238,7 +243,7 @@ def mutated_checkpoint(draw, state):
         if kind == "delete":
             del state[key]
         elif kind == "replace":
-            state[key] = copy.deepcopy(draw(st.one_of(ODD_VALUES, ODD_TENSORS)))
+            state[key] = copy.deepcopy(draw(st.one_of(ODD_VALUES, ODD_TENSORS, NAN_HISTORY)))
         elif isinstance(state.get("model_state_dict"), dict) and state["model_state_dict"]:
             weights = dict(state["model_state_dict"])
             name = draw(st.sampled_from(sorted(weights)))

@@ -16,9 +16,12 @@ import torch
 
 from config import load_training_config, resolve_path
 from conftest import CHECKPOINTS, EVAL_CFG, TRAIN_CFG, newest_run, run, run_folder_of
+from dataset_base import ValueRange
 from errors import UserError
 from runs import find_checkpoint, read_metrics
 from sample_metrics import INCEPTION_URL, METRICS, SampleMetrics, build_features, measure
+
+UNIT, SYMMETRIC = ValueRange(0.0, 1.0, "test", True), ValueRange(-1.0, 1.0, "test", True)
 
 
 def pixel_metrics(real, metrics=METRICS):
@@ -126,7 +129,7 @@ def test_missing_inception_weights_say_which_file_to_fetch_and_where(monkeypatch
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError) as error:
-        build_features("inception", "cfg.yaml: evaluation.feature_extractor", torch.rand(4, 3, 8, 8))
+        build_features("inception", "cfg.yaml: evaluation.feature_extractor", torch.rand(4, 3, 8, 8), value_range=UNIT)
     message = str(error.value)
     assert INCEPTION_URL in message
     assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]) in message
@@ -166,13 +169,15 @@ def random_inception_weights(tmp_path_factory):
 
 def test_inception_features_take_grey_images_in_the_datas_range(random_inception_weights):
     grey = torch.rand(6, 1, 12, 12) * 2 - 1  # [-1, 1], as the pipeline's GANs make them
-    features = build_features("inception", "test", grey, inception_weights=str(random_inception_weights))
+    features = build_features("inception", "test", grey, inception_weights=str(random_inception_weights),
+                              value_range=SYMMETRIC)
     assert "[-1, 1]" in features.name
     found = features.extract(grey)
     assert found.shape == (6, 2048) and found.dtype == torch.float64
     # grey is repeated to RGB, and [-1, 1] mapped to 0..255 as the network expects: the same
     # features as the RGB 0..1 images with the same content
-    rgb = build_features("inception", "test", torch.rand(6, 3, 12, 12), inception_weights=str(random_inception_weights))
+    rgb = build_features("inception", "test", torch.rand(6, 3, 12, 12), inception_weights=str(random_inception_weights),
+                         value_range=UNIT)
     assert "[0, 1]" in rgb.name
     assert torch.allclose(found, rgb.extract(((grey + 1) / 2).expand(-1, 3, -1, -1)), atol=1e-4)
     score = SampleMetrics(["fid"], features, grey)
@@ -184,7 +189,7 @@ def test_a_weights_file_of_another_network_is_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, path)
     with pytest.raises(UserError, match=f"{path} is not the Inception weights file"):
-        build_features("inception", "test", torch.rand(4, 3, 8, 8), inception_weights=str(path))
+        build_features("inception", "test", torch.rand(4, 3, 8, 8), inception_weights=str(path), value_range=UNIT)
 
 
 # ---- a trained network as the feature extractor ------------------------------------------------
