@@ -522,13 +522,72 @@ def read_yaml(path, what="config"):
 def parse_yaml(text, source, what="config"):
     """YAML text (read from `source`) as a dict, or a UserError naming the source and the line."""
     try:
+        refuse_deep_nesting(text, source)
         data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: the {what} must be a YAML mapping of keys to values")
+    refuse_alias_bombs(data, source)
     refuse_keys_not_names(data, "", source)
     return data
+
+
+# A config or an architecture nests a few levels and holds hundreds of values. YAML's loader
+# recurses once per level (a few thousand levels overflow the C stack), and an alias (*name) repeats
+# its anchor's whole value, so that a few hundred bytes can hold billions of values, which every
+# walk over the config (its checks, its copies, its messages) would then visit: both are refused.
+MAX_DEPTH = 100
+MAX_VALUES = 10 ** 6
+
+
+def refuse_deep_nesting(text, source):
+    """A UserError for YAML text nested deeper than MAX_DEPTH, found in its event stream (which the
+    parser makes without recursing) before it is loaded."""
+    depth = 0
+    for event in yaml.parse(text, Loader=SAFE_LOADER):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UserError(f"{source}: line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels "
+                                "deep; a config or an architecture needs a few")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def refuse_alias_bombs(tree, source):
+    """A UserError for a loaded YAML tree that, with its aliases written out, holds more than
+    MAX_VALUES values or nests deeper than MAX_DEPTH, or holds itself."""
+    values, depth = expanded_size(tree)
+    if values is None:
+        raise UserError(f"{source}: an alias (*name) inside the value it names: written out, it would never end")
+    if values > MAX_VALUES or depth > MAX_DEPTH:
+        raise UserError(f"{source}: its aliases (*name) repeat their anchors' (&name) values into {values:,} values "
+                        f"nested {depth:,} deep, written out; a config or an architecture holds far fewer (at most "
+                        f"{MAX_VALUES:,} values, {MAX_DEPTH} levels)")
+
+
+def expanded_size(tree):
+    """(values, depth) of `tree` with every alias written out, or (None, None) where it holds
+    itself. Worked out without recursing, each list or mapping once (an alias bomb repeats a few
+    many times)."""
+    known, started, todo = {}, set(), [(tree, False)]
+    while todo:
+        node, children_done = todo.pop()
+        if not isinstance(node, (dict, list)) or id(node) in known:
+            continue
+        children = [v for v in (node.values() if isinstance(node, dict) else node) if isinstance(v, (dict, list))]
+        if not children_done:
+            if id(node) in started:  # (started and not done: one of the nodes it lies in)
+                return None, None
+            started.add(id(node))
+            todo.append((node, True))
+            todo += [(child, False) for child in children]
+            continue
+        started.discard(id(node))
+        known[id(node)] = (len(node) + sum(known[id(c)][0] for c in children),
+                           1 + max((known[id(c)][1] for c in children), default=0))
+    return known.get(id(tree), (0, 0))
 
 
 def refuse_keys_not_names(tree, where, source):
@@ -580,9 +639,11 @@ def apply_overrides(raw, overrides, source):
         if not sep or not key:
             raise UserError(f"--set {shown(item)}: expected KEY.PATH=VALUE, e.g. --set training.n_epochs=3")
         try:
+            refuse_deep_nesting(text, f"{source}: --set {key}")
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise UserError(f"--set {shown(item)}: value is not valid YAML: {e}") from None
+        refuse_alias_bombs(value, f"{source}: --set {key}")
         refuse_keys_not_names(value, key, f"{source}: --set {key}")
         node, path = raw, override_path(key, source)
         for step, following in zip(path, path[1:]):

@@ -218,7 +218,8 @@ def check_whole_step(trainer, batch, validation_batch, where):
     (TrainingState), so that the run trains bit for bit as one without the trial. A failure is a
     UserError starting with `where` that names the config key it comes from and torch's reason."""
     saved = TrainingState(trainer)
-    micro = [trainer.losses.to_device(batch)] * trainer.accumulate  # the step's batches, as the run has them
+    # the step's batches, as many as the run's steps have (an epoch's at most)
+    micro = [trainer.losses.to_device(batch)] * min(trainer.accumulate, len(trainer.loader))
     for net in trainer.networks.values():
         if net.scaler is not None:  # fp16's first scale (2^16) overflows: the optimizer's step would be skipped
             net.scaler.load_state_dict(net.scaler.state_dict() | {"scale": 1.0})
@@ -474,28 +475,41 @@ class TensorCopy:
         self.tensor, self.device = tensor.detach().to("cpu", copy=True), tensor.device
 
 
-def copied(value):
+def copied(value, memo=None):
     """A copy of `value` to put back later (`restored`): tensors copied (TensorCopy), dicts,
     lists, tuples and sets copied through, a torch.Generator's state kept; anything else (numbers,
-    text, modules, optimizers, functions, parameters, whose values the state_dicts keep) as it is."""
+    text, modules, optimizers, functions, parameters, whose values the state_dicts keep) as it
+    is. What `value` holds twice is copied once (`memo`, as copy.deepcopy keeps one), so that
+    shared and self-holding values copy as they are."""
+    memo = {} if memo is None else memo
+    if id(value) in memo:
+        return memo[id(value)]
     if isinstance(value, torch.nn.Parameter):
         return value
     if torch.is_tensor(value):
-        return TensorCopy(value)
-    if isinstance(value, torch.Generator):
-        return GeneratorState(value)
-    if isinstance(value, dict):
-        new = copy.copy(value)  # (a defaultdict keeps its factory)
-        new.update((k, copied(v)) for k, v in value.items())
-        return new
-    if isinstance(value, (list, tuple, set)) and not hasattr(value, "_fields"):  # (a namedtuple as it is)
-        return type(value)(copied(v) for v in value)
-    return value
+        new = TensorCopy(value)
+    elif isinstance(value, torch.Generator):
+        new = GeneratorState(value)
+    elif isinstance(value, (dict, list)):
+        new = memo[id(value)] = copy.copy(value)  # (first: what it holds may hold it; a defaultdict keeps its factory)
+        items = new.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in list(items):
+            new[key] = copied(item, memo)
+    elif isinstance(value, (tuple, set)) and not hasattr(value, "_fields"):  # (a namedtuple as it is)
+        new = type(value)(copied(v, memo) for v in value)
+    else:
+        return value
+    memo[id(value)] = new
+    return new
 
 
-def restored(now, saved):
+def restored(now, saved, done=None):
     """The value to keep where `now` is, with what `saved` holds: tensors of the same kind copied
-    into in place, dicts and lists refilled in place (others may hold them too), else `saved`."""
+    into in place, dicts and lists refilled in place (others may hold them too), else `saved`
+    (what is put back once is not again: `done`)."""
+    done = {} if done is None else done
+    if id(saved) in done:
+        return done[id(saved)]
     if isinstance(saved, TensorCopy):
         values = saved.tensor
         if torch.is_tensor(now) and (now.shape, now.dtype, now.device) == (values.shape, values.dtype, saved.device):
@@ -505,12 +519,14 @@ def restored(now, saved):
         saved.generator.set_state(saved.state)
         return saved.generator
     if isinstance(saved, dict) and isinstance(now, dict):
+        done[id(saved)] = now
         for key in [k for k in now if k not in saved]:
             del now[key]
         for key, value in saved.items():
-            now[key] = restored(now.get(key, MISSING), value)
+            now[key] = restored(now.get(key, MISSING), value, done)
         return now
     if isinstance(saved, list) and isinstance(now, list):
-        now[:] = [restored(now[i] if i < len(now) else MISSING, v) for i, v in enumerate(saved)]
+        done[id(saved)] = now
+        now[:] = [restored(now[i] if i < len(now) else MISSING, v, done) for i, v in enumerate(saved)]
         return now
     return copied(saved)  # (a copy again: the saved one stays as it was, should the state be restored twice)

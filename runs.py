@@ -44,6 +44,7 @@ from config import (
     is_number,
     load_training_config,
     model_dir,
+    parse_yaml,
     resolve_path,
     results_dir,
     to_yaml,
@@ -508,10 +509,11 @@ def is_rng_state(v):
 
 
 def is_yaml_mapping(v):
-    """YAML text of a mapping (the config and architecture a checkpoint keeps)."""
+    """YAML text of a mapping (the config and architecture a checkpoint keeps), as config.parse_yaml
+    reads a file: not nested past reason, no alias bomb, every key text."""
     try:
-        return isinstance(v, str) and isinstance(yaml.safe_load(v), dict)
-    except yaml.YAMLError:
+        return isinstance(v, str) and isinstance(parse_yaml(v, "checkpoint"), dict)
+    except UserError:
         return False
 
 

@@ -93,6 +93,9 @@ def config_cases(repo, tmp):
     (files / "a_file").write_text("not a folder")
     (files / "bomb_arch.yaml").write_text((repo / ARCH_YAML).read_text().replace(
         "adv_type: discriminator", f"adv_type: {alias_bomb(6)}"))
+    (files / "big_bomb_arch.yaml").write_text((repo / ARCH_YAML).read_text().replace(
+        "adv_type: discriminator", f"adv_type: {alias_bomb(10)}"))
+    (files / "deep_arch.yaml").write_text((repo / ARCH_YAML).read_text() + "deep: " + "[" * 100_000 + "]" * 100_000)
     found = {
         "binary_config": (["train.py", "-t", "data/example_model/blobs_4x4.npy"], "blobs_4x4.npy: not a text file"),
         "long_path": (["train.py", "-t", "x" * 400 + ".yaml"], "xxxx"),
@@ -131,12 +134,24 @@ def config_cases(repo, tmp):
         "stream_key_int": (train(cfg=files / "int_stream.yaml"), "dataset.1: this key is a number"),
         "layer_device": (arch("layer_device", lambda a: a["disc_cnn"]["layers"][0]["Conv2d"].update(device="meta")),
                          "disc_cnn.layers[0].layer_params.device"),
+        "layer_dtype": (arch("layer_dtype", lambda a: a["gen_dec"]["layers"][0]["Linear"].update(dtype="float64")),
+                        "gen_dec.layers[0].layer_params.dtype: the pipeline sets the whole model's precision"),
         "input_size_huge": (["jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "100000000000", "1", "32",
                              "32", "--set", f"saving.save_folder_name={out}"], "--input_size"),
+        "benchmark_huge": (["jit_trace_model.py", "-t", TRAIN_CFG, "-c", "latest", "-i", "1", "1", "4", "4",
+                            "--benchmark", "10000000", "--set", f"saving.save_folder_name={out}"], "--benchmark"),
         "save_folder_through_file": (train(f"saving.save_folder_name={files / 'a_file' / 'runs'}"),
                                      "saving.save_folder_name"),
         "alias_bomb": (train(f"model.architecture_cfg_path={files / 'bomb_arch.yaml'}"),
                        "model_components.discriminator.adv_type"),
+        # found fuzzing after those: YAML nested 100,000 deep (libyaml's loader crashed the process
+        # with a segmentation fault), a bomb past a million values and a value holding itself (the
+        # trial step's copy of the config walked them without end)
+        "yaml_deep": (train(f"model.architecture_cfg_path={files / 'deep_arch.yaml'}"), "nested more than 100 levels"),
+        "alias_bomb_huge": (train(f"model.architecture_cfg_path={files / 'big_bomb_arch.yaml'}"),
+                            "4,412,961,607 values nested 14 deep"),
+        "yaml_holds_itself": (train("dataset.gen_inputs.file_reader_args=&x {a: *x}"),  # (unused by the stream)
+                              "--set dataset.gen_inputs.file_reader_args: an alias"),
     }
     # each case writes (if it wrongly runs) into a folder of its own, so that one cannot hide another
     return {name: ([str(a).replace(str(out), str(out / name)) for a in args], named, out / name)
@@ -241,7 +256,7 @@ def assert_refused(refused, expected):
 
 
 def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_path):
-    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 28)
+    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 33)
 
 
 @pytest.mark.slow  # (the fast subset fuzzes checkpoints in every script: tests/test_fuzz.py)
@@ -364,6 +379,13 @@ def test_an_echoed_value_is_cut_saying_how_much_was_left_out():
     huge = errors.shown(yaml.safe_load(alias_bomb(10)))
     assert huge == repr(small)[:100] + f"... ({repr_length(10) - 100:,} characters left out)"
     assert errors.shown("short") == "'short'" and errors.shown([1, (2,), {"a": None}]) == "[1, (2,), {'a': None}]"
+
+
+def test_yaml_aliases_within_reason_still_load():
+    """Only aliases that write out past a million values (or into themselves) are refused."""
+    tree = config.parse_yaml("a: &x {b: [1, 2]}\nc: *x\nd: [*x, *x]\n", "x.yaml")
+    # values: the 3 top entries, x (its entry b and b's 2) once under a and c, d's 2 entries and x twice
+    assert tree["d"] == [{"b": [1, 2]}] * 2 and config.expanded_size(tree) == (3 + 3 + 3 + 2 + 2 * 3, 4)
 
 
 def test_run_main_cuts_the_middle_out_of_a_message_too_long(capsys):
