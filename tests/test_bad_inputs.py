@@ -147,6 +147,8 @@ def config_cases(repo, tmp):
         # found fuzzing after those: YAML nested 100,000 deep (libyaml's loader crashed the process
         # with a segmentation fault), a bomb past a million values and a value holding itself (the
         # trial step's copy of the config walked them without end)
+        "value_range_reversed": (train("dataset.real_images.value_range=[1, -1]"),
+                                 "dataset.real_images.value_range: [1, -1]: low must be below high"),
         "yaml_deep": (train(f"model.architecture_cfg_path={files / 'deep_arch.yaml'}"), "nested more than 100 levels"),
         "alias_bomb_huge": (train(f"model.architecture_cfg_path={files / 'big_bomb_arch.yaml'}"),
                             "4,412,961,607 values nested 14 deep"),
@@ -256,7 +258,7 @@ def assert_refused(refused, expected):
 
 
 def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_path):
-    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 33)
+    assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 34)
 
 
 @pytest.mark.slow  # (the fast subset fuzzes checkpoints in every script: tests/test_fuzz.py)
