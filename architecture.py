@@ -132,7 +132,8 @@ class Reader:
                                 "starting with a digit (e.g. gen_cnn)")
 
     def check_free(self, key_path, name, what):
-        """A component, submodel or layer name that torch.nn.ModuleDict can hold (TAKEN_NAMES)."""
+        """A component or submodel name that torch.nn.ModuleDict can hold (TAKEN_NAMES). (A layer's
+        is <prefix>_<type>_<index>, which ends in a digit, as none of its attributes does.)"""
         if name in TAKEN_NAMES:
             kind = "a method" if callable(getattr(nn.ModuleDict, name, None)) else "an attribute"
             self.fail(key_path, f"{what} {shown(name)} is taken: torch.nn.ModuleDict, which holds the components, "
@@ -225,8 +226,6 @@ class LayerReader(Reader):
                       "[{layer_type: Conv2d, layer_params: {out_channels: 16, kernel_size: 3}}]")
         layers = [self.parse_layer(layer, f"{sname}.layers[{i}]") for i, layer in enumerate(spec["layers"])]
         sub = SubmodelPlan(sname, adv_type, prefix, [f"{prefix}_{t}_{i}" for i, (t, _) in enumerate(layers)], layers)
-        for name in sub.layer_names:  # (<prefix>_<type>_<index> never is one today; a new attribute might be)
-            self.check_free(f"{sname}.layer_name_prefix", name, "the layer name")
         for name in [sub.input_name, *sub.layer_names]:
             if name in self.order:
                 self.fail(f"{sname}.layer_name_prefix", f"layer name {shown(name)} is used twice; give each "

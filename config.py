@@ -603,10 +603,12 @@ def refuse_keys_not_names(tree, where, source):
 
 def key_problems(tree, where=""):
     """'<key path>: why' of each mapping key in `tree` that is not text, in the order written. Each
-    list or mapping is looked at once: one built of YAML aliases may hold the same one many times."""
-    problems, seen, todo = [], set(), collections.deque([(where, tree)])
+    list or mapping is looked at once: one built of YAML aliases may hold the same one many times.
+    The arguments a config gives a function (a key ending in _args) are keyword names, but what
+    they hold is the function's to read ({class_weights: {0: 2.0}}): not looked into."""
+    problems, seen, todo = [], set(), collections.deque([(where, tree, not where.endswith("_args"))])
     while todo:
-        path, node = todo.popleft()
+        path, node, deep = todo.popleft()
         if not isinstance(node, (dict, list)) or id(node) in seen:
             continue
         seen.add(id(node))
@@ -616,8 +618,8 @@ def key_problems(tree, where=""):
             at = f"{path}{name}" if isinstance(node, list) else f"{path}.{name}" if path else name
             if isinstance(node, dict) and not isinstance(key, str):
                 problems.append(f"{at}: {key_kind(key)}")
-            if isinstance(value, (dict, list)):
-                todo.append((at, value))
+            if deep and isinstance(value, (dict, list)):
+                todo.append((at, value, not (isinstance(key, str) and key.endswith("_args"))))
     return problems
 
 

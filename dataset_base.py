@@ -311,10 +311,6 @@ class ValueRange(NamedTuple):
     def known(self):
         return self.low is not None
 
-    @property
-    def peak(self):
-        return self.high - self.low
-
 
 # torchvision.transforms.v2 classes that rescale values: after them no range is known
 RESCALING_TRANSFORMS = ("Normalize", "ToDtype", "ConvertImageDtype", "LinearTransformation")

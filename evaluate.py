@@ -36,7 +36,6 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-import dataset_base
 from cli import check_batches_fit_model, check_data_fits_model, select_device, split_overrides, targets_are_paired
 from config import EVALUATION, load_config
 from dashboard import PAD, grid_columns, image_grid, scale_note, to_unit_range
@@ -217,20 +216,20 @@ def comparable(outputs, targets):
     return targets is not None and targets.shape[1:] == outputs.shape[1:]
 
 
-def pairwise_metrics(outputs, targets, value_range, clamp=True):
+def pairwise_metrics(outputs, targets, target_range, clamp=True):
     """Mean absolute and squared error of the outputs as they are; PSNR in dB and, for images,
     SSIM (metrics.py, as validation computes them) of the outputs clamped to the targets'
-    `value_range` (a dataset_base.ValueRange, whose width is the peak: 2 for [-1, 1]), or as they
+    `target_range` (a dataset_base.ValueRange, whose width is the peak: 2 for [-1, 1]), or as they
     are with `clamp` False (the inputs, which are data, not a model's answer). A PSNR or SSIM
     that cannot be had is None, with the reason beside it (<key>_reason)."""
     result = {"l1": torch.mean((outputs - targets).abs()).item(), "mse": torch.mean((outputs - targets) ** 2).item()}
     has_ssim = outputs.dim() == 4 and ssim_window(outputs.shape) > 0
-    if not value_range.known:
-        why = f"the range of the targets is {value_range.how}"
+    if not target_range.known:
+        why = f"the range of the targets is {target_range.how}"
         return result | {"psnr_db": None, "psnr_db_reason": why} | \
             ({"ssim": None, "ssim_reason": why} if has_ssim else {})
-    sums = batch_sums("images", outputs, targets, value_range, clamp)
-    quality = finish({k: v.item() for k, v in sums.items()}, value_range)
+    sums = batch_sums("images", outputs, targets, target_range, clamp)
+    quality = finish({k: v.item() for k, v in sums.items()}, target_range)
     result["psnr_db"] = quality["psnr"]
     if math.isinf(result["psnr_db"]):
         result |= {"psnr_db": None, "psnr_db_reason": "identical to the targets: PSNR is infinite"}
@@ -239,11 +238,12 @@ def pairwise_metrics(outputs, targets, value_range, clamp=True):
 
 def discriminator_scores(model, inputs, outputs, targets, device, notes):
     """The discriminator's mean score for real and for generated samples, where it gives one score
-    a sample ([N] or [N, 1]); else none, and a line in `notes` saying why: the mean of a map of
-    scores per sample (a PatchGAN's) is no sample's score."""
+    a sample ([N], [N, 1], or a DCGAN's [N, 1, 1, 1]); else none, and a line in `notes` saying
+    why: the mean of a map of scores per sample (a PatchGAN's) is no sample's score."""
     real = model.discriminate(targets.to(device), inputs.to(device))
     fake = model.discriminate(outputs.to(device), inputs.to(device))
-    if not all(isinstance(x, torch.Tensor) and x.shape in ((len(targets),), (len(targets), 1)) for x in (real, fake)):
+    if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == len(targets) and x[0].numel() == 1
+               for x in (real, fake)):
         shape = list(real.shape[1:]) if isinstance(real, torch.Tensor) else type(real).__name__
         notes.append(f"no discriminator_score_real or _generated: the discriminator gives {shape} scores per sample "
                      "(a PatchGAN's map?), not one, and their mean is no sample's score")
@@ -324,28 +324,28 @@ def confusion_matrix(confusion, names, title):
     return fig
 
 
-def labelled_pictures(inputs, predicted, targets, names, nrow, title, value_range, notes):
+def labelled_pictures(inputs, predicted, targets, names, nrow, title, shown_range, notes):
     """{"samples": labelled_inputs' figure} for inputs that are images of 1 or 3 channels; else
     nothing, and a line in `notes` saying why (the confusion matrix is the picture then)."""
     if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
-        return {"samples": labelled_inputs(inputs, predicted, targets, names, nrow, title, value_range)}
+        return {"samples": labelled_inputs(inputs, predicted, targets, names, nrow, title, shown_range)}
     notes.append(f"no samples picture: the inputs are {list(inputs.shape[1:])} per sample, not images of 1 or 3 "
                  "channels to title with their class; the confusion matrix shows the classes")
     return {}
 
 
-def labelled_inputs(inputs, predicted, targets, names, nrow, title, value_range=None):
+def labelled_inputs(inputs, predicted, targets, names, nrow, title, shown_range=None):
     """Up to nrow x nrow input images, about as many a row as rows, each titled with its predicted
     class, the misclassified ones first, in red and with their true class under; all on one colour
-    scale (the input stream's `value_range`, clipped, or where it is not known their min..max;
+    scale (the input stream's range `shown_range`, clipped, or where it is not known their min..max;
     None: guessed from them), which the figure's title states."""
     order = torch.cat([torch.nonzero(predicted != targets).flatten(), torch.nonzero(predicted == targets).flatten()])
     order = order[:nrow * nrow]
     shown = inputs[order].float()
-    value_range = value_range or dataset_base.value_range(None, None, shown)
-    how = f"range {value_range.how}"
-    value_range = (value_range.low, value_range.high) if value_range.known else None
-    images = to_unit_range(shown, value_range)
+    shown_range = shown_range or value_range(None, None, shown)
+    how = f"range {shown_range.how}"
+    bounds = (shown_range.low, shown_range.high) if shown_range.known else None
+    images = to_unit_range(shown, bounds)
     columns = grid_columns(len(order), nrow)
     rows = math.ceil(len(order) / columns)
     width = max(1.0, 0.065 * max(len(name) for name in names) + 0.45)  # a title as wide as "true: <name>"
@@ -369,7 +369,7 @@ def labelled_inputs(inputs, predicted, targets, names, nrow, title, value_range=
         label = f"{names[predicted[i]]}\ntrue: {names[targets[i]]}" if wrong else names[predicted[i]]
         ax.set_title(label, fontsize=7, color="red" if wrong else "black")
     fig.suptitle(f"{title}\npredicted class; mistakes first, in red, with the true class\n"
-                 f"inputs {scale_note(shown, value_range)}\n{how}", fontsize=9)
+                 f"inputs {scale_note(shown, bounds)}\n{how}", fontsize=9)
     return fig
 
 
@@ -377,12 +377,12 @@ MAX_CHANNELS = 8  # channels a picture shows of images of other than 1 or 3 chan
 MAX_SIGNALS = 16  # samples a picture of signals shows
 
 
-def sample_pictures(inputs, outputs, targets, nrow, title, value_range, notes):
+def sample_pictures(inputs, outputs, targets, nrow, title, shown_range, notes):
     """{"samples": a figure} of outputs that are not class scores: images [N, C, H, W] (sample_grid)
     or signals [N, L] or [N, C, L] (signal_plot), beside their inputs (`inputs` given: paired
     data) and targets; of any other outputs nothing, and a line in `notes` saying why."""
     if outputs.dim() == 4:
-        return {"samples": sample_grid(inputs, outputs, targets, nrow, title, value_range)}
+        return {"samples": sample_grid(inputs, outputs, targets, nrow, title, shown_range)}
     if outputs.dim() in (2, 3) and outputs.shape[-1] > 1:
         return {"samples": signal_plot(inputs, outputs, targets, nrow, title)}
     what = "one value" if outputs.dim() == 1 or outputs[0].numel() == 1 else f"{list(outputs.shape[1:])}"
@@ -391,10 +391,10 @@ def sample_pictures(inputs, outputs, targets, nrow, title, value_range, notes):
     return {}
 
 
-def sample_grid(inputs, outputs, targets, nrow, title, value_range=None):
+def sample_grid(inputs, outputs, targets, nrow, title, shown_range=None):
     """Outputs beside the data: input, output and target for paired data (inputs given), generated
     beside real samples otherwise; about as many images a row as rows, at most `nrow`. Every
-    panel is shown on `value_range` (the target stream's, dataset_base.value_range) and clipped
+    panel is shown on `shown_range` (the target stream's, dataset_base.value_range) and clipped
     to it, so that inputs far outside it (noisy ones) do not wash the others out; where it is not
     known, each panel is stretched from its own min..max (None: guessed from the targets, else
     the outputs). Each panel's title says which, the figure's how the range is known. Images of
@@ -405,23 +405,23 @@ def sample_grid(inputs, outputs, targets, nrow, title, value_range=None):
         panels = [("input", inputs), ("output", outputs)] + ([("target", targets.float())] if comparable else [])
     else:
         panels = [("generated", outputs)] + ([("data", targets[:len(outputs)].float())] if comparable else [])
-    value_range = value_range or dataset_base.value_range(None, None, targets.float() if comparable else outputs)
-    how = f"range {value_range.how}"
-    value_range = (value_range.low, value_range.high) if value_range.known else None
+    shown_range = shown_range or value_range(None, None, targets.float() if comparable else outputs)
+    how = f"range {shown_range.how}"
+    bounds = (shown_range.low, shown_range.high) if shown_range.known else None
     columns, channels = grid_columns(len(outputs), nrow), outputs.shape[1]
     if channels not in (1, 3):
         columns = min(channels, MAX_CHANNELS)
         panels = [(name, images[:nrow, :columns].reshape(-1, 1, *images.shape[2:])) for name, images in panels]
         how += (f"\na sample a row; channel{'s' * (columns > 1)} 0-{columns - 1} of {channels} a column each, grey"
                 if columns > 1 else f"\na sample a row; channel 0 of {channels}, grey")
-    grids = [image_grid(to_unit_range(images, value_range), columns) for _, images in panels]
+    grids = [image_grid(to_unit_range(images, bounds), columns) for _, images in panels]
     width, height = grid_figure_size(grids[0].shape[1:], len(panels))
     how = wrapped(how, width)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height + LINE * (how.count("\n") + 1)), squeeze=False,
                              layout="constrained")  # (the range's lines under the title)
     for ax, (name, images), grid in zip(axes[0], panels, grids):
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"{name}\n{scale_note(images, value_range)}", fontsize=9)
+        ax.set_title(f"{name}\n{scale_note(images, bounds)}", fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{title}\n{how}", fontsize=9)
     fig.get_layout_engine().set(h_pad=0.08)  # (the default leaves the suptitle touching the panel titles)

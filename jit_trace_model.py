@@ -93,7 +93,7 @@ def main(argv):
     model.eval()
     expected = (args.input_size[0], *model.input_size)
     if tuple(args.input_size) != expected:
-        raise UserError(f"--input_size {' '.join(map(str, args.input_size))}: the model's input "
+        raise UserError(f"--input_size {cut(' '.join(map(str, args.input_size)))}: the model's input "
                         f"'{model.input_key}' has shape {list(model.input_size)} per sample (see "
                         f"{model.architecture_path}); use -i {' '.join(map(str, expected))}")
     flow_path, dynamic, per_sample = cfg["model"]["model_flow_path"], args.dynamic_batch, list(model.input_size)

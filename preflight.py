@@ -15,12 +15,14 @@ a validation pass) and names the config key of what fails there. Both leave no t
 piece of state they change is put back (ModelState, TrainingState), so a run with the checks
 trains bit for bit as one without them.
 """
+import collections
 import contextlib
 import copy
 import functools
 import inspect
 import random
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -223,18 +225,19 @@ def check_whole_step(trainer, batch, validation_batch, where):
     for net in trainer.networks.values():
         if net.scaler is not None:  # fp16's first scale (2^16) overflows: the optimizer's step would be skipped
             net.scaler.load_state_dict(net.scaler.state_dict() | {"scale": 1.0})
+    on_nonfinite, trainer.on_nonfinite = trainer.on_nonfinite, "ignore"  # (the optimizer steps, whatever the loss)
     try:
         # (compiled submodels run eagerly: compiling for the trial's batch of two would make torch
         # recompile the run's steps for any batch size, with slower code)
         with named_stages(trainer), eagerly():
             terms = trainer.updates(micro)  # (eagerly, also with training.cuda_graphs: nothing is recorded yet)
-            check_finite(trainer, terms, where)
+            check_finite(trainer, terms, batch, on_nonfinite, where)
             validation = trainer.validation_of([validation_batch]) if validation_batch is not None else None
             for net in trainer.networks.values():
                 net.step_schedule(epoch_end=False)
                 net.step_schedule(epoch_end=True, plateau_loss=lambda net=net: plateau_value(net, terms, validation))
                 step_through_schedule(trainer, net)
-            trainer.generate(first_inputs(micro[0][0]))
+            trainer.generate(micro[0][0][:SAMPLES].cpu())
     except StageFailed as failure:
         raise UserError(failure.message(where, trainer)) from None
     except UserError:
@@ -271,27 +274,28 @@ def step_through_schedule(trainer, net):
                 raise failure from e
 
 
-def first_inputs(inputs):
-    return inputs[:SAMPLES].cpu()
-
-
 def plateau_value(net, terms, validation):
     """What ReduceLROnPlateau follows in the trial: the validation loss, else this step's."""
     return validation[0][net.name, "total"] if validation else terms[net.name]["total"].item()
 
 
-def check_finite(trainer, terms, where):
+def check_finite(trainer, terms, batch, on_nonfinite, where):
     """With on_nonfinite_loss: stop, a loss that is already NaN or infinite on the first samples
     would stop the run at its first log, after its files were written."""
-    if trainer.on_nonfinite != "stop":
+    if on_nonfinite != "stop":
         return
     for name, found in terms.items():
         bad = {term: value.item() for term, value in found.items() if not torch.isfinite(value).all()}
-        if bad:
-            raise UserError(f"{where}: the {name}'s loss is not finite on the first samples of the data, before any "
-                            f"update ({', '.join(f'{t}={v}' for t, v in bad.items())}): check the data streams for "
-                            f"NaN or infinite values, and loss.loss_fn {trainer.losses.fn.__name__} for a log or "
-                            "division of zero; training.on_nonfinite_loss: skip or ignore trains on regardless")
+        if not bad:
+            continue
+        losses = f"the {name}'s loss is not finite on the first samples, before any update " \
+                 f"({', '.join(f'{t}={v}' for t, v in bad.items())})"
+        streams = [f"dataset.{s}" for s, x in batch.items() if x.is_floating_point() and not torch.isfinite(x).all()]
+        if streams:
+            raise UserError(f"{where}: {', '.join(streams)}: {losses}: the first samples hold NaN or infinite values")
+        raise UserError(f"{where}: loss.loss_fn: {losses}: the data are finite; look in loss.loss_fn "
+                        f"{trainer.losses.fn.__name__} and the flow for a log or a division of zero "
+                        "(training.on_nonfinite_loss: skip or ignore trains on regardless)")
 
 
 class StageFailed(Exception):
@@ -307,8 +311,10 @@ class StageFailed(Exception):
         net, reason = self.net, first_line(self.error)
         s = net.settings
         if self.stage == "backward":
-            return (f"{where}: loss.loss_fn: the {net.name}'s loss from {trainer.losses.fn.__name__} cannot be "
-                    f"backpropagated to its weights: {reason}")
+            model = trainer.model
+            return (f"{where}: loss.loss_fn, model.model_flow_path: the {net.name}'s loss from "
+                    f"{trainer.losses.fn.__name__} cannot be backpropagated through {type(model).__name__} "
+                    f"({model.architecture_path}) to its weights (an in-place operation, inplace: true?): {reason}")
         if self.stage == "step":
             key = ", ".join(config_key(trainer, net, k) for k in ("optimizer", "optimizer_args") if s[k])
             scaled = " with training.precision fp16's gradient scaler" if net.scaler is not None else ""
@@ -384,14 +390,15 @@ class TrainingState:
     """Everything a training step can change, copied, to put back after the trial step: the
     model's (ModelState, with the EMA's copy of the weights), the Trainer's and each Network's
     attributes, each optimizer's state and groups, each schedule's and fp16 scaler's state, the
-    gradients and the random number generators."""
+    gradients and the random number generators. (Under DDP the wrappers' own bookkeeping, their
+    gradient buckets, is torch's and stays as the trial left it: it shapes no value.)"""
 
     def __init__(self, trainer):
         nets = list(trainer.networks.values())
         self.model = ModelState([trainer.model, *(net.ema for net in nets if net.ema is not None)])
         objects = [trainer, *nets, *(net.optimizer for net in nets), *(net.scheduler for net in nets),
                    *(net.scaler for net in nets if net.scaler is not None)]
-        self.attributes = [(obj, copied(dict(vars(obj)))) for obj in objects]
+        self.attributes = [(obj, copied(vars(obj))) for obj in objects]
         self.grads = [(p, p.grad) for p in trainer.model.parameters()]
         self.random = RandomState(trainer.model)
 
@@ -406,25 +413,36 @@ class TrainingState:
 
 
 class ModelState:
-    """What running `models` (nn.Modules) can change, copied: their weights and buffers
-    (BatchNorm's running statistics), put back in place so that DDP's, the optimizers' and
-    compiled code's references stay valid; and the attributes of every module in them: train or
-    eval mode, and whatever a flow or a layer keeps (counters, lists and dicts of tensors, an
-    image pool, torch.Generators)."""
+    """What running `models` (nn.Modules) can change, copied: their weights and buffers (BatchNorm's
+    running statistics, non-persistent ones too), put back in place so that DDP's, the optimizers'
+    and compiled code's references stay valid; and the attributes of every module in them: train
+    or eval mode, and whatever a flow or a layer keeps (counters, tensors, lists, dicts, tuples
+    and deques of them, numpy arrays, torch.Generators, and objects of its own such as an image
+    pool, whose attributes are copied the same way)."""
 
     def __init__(self, models):
         self.models = models
-        self.weights = [{k: copied(v) for k, v in model.state_dict().items()} for model in models]
-        self.attributes = [(m, copied(own_attributes(m))) for model in models for m in model.modules()]
+        self.weights = [{k: TensorCopy(v) for k, v in tensors_of(model).items()} for model in models]
+        # One memo for all (a flow's attributes may hold what another module's hold), over values
+        # that live as long as it does: it is keyed by id(), which a value dropped would pass on.
+        modules = [m for model in models for m in model.modules()]
+        attributes, memo = [own_attributes(m) for m in modules], {}
+        self.attributes = [(m, copied(a, memo, into_objects=True)) for m, a in zip(modules, attributes)]
 
     @torch.no_grad()
     def restore(self):
         for model, saved in zip(self.models, self.weights):
-            now = model.state_dict()  # (views of the weights and buffers)
-            for key, value in saved.items():
-                now[key].copy_(value.tensor)
+            now = tensors_of(model)
+            for name, copy_ in saved.items():
+                if name in now:
+                    restored(now[name], copy_, into_place=True)
         for module, saved in self.attributes:
             put_back(vars(module), saved, keep=MODULE_INTERNALS)
+
+
+def tensors_of(model):
+    """{name: tensor} of a model's parameters and buffers."""
+    return dict(model.named_parameters()) | dict(model.named_buffers())
 
 
 class RandomState:
@@ -444,6 +462,15 @@ class RandomState:
         np.random.set_state(numpy_state)
 
 
+MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}  # parameters, buffers, submodules, hooks
+MISSING = object()
+
+
+def own_attributes(module):
+    """A module's attributes without torch's internals (its weights go through tensors_of)."""
+    return {k: v for k, v in vars(module).items() if k not in MODULE_INTERNALS}
+
+
 def put_back(attributes, saved, keep=()):
     """An object's attributes (`vars(obj)`) as `saved` (copied) has them: what was added since is
     removed, except the names in `keep`."""
@@ -453,20 +480,7 @@ def put_back(attributes, saved, keep=()):
         attributes[key] = restored(attributes.get(key, MISSING), value)
 
 
-MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}  # parameters, buffers, submodules, hooks
-MISSING = object()
-
-
-def own_attributes(module):
-    """A module's attributes without torch's internals (its weights go through its state_dict)."""
-    return {k: v for k, v in vars(module).items() if k not in MODULE_INTERNALS}
-
-
-class GeneratorState:
-    def __init__(self, generator):
-        self.generator, self.state = generator, generator.get_state()
-
-
+# ---- copies of values, put back in place ----
 class TensorCopy:
     """A tensor's values, kept in the CPU's memory (a GPU that holds a model, its optimizer's
     state and its EMA may have no room for copies of them all), and the device it came from."""
@@ -475,12 +489,25 @@ class TensorCopy:
         self.tensor, self.device = tensor.detach().to("cpu", copy=True), tensor.device
 
 
-def copied(value, memo=None):
-    """A copy of `value` to put back later (`restored`): tensors copied (TensorCopy), dicts,
-    lists, tuples and sets copied through, a torch.Generator's state kept; anything else (numbers,
-    text, modules, optimizers, functions, parameters, whose values the state_dicts keep) as it
-    is. What `value` holds twice is copied once (`memo`, as copy.deepcopy keeps one), so that
-    shared and self-holding values copy as they are."""
+class GeneratorState:
+    def __init__(self, generator):
+        self.generator, self.state = generator, generator.get_state()
+
+
+class ObjectCopy:
+    """An object of a flow's own (an image pool): the object, and its attributes copied."""
+
+    def __init__(self, obj, attributes):
+        self.obj, self.attributes = obj, attributes
+
+
+def copied(value, memo=None, into_objects=False):
+    """A copy of `value` to put back later (`restored`): tensors (TensorCopy) and numpy arrays
+    copied, dicts, lists, deques, tuples and sets copied through, a torch.Generator's state kept;
+    with `into_objects`, other objects' attributes copied too (ObjectCopy), but for torch's
+    (modules, optimizers) and code. Anything else (numbers, text, parameters, whose values
+    ModelState keeps) as it is. What `value` holds twice is copied once (`memo`, as
+    copy.deepcopy keeps one), so that shared and self-holding values copy as they are."""
     memo = {} if memo is None else memo
     if id(value) in memo:
         return memo[id(value)]
@@ -488,25 +515,42 @@ def copied(value, memo=None):
         return value
     if torch.is_tensor(value):
         new = TensorCopy(value)
+    elif isinstance(value, np.ndarray):
+        new = value.copy()
     elif isinstance(value, torch.Generator):
         new = GeneratorState(value)
-    elif isinstance(value, (dict, list)):
+    elif isinstance(value, (dict, list, collections.deque)):
         new = memo[id(value)] = copy.copy(value)  # (first: what it holds may hold it; a defaultdict keeps its factory)
-        items = new.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in list(items):
-            new[key] = copied(item, memo)
-    elif isinstance(value, (tuple, set)) and not hasattr(value, "_fields"):  # (a namedtuple as it is)
-        new = type(value)(copied(v, memo) for v in value)
+        if isinstance(value, dict):
+            new.update((k, copied(v, memo, into_objects)) for k, v in value.items())
+        else:
+            new.clear()
+            new.extend(copied(v, memo, into_objects) for v in value)
+    elif isinstance(value, (tuple, set, frozenset)):
+        items = [copied(v, memo, into_objects) for v in value]
+        new = value._make(items) if hasattr(value, "_fields") else type(value)(items)  # (a namedtuple by _make)
+    elif into_objects and is_own_object(value):
+        new = memo[id(value)] = ObjectCopy(value, None)
+        new.attributes = copied(vars(value), memo, into_objects)
     else:
         return value
     memo[id(value)] = new
     return new
 
 
-def restored(now, saved, done=None):
-    """The value to keep where `now` is, with what `saved` holds: tensors of the same kind copied
-    into in place, dicts and lists refilled in place (others may hold them too), else `saved`
-    (what is put back once is not again: `done`)."""
+def is_own_object(value):
+    """An object a flow made of a class of its own (or Python's), with attributes to copy: not
+    torch's (modules, optimizers), and not code (classes, functions, modules)."""
+    return hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, types.FunctionType,
+                                                                types.MethodType, functools.partial)) \
+        and not type(value).__module__.split(".")[0] == "torch"
+
+
+def restored(now, saved, done=None, into_place=False):
+    """The value to keep where `now` is, as `saved` (copied) holds it: tensors and arrays of the
+    same kind copied into in place (`into_place`: a tensor of another kind too, through .data),
+    dicts, lists, deques and objects refilled in place (others may hold them too), tuples and sets
+    made anew, else `saved` (what is put back once is not again: `done`)."""
     done = {} if done is None else done
     if id(saved) in done:
         return done[id(saved)]
@@ -514,19 +558,38 @@ def restored(now, saved, done=None):
         values = saved.tensor
         if torch.is_tensor(now) and (now.shape, now.dtype, now.device) == (values.shape, values.dtype, saved.device):
             return now.copy_(values)
+        if into_place:  # (a weight the trial reshaped: its object stays the one the optimizer holds)
+            now.data = values.to(saved.device, copy=True)
+            return now
         return values.to(saved.device, copy=True)
+    if isinstance(saved, np.ndarray):
+        if isinstance(now, np.ndarray) and (now.shape, now.dtype) == (saved.shape, saved.dtype):
+            np.copyto(now, saved)
+            return now
+        return saved.copy()
     if isinstance(saved, GeneratorState):
         saved.generator.set_state(saved.state)
         return saved.generator
-    if isinstance(saved, dict) and isinstance(now, dict):
+    if isinstance(saved, ObjectCopy):
+        done[id(saved)] = saved.obj
+        put_back(vars(saved.obj), saved.attributes)
+        return saved.obj
+    if isinstance(saved, (dict, list, collections.deque)):
+        if type(now) is not type(saved):  # (the trial replaced it, or it was not there)
+            now = copy.copy(saved)
+            now.clear()
         done[id(saved)] = now
-        for key in [k for k in now if k not in saved]:
-            del now[key]
-        for key, value in saved.items():
-            now[key] = restored(now.get(key, MISSING), value, done)
+        if isinstance(saved, dict):
+            for key in [k for k in now if k not in saved]:
+                del now[key]
+            for key, value in saved.items():
+                now[key] = restored(now.get(key, MISSING), value, done)
+        else:
+            items = [restored(now[i] if i < len(now) else MISSING, v, done) for i, v in enumerate(saved)]
+            now.clear()
+            now.extend(items)
         return now
-    if isinstance(saved, list) and isinstance(now, list):
-        done[id(saved)] = now
-        now[:] = [restored(now[i] if i < len(now) else MISSING, v, done) for i, v in enumerate(saved)]
-        return now
-    return copied(saved)  # (a copy again: the saved one stays as it was, should the state be restored twice)
+    if isinstance(saved, (tuple, set, frozenset)):
+        items = [restored(MISSING, v, done) for v in saved]
+        return saved._make(items) if hasattr(saved, "_fields") else type(saved)(items)
+    return saved

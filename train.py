@@ -60,14 +60,14 @@ def train(cfg, placement, source):
     # The first samples through one step, phase by phase (naming the stream and layer that does
     # not fit), as many as the smallest batch of an epoch holds, up to two (enough for a BatchNorm).
     first = first_samples(loader.dataset, trial_size(loader))
-    made = check_step_on(trainer, first, source)
+    made = said_of_one_sample(trainer.loader, first, lambda: check_step(trainer.losses, first, source))
     kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired)
     made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation_range)
     check_step_gives(made, samples, trainer.best, source)
     check_classes_fit(made, trainer.classes, model, source)
     # Then the whole step, as training runs it, and everything it changed put back.
     held_out = first_samples(validation_loader.dataset, 2) if validation_loader is not None else None
-    check_whole_step(trainer, first, held_out, source)
+    said_of_one_sample(trainer.loader, first, lambda: check_whole_step(trainer, first, held_out, source))
     # Everything is checked; only now is anything written.
     if placement.is_main:
         if run.folder is None:
@@ -106,13 +106,14 @@ def trial_size(loader):
     return min(2, last)
 
 
-def check_step_on(trainer, first, source):
-    """preflight.check_step on the first samples; when they are one because the epoch's last
-    batch holds one, a failure says so (a BatchNorm cannot train on one sample)."""
+def said_of_one_sample(loader, first, check):
+    """`check()` (a trial on the samples `first`); when they are one because the epoch's last
+    batch holds one, its failure says so (a BatchNorm cannot train on one sample, nor can a loss
+    on batch statistics)."""
     try:
-        return check_step(trainer.losses, first, source)
+        return check()
     except UserError as e:
-        batches, n = trainer.loader.batch_sampler, len(next(iter(first.values())))
+        batches, n = loader.batch_sampler, len(next(iter(first.values())))
         if n > 1 or batches.batch_size == 1:
             raise
         raise UserError(f"{e}\n  (one sample, as the last batch of every epoch holds: {batches.num_samples} training "

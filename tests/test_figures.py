@@ -268,7 +268,7 @@ class Critic:
         return means.view(-1, *[1] * len(self.shape)).expand(-1, *self.shape)
 
 
-@pytest.mark.parametrize("shape", [(), (1,)])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])  # (the last: a DCGAN's final 4x4 convolution)
 def test_one_discriminator_score_a_sample_is_reported(shape):
     targets, notes = torch.rand(4, 1, 8, 8), []
     found = evaluate.compute_metrics(Critic(shape), targets, targets * 0.5, targets, "cpu", True, True, None,

@@ -1,6 +1,8 @@
 """The trial step before a run writes anything (preflight.check_whole_step): one whole training
 step on the first samples, then every piece of state put back. A run with it trains bit for bit as
 one without it; what fails in it is a user error naming the config key, before any file exists."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,11 +18,20 @@ from test_bad_inputs import architecture, assert_refused, run_refused
 
 CPU = train_base.Placement(torch.device("cpu"))
 
-# The toy GAN's flow, keeping state of its own as flows do: a call counter, a pool of its past
-# outputs (CycleGAN's image pool) and a generator of its own random numbers, which it draws from.
+# The toy GAN's flow, keeping state of its own as flows do: a call counter in a buffer, a pool of
+# its past outputs in an object of its own (pix2pix's and CycleGAN's image pool), a (mean, std)
+# pair it updates in place, and a generator of its own random numbers, which it draws from.
 STATEFUL_FLOW = '''
 import torch
 from model_base import PyNet
+
+
+class ImagePool:
+    def __init__(self, size):
+        self.size, self.images = size, []
+
+    def add(self, images):
+        self.images = (self.images + [images.detach()[:1]])[-self.size:]
 
 
 class Stateful(PyNet):
@@ -28,14 +39,19 @@ class Stateful(PyNet):
 
     def __init__(self, path):
         super().__init__(path)
-        self.calls, self.pool, self.noise = 0, [], torch.Generator().manual_seed(1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.pool, self.moments = ImagePool(4), (torch.zeros(()), torch.ones(()))
+        self.noise = torch.Generator().manual_seed(1)
 
     def forward(self, inputs):
         self.calls += 1
+        self.moments[0].mul_(0.9).add_(0.1 * inputs.mean().detach())
         skips, generator = {}, self.model_components["generator"]
-        jitter = 0.01 * torch.randn(inputs.shape, generator=self.noise)
+        jitter = 0.01 * torch.randn(inputs.shape, generator=self.noise) + 0.01 * self.moments[0]
+        if self.pool.images:  # (so that a pool left as the trial left it would change the run)
+            jitter = jitter + 0.01 * torch.cat(self.pool.images).mean()
         outputs = generator["gen_dec"](generator["gen_cnn"](inputs + jitter, skips), skips)
-        self.pool = (self.pool + [outputs.detach()[:1]])[-4:]
+        self.pool.add(outputs)
         return outputs
 
     def discriminate(self, images, inputs=None):
@@ -80,8 +96,9 @@ def everything_of(trainer):
                    net.ema.module.state_dict() if net.ema is not None else None, net.loss_history,
                    net.validation_history, net.lr) for name, net in trainer.networks.items()}
     model = trainer.model
-    return (model.state_dict(), nets, model.calls, model.pool, model.noise.get_state(), torch.get_rng_state(),
-            np.random.get_state()[1], trainer.step, trainer.skipped_updates)
+    return copy.deepcopy((model.state_dict(), nets, model.calls, model.pool.images, model.moments,
+                          model.noise.get_state(), torch.get_rng_state(), np.random.get_state()[1], trainer.step,
+                          trainer.skipped_updates))  # (copies: the step changes tensors in place)
 
 
 def assert_same(a, b, path="state"):
@@ -107,7 +124,7 @@ def test_a_run_with_the_trial_step_trains_bit_for_bit_as_one_without_it(tmp_path
     with_trial = stateful_trainer(tmp_path, "with")
     trial(with_trial)
     with_trial.fit()
-    assert with_trial.step == 4 and with_trial.model.calls > 0  # 2 steps an epoch (32 samples, 8 x 2 a step)
+    assert with_trial.step == 4 and with_trial.model.calls > 0 and with_trial.model.pool.images  # 2 steps an epoch
     assert_same(everything_of(without), everything_of(with_trial))
 
 
