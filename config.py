@@ -522,15 +522,23 @@ def read_yaml(path, what="config"):
 def parse_yaml(text, source, what="config"):
     """YAML text (read from `source`) as a dict, or a UserError naming the source and the line."""
     try:
-        refuse_deep_nesting(text, source)
-        data = yaml.load(text, Loader=SAFE_LOADER)
+        data = load_yaml(text, source, "", SAFE_LOADER)
     except yaml.YAMLError as e:
         raise UserError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: the {what} must be a YAML mapping of keys to values")
-    refuse_alias_bombs(data, source)
-    refuse_keys_not_names(data, "", source)
     return data
+
+
+def load_yaml(text, source, where, loader):
+    """YAML text (a file's, or a --set value's at key path `where`) as values, refused where it
+    nests past MAX_DEPTH, its aliases write out past MAX_VALUES values, or a mapping key is not
+    text; a YAMLError (the text is no YAML) is the caller's to word."""
+    refuse_deep_nesting(text, source)
+    value = yaml.load(text, Loader=loader)
+    refuse_alias_bombs(value, source)
+    refuse_keys_not_names(value, where, source)
+    return value
 
 
 # A config or an architecture nests a few levels and holds hundreds of values. YAML's loader
@@ -641,12 +649,9 @@ def apply_overrides(raw, overrides, source):
         if not sep or not key:
             raise UserError(f"--set {shown(item)}: expected KEY.PATH=VALUE, e.g. --set training.n_epochs=3")
         try:
-            refuse_deep_nesting(text, f"{source}: --set {key}")
-            value = yaml.safe_load(text)
+            value = load_yaml(text, f"{source}: --set {key}", key, yaml.SafeLoader)
         except yaml.YAMLError as e:
             raise UserError(f"--set {shown(item)}: value is not valid YAML: {e}") from None
-        refuse_alias_bombs(value, f"{source}: --set {key}")
-        refuse_keys_not_names(value, key, f"{source}: --set {key}")
         node, path = raw, override_path(key, source)
         for step, following in zip(path, path[1:]):
             if isinstance(node, dict) and node.get(step) is None and isinstance(following, str):
