@@ -2,26 +2,29 @@
 
 `read_architecture(path, arch)` checks everything in an architecture that needs no shapes: the
 components and their submodels, the layers' forms and types, the layer names
-`<prefix>_<type>_<index>`, what each submodel reads, and the skip connections (their sources,
-targets, order and kinds). It returns an ArchitecturePlan of plain values; model_base.py builds
-the modules from it, works out every shape and makes the checks that need shapes.
+`<prefix>_<type>_<index>`, the layers' parametrizations, what each submodel reads (earlier
+submodels, or data streams with their per-sample shapes and dtypes), and the skip connections
+(their sources, targets, order and kinds). It returns an ArchitecturePlan of plain values;
+model_base.py builds the modules from it, works out every shape and makes the checks that need
+shapes.
 
 Every mistake raises a UserError naming the file and the key path, e.g.
 `gen_cnn.skip_connections.gen_cnn_Conv2d_0.future_layers[0]`.
 """
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from errors import UserError, did_you_mean, shown
-from registry import layer_types, lookup
+from registry import layer_types, lookup, parametrizations
 
 # torch.nn classes that cannot be a layer of a chain, and what to use instead.
 CONTAINERS = ("Module", "Container", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
               "DataParallel")
-INTEGER_INPUTS = ("takes integer indices, and data streams (and the build's shape check) are float tensors; "
-                  "write a layer in layers.py that embeds x.long()")
 NOT_A_LAYER = {
     **{name: "is a container, not a layer; list its layers in the submodel instead" for name in CONTAINERS},
     "Transformer": "takes a source and a target sequence; stack TransformerEncoderLayer entries, or write a "
@@ -32,8 +35,6 @@ NOT_A_LAYER = {
     "AdaptiveLogSoftmaxWithLoss": "needs the targets in forward; it is a loss, not a layer",
     "RNNBase": "is the base class of RNN, GRU and LSTM; use one of those",
     "RNNCellBase": "is the base class of RNNCell, GRUCell and LSTMCell; use one of those",
-    "Embedding": INTEGER_INPUTS,
-    "EmbeddingBag": INTEGER_INPUTS,
 }
 LAYER_TYPES_TEXT = "a torch.nn module class (e.g. Conv2d, Linear, ReLU) or a class defined in layers.py"
 CONNECTION_TYPES = ("add", "cat")
@@ -41,6 +42,13 @@ ADV_TYPES = ("generator", "discriminator")
 COMPONENT_KEYS = ("adv_type", "submodels")
 SUBMODEL_KEYS = ("submodel_input", "submodel_inputs", "layer_name_prefix", "layers", "skip_connections")
 SKIP_KEYS = ("future_layers", "connection_types")
+LAYER_KEYS = ("layer_type", "layer_params", "parametrization")
+DATA_KEYS = ("data_key", "input_size", "dtype")
+# input_data's dtype: float32 (the default) for values, int64 for indices (class labels an Embedding
+# reads); the other spelling of each is accepted too. Other dtypes are the pipeline's to set
+# (training.precision), so a stream is one of these two.
+DTYPES = {"float32": torch.float32, "float": torch.float32, "int64": torch.int64, "long": torch.int64}
+DTYPES_TEXT = "float32 (the default; or float) or int64 (class indices, e.g. for an Embedding; or long)"
 # The names torch.nn.ModuleDict refuses to hold a module under: components, a component's submodels
 # and a submodel's layers are the entries of one, and its add_module refuses a name that is already
 # an attribute (keys, items, training, forward, ...). Nothing else holds them by name: the flow and
@@ -57,6 +65,21 @@ class ComponentPlan:
     submodels: list  # submodel names
 
 
+class LayerPlan(NamedTuple):
+    """One layer of a submodel, as the YAML gives it."""
+
+    type_name: str
+    params: dict
+    parametrization: tuple = None  # (name, {argument: value}) of torch.nn.utils.parametrizations, or None
+
+
+class DataInput(NamedTuple):
+    """A data stream the model reads: its per-sample shape (() for one value a sample) and dtype."""
+
+    size: tuple
+    dtype: torch.dtype
+
+
 @dataclass
 class SubmodelPlan:
     """One submodel: its layers, named and parsed, and the inputs it concatenates on dim 1."""
@@ -65,7 +88,7 @@ class SubmodelPlan:
     adv_type: str     # its component's
     prefix: str       # layer_name_prefix (the submodel's name when left out)
     layer_names: list  # [<prefix>_<type>_<index>, ...]
-    layers: list       # [(layer_type, layer_params), ...], one per layer name
+    layers: list       # [LayerPlan, ...], one per layer name
     input_key: str = "submodel_input"  # as the YAML spells it (or its synonym submodel_inputs)
     inputs: list = field(default_factory=list)  # [(source, 'data' | 'output' | 'layer'), ...]
 
@@ -97,12 +120,20 @@ class ArchitecturePlan:
     merges: dict       # target layer -> [(source, 'add' | 'cat')]: adds first, then cats, sources in forward order
     merge_where: dict  # (source, target) -> key path of the skip, for the shape errors of the merge
     kept: set          # outputs read later (by skips and submodel inputs), kept in the pass's skip_dict
-    input_key: str     # the data stream the model reads: its forward's one tensor
-    input_size: tuple  # that stream's per-sample shape
+    data_inputs: dict  # data key -> DataInput, in the order submodels first read them: forward's inputs
 
     @property
     def run_order(self):
         return list(self.submodels)
+
+    @property
+    def input_key(self):
+        """The first data stream (the only one of most models)."""
+        return next(iter(self.data_inputs))
+
+    @property
+    def input_size(self):
+        return self.data_inputs[self.input_key].size
 
 
 def read_architecture(path, arch):
@@ -110,8 +141,8 @@ def read_architecture(path, arch):
     Checks run in this order: components, layers, skip connections, submodel inputs."""
     layers = LayerReader(path, arch)
     components, submodels = layers.read()
-    merges, merge_where, kept, (input_key, input_size) = WiringReader(path, arch, layers).read()
-    return ArchitecturePlan(path, components, submodels, merges, merge_where, kept, input_key, input_size)
+    merges, merge_where, kept, data_inputs = WiringReader(path, arch, layers).read()
+    return ArchitecturePlan(path, components, submodels, merges, merge_where, kept, data_inputs)
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -225,7 +256,8 @@ class LayerReader(Reader):
             self.fail(f"{sname}.layers", "expected a non-empty list of layers, e.g. "
                       "[{layer_type: Conv2d, layer_params: {out_channels: 16, kernel_size: 3}}]")
         layers = [self.parse_layer(layer, f"{sname}.layers[{i}]") for i, layer in enumerate(spec["layers"])]
-        sub = SubmodelPlan(sname, adv_type, prefix, [f"{prefix}_{t}_{i}" for i, (t, _) in enumerate(layers)], layers)
+        names = [f"{prefix}_{layer.type_name}_{i}" for i, layer in enumerate(layers)]
+        sub = SubmodelPlan(sname, adv_type, prefix, names, layers)
         for name in [sub.input_name, *sub.layer_names]:
             if name in self.order:
                 self.fail(f"{sname}.layer_name_prefix", f"layer name {shown(name)} is used twice; give each "
@@ -234,22 +266,51 @@ class LayerReader(Reader):
         return sub
 
     def parse_layer(self, layer, where):
-        """(layer_type, params) from the long or the compact form."""
+        """The LayerPlan of the long or the compact form, either with an optional parametrization."""
+        # (the compact form's one key besides parametrization is the layer type)
+        named = [key for key in layer if key != "parametrization"] if isinstance(layer, dict) else []
         if isinstance(layer, dict) and "layer_type" in layer:
-            extra = set(layer) - {"layer_type", "layer_params"}
+            extra = set(layer) - set(LAYER_KEYS)
             if extra:
-                self.fail(f"{where}.{extra.pop()}", "unknown key; valid: layer_type, layer_params")
+                key = extra.pop()
+                self.fail(f"{where}.{key}", f"unknown key{did_you_mean(key, LAYER_KEYS)}; valid: "
+                          f"{', '.join(LAYER_KEYS)}")
             type_name, params = layer["layer_type"], layer.get("layer_params")
-        elif isinstance(layer, dict) and len(layer) == 1:
-            (type_name, params), = layer.items()
+        elif len(named) == 1:
+            type_name, params = named[0], layer[named[0]]
         else:
-            self.fail(where, "expected {layer_type: Conv2d, layer_params: {...}} or {Conv2d: {...}}")
+            self.fail(where, "expected {layer_type: Conv2d, layer_params: {...}} or {Conv2d: {...}}, either with an "
+                      "optional parametrization: spectral_norm")
         if params is None:
             params = {}
         if not isinstance(params, dict):
             self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {shown(params)}")
         self.check_layer_type(type_name, where)
-        return type_name, params
+        return LayerPlan(type_name, params, self.parse_parametrization(layer.get("parametrization"),
+                                                                       f"{where}.parametrization"))
+
+    def parse_parametrization(self, spec, where):
+        """(name, arguments) of a layer's `parametrization` (a function of
+        torch.nn.utils.parametrizations, applied to the built layer): a name, or {name: {args}}."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            name, args = spec, {}
+        elif isinstance(spec, dict) and len(spec) == 1:
+            (name, args), = spec.items()
+        else:
+            self.fail(where, f"expected a name ({', '.join(parametrizations())}) or a name with its arguments, e.g. "
+                      f"{{spectral_norm: {{n_power_iterations: 1}}}}; got {shown(spec)}")
+        fn = lookup(name, parametrizations(), "parametrization", f"{self.path}: {where}")
+        args = {} if args is None else args
+        if not isinstance(args, dict):
+            self.fail(f"{where}.{name}", f"expected a mapping of arguments, got {shown(args)}")
+        valid = [n for n in inspect.signature(fn).parameters if n != "module"]
+        for arg in args:
+            if arg not in valid:
+                self.fail(f"{where}.{name}.{arg}", f"{name} takes no argument {shown(arg)}{did_you_mean(arg, valid)}; "
+                          f"valid: {', '.join(valid)}")
+        return name, args
 
     def check_layer_type(self, type_name, where):
         """A class an architecture may name, and one that works as a layer of a chain."""
@@ -271,19 +332,20 @@ class WiringReader(Reader):
     def __init__(self, path, arch, layers):
         super().__init__(path, arch)
         self.order, self.owner, self.submodels = layers.order, layers.owner, layers.submodels
-        self.data_input = None  # (data_key, input_size) of the data stream the model reads
+        self.data_inputs = {}  # data key -> DataInput, in the order submodels first read them
+        self.data_where = {}   # data key -> the key path that first read it
 
     def read(self):
-        """(merges, their key paths, the outputs to keep, (data key, input size)); each submodel
+        """(merges, their key paths, the outputs to keep, {data key: DataInput}); each submodel
         plan gets its inputs."""
         merges, merge_where, kept = self.read_skips()
         for sub in self.submodels.values():
             sub.input_key, sub.inputs = self.read_inputs(sub)
         kept |= {source for sub in self.submodels.values() for source, kind in sub.inputs if kind == "layer"}
-        if self.data_input is None:
+        if not self.data_inputs:
             self.fail(f"{next(iter(self.submodels))}.submodel_input", "no submodel reads input_data; the first one "
                       "needs {input_data: {data_key: ..., input_size: [...]}}")
-        return merges, merge_where, kept, self.data_input
+        return merges, merge_where, kept, self.data_inputs
 
     # ---- skip connections ----
     def read_skips(self):
@@ -362,24 +424,34 @@ class WiringReader(Reader):
                      for src, value in entries.items()]
 
     def read_data_input(self, value, where):
-        """('<data key>', 'data'): the model reads one data stream, however many submodels read it."""
+        """('<data key>', 'data'). Each stream read is one of the model's inputs (its forward takes one
+        tensor per stream, in the order submodels first read them); submodels reading one stream
+        must agree on its per-sample shape and dtype."""
         if not isinstance(value, dict) or not isinstance(value.get("data_key"), str):
-            self.fail(where, "expected {data_key: <stream name>, input_size: [C, H, W]}")
+            self.fail(where, "expected {data_key: <stream name>, input_size: [C, H, W]} (optionally dtype: int64)")
+        for key in value:
+            if key not in DATA_KEYS:
+                self.fail(f"{where}.{key}", f"unknown key{did_you_mean(key, DATA_KEYS)}; valid: "
+                          f"{', '.join(DATA_KEYS)}")
         size = value.get("input_size")
-        if not isinstance(size, list) or not size or \
+        if not isinstance(size, list) or \
                 not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-            self.fail(f"{where}.input_size", "expected the per-sample shape as a list of positive ints, got "
-                      f"{shown(size)}")
-        data = value["data_key"], tuple(size)
-        if data[0] in self.submodels:  # (PyNet's forward and discriminate look both up in one dict)
-            self.fail(f"{where}.data_key", f"{shown(data[0])} is also a submodel's name; a submodel's output and the "
-                      f"data stream it reads would be one name: rename the submodel, e.g. {data[0]}_net")
-        if self.data_input not in (None, data):
-            self.fail(where, f"reads {data[0]} {list(data[1])}, but the model's data input is "
-                      f"{self.data_input[0]} {list(self.data_input[1])}; a model reads one data stream "
-                      "(forward takes one tensor)")
-        self.data_input = data
-        return data[0], "data"
+            self.fail(f"{where}.input_size", "expected the per-sample shape as a list of positive ints ([] for one "
+                      f"value a sample, e.g. a class index), got {shown(size)}")
+        dtype = "float32" if value.get("dtype") is None else value["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            self.fail(f"{where}.dtype", f"{shown(dtype)} is not a stream dtype{did_you_mean(dtype, DTYPES)}; valid: "
+                      f"{DTYPES_TEXT}")
+        key, data = value["data_key"], DataInput(tuple(size), DTYPES[dtype])
+        if key in self.submodels:  # (PyNet's forward and discriminate look both up in one dict)
+            self.fail(f"{where}.data_key", f"{shown(key)} is also a submodel's name; a submodel's output and the "
+                      f"data stream it reads would be one name: rename the submodel, e.g. {key}_net")
+        if self.data_inputs.setdefault(key, data) != data:
+            first = self.data_inputs[key]
+            self.fail(where, f"reads {key} as {described(data)}, but {self.data_where[key]} reads it as "
+                      f"{described(first)}; a stream has one per-sample shape and dtype")
+        self.data_where.setdefault(key, where)
+        return key, "data"
 
     def read_submodel_input(self, sub, src, value, where):
         """(source, 'output' | 'layer') of an input `{<earlier submodel>: output | <its layer>}`."""
@@ -401,3 +473,8 @@ class WiringReader(Reader):
             return value, "layer"
         names = ["output"] + [n for n, o in self.owner.items() if o == src]
         self.fail(where, f"{shown(value)} is not 'output' or a layer of {src}{did_you_mean(value, names)}")
+
+
+def described(data):
+    """'[1, 4, 4] float32': a DataInput as the messages show it."""
+    return f"{list(data.size)} {str(data.dtype).removeprefix('torch.')}"

@@ -77,17 +77,19 @@ def targets_are_paired(model, adversarial):
 
 def check_data_fits_model(streams, model, adversarial, source):
     """The streams the model reads exist, and paired inputs and targets are equally many."""
-    for key, role in ((model.input_key, "input_data.data_key"), (model.target_key, "target_key")):
+    roles = [(key, "input_data.data_key") for key in model.input_keys] + [(model.target_key, "target_key")]
+    for key, role in roles:
         if key is not None and key not in streams:
             raise UserError(f"{source}: dataset: no stream {shown(key)}{did_you_mean(key, streams)}, which the model "
                             f"reads ({role} in {model.architecture_path if role.startswith('input') else 'its flow'}); "
                             f"streams: {', '.join(streams)}")
     if targets_are_paired(model, adversarial):
-        n_in, n_target = len(streams[model.input_key]), len(streams[model.target_key])
-        if n_in != n_target:
-            raise UserError(f"{source}: dataset: {model.input_key} has {n_in} samples but {model.target_key} has "
-                            f"{n_target}; they are paired by index (target i belongs to input i), so they must be "
-                            f"equally many: check their files, or set n_inputs")
+        n_target = len(streams[model.target_key])
+        for key in model.input_keys:
+            if len(streams[key]) != n_target:
+                raise UserError(f"{source}: dataset: {key} has {len(streams[key])} samples but {model.target_key} "
+                                f"has {n_target}; they are paired by index (target i belongs to input i), so they "
+                                "must be equally many: check their files, or set n_inputs")
 
 
 def check_batches_fit_model(datasets, model, source):
@@ -102,12 +104,8 @@ def check_batches_fit_model(datasets, model, source):
         if data is None:
             continue
         batch = data.__getitems__(((0,), torch.arange(min(2, len(data)))))
-        shape = tuple(batch[model.input_key].shape[1:])
-        if shape != model.input_size:
-            read = tuple(data.streams[model.input_key].shape[1:])
-            how = "" if read == shape else f" after its batch transforms (read: {list(read)})"
-            raise UserError(f"{source}: dataset.{model.input_key}: {split} samples have shape {list(shape)}{how}, but "
-                            f"the architecture {model.architecture_path} expects input_size {list(model.input_size)}")
+        for key in model.input_keys:
+            check_stream_fits_model(batch, data, key, model, split, source)
         kinds = {name: (x.dtype, tuple(x.shape[1:])) for name, x in batch.items()}
         if first is None:
             first = split, kinds
@@ -119,3 +117,20 @@ def check_batches_fit_model(datasets, model, source):
                     f"samples {first[1][name][0]} of shape {list(first[1][name][1])}; {split} batches get only the "
                     "batch_transforms entries with in_evaluation: true (not the streams' own data_batch_transform), "
                     "so mark the ones the model needs")
+
+
+def check_stream_fits_model(batch, data, key, model, split, source):
+    """A batch's samples of the model's input stream `key` have the per-sample shape the
+    architecture gives it, and are integers where it declares int64 (indices an Embedding reads).
+    (A float stream is not held to float32: a flow may convert what it reads.)"""
+    shape, size, dtype = tuple(batch[key].shape[1:]), tuple(model.input_sizes[key]), model.input_dtypes[key]
+    if shape != size:
+        read = tuple(data.streams[key].shape[1:])
+        how = "" if read == shape else f" after its batch transforms (read: {list(read)})"
+        raise UserError(f"{source}: dataset.{key}: {split} samples have shape {list(shape)}{how}, but "
+                        f"the architecture {model.architecture_path} expects input_size {list(size)}")
+    if not dtype.is_floating_point and batch[key].dtype != dtype:
+        name, got = str(dtype).removeprefix("torch."), str(batch[key].dtype).removeprefix("torch.")
+        raise UserError(f"{source}: dataset.{key}: {split} samples are {got}, but the architecture "
+                        f"{model.architecture_path} declares {key} dtype {name} (indices, e.g. class labels an "
+                        f"Embedding reads); read the stream as {name} (e.g. file_reader_args: {{dtype: {name}}})")

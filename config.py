@@ -365,10 +365,11 @@ TRAINING = {
                                                         "new run from scratch"),
     },
     "loss": {
-        "loss_fn": Key(REQUIRED, str, check=name_in(loss_functions, "function in loss.py"),
+        "loss_fn": Key(None, str, check=name_in(loss_functions, "function in loss.py"),
                        doc="the loss, called per network as fn(network, outputs, targets, fake_scores, real_scores, "
-                           "**loss_args)"),
-        "loss_args": Key({}, dict, doc="its keyword-only arguments, checked against its signature"),
+                           "**loss_args); null only for a flow that writes its own step (a `losses` method)"),
+        "loss_args": Key({}, dict, doc="its keyword-only arguments, checked against its signature; with a flow's own "
+                                       "step, the settings of its terms, checked against the flow's `loss_args`"),
     },
     "saving": {
         "save_epoch_increment": Key(1, int, check=at_least(1),
@@ -429,6 +430,35 @@ TRAINING = {
                              "on a GPU, when that is so and the data takes at most a quarter of its free memory"),
     },
 }
+
+# One entry of the training config's `networks` section: a network the flow's own step trains
+# (docs/training.md, "Write your own step"). The keys of COPIED_TO_NETWORKS take training's value
+# when null, as the adversarial section's do.
+NETWORK = {
+    "components": Key(REQUIRED, list, str, doc="the architecture's model_components this network trains (one "
+                                               "optimizer over all of them; two networks may share a component)"),
+    "learning_rate": Key(None, float, check=at_least(0), doc="its learning rate"),
+    "learning_rate_gamma": Key(None, float, check=between(0, 1, "(]"), doc="its StepLR factor"),
+    "learning_rate_step": Key(None, int, check=at_least(1), doc="its StepLR period"),
+    "optimizer": Key(None, str, check=name_in(optimizers, "optimizer in torch.optim"), doc="its optimizer class"),
+    "optimizer_args": Key(None, dict, doc="the optimizer's extra arguments"),
+    "scheduler": Key(None, str, check=name_in(schedulers, "scheduler in torch.optim.lr_scheduler"),
+                     doc="its learning-rate schedule"),
+    "scheduler_args": Key(None, dict, doc="the schedule's other arguments"),
+    "scheduler_interval": Key(None, str, check=one_of("epoch", "step"), doc="when its schedule advances"),
+    "precision": Key(None, str, check=one_of("fp32", "bf16", "fp16"), doc="the precision of its loss terms"),
+    "grad_clip_norm": Key(None, float, check=greater_than(0), doc="clip its gradient norm to this (null: no clipping; "
+                                                                  "not copied from training)"),
+    "ema_decay": Key(None, float, check=between(0, 1, "()", ", e.g. 0.999"),
+                     doc="keep a moving average of its weights (null: none; not copied from training)"),
+    "updates": Key(1, int, check=between(1, 100, "[]"), doc="its updates per step, one after the other"),
+    "every": Key(1, int, check=between(1, 10 ** 6, "[]"),
+                 doc="update it on every this-many-th step only (steps 0, k, 2k, ... of the run; WGAN-GP's generator "
+                     "every 5th)"),
+}
+COPIED_TO_NETWORKS = ["learning_rate", "learning_rate_gamma", "learning_rate_step", "optimizer", "optimizer_args",
+                      "scheduler", "scheduler_args", "scheduler_interval", "precision"]
+NETWORK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 EVALUATION = {
     "evaluation": {
@@ -994,11 +1024,10 @@ COPIED_TO_ADVERSARIAL = ["learning_rate", "learning_rate_gamma", "learning_rate_
                          "scheduler", "scheduler_args", "scheduler_interval"]
 
 
-def check_schedule(cfg, section, errors, copied=()):
-    """optimizer_args and scheduler_args of `section` against their classes' signatures. The
-    learning rate, and StepLR's step and gamma, have keys of their own; resuming sets last_epoch.
-    A group of keys all `copied` from training's is not checked again."""
-    s = cfg[section]
+def check_schedule(s, section, errors, copied=()):
+    """optimizer_args and scheduler_args of `s`, the section at key path `section`, against their
+    classes' signatures. The learning rate, and StepLR's step and gamma, have keys of their own;
+    resuming sets last_epoch. A group of keys all `copied` from training's is not checked again."""
 
     def check(keys, fn, args_key, filled):
         if set(keys) <= set(copied):
@@ -1034,8 +1063,10 @@ def load_training_config(path, overrides=None):
     raw = apply_overrides(read_yaml(path, "training config"), overrides, path)
     errors = []
     schema = {k: v for k, v in TRAINING.items() if k != "dataset"}
-    cfg = check_section({k: v for k, v in raw.items() if k != "dataset"}, schema, "", errors, also_valid=["dataset"])
+    cfg = check_section({k: v for k, v in raw.items() if k not in ("dataset", "networks")}, schema, "", errors,
+                        also_valid=["dataset", "networks"])
     cfg["dataset"] = check_dataset(raw.get("dataset"), "dataset", errors)
+    cfg["networks"] = check_networks(raw.get("networks"), cfg, errors)
     if cfg["loss"]["loss_fn"] in loss_functions():
         # keyword-only: the rest are the tensors the trainer passes
         check_function_args(loss_functions()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"], "loss.loss_args",
@@ -1044,15 +1075,44 @@ def load_training_config(path, overrides=None):
     copied = [key for key in COPIED_TO_ADVERSARIAL if adv[key] is None]
     for key in copied:
         adv[key] = _copy(train[key])
-    check_schedule(cfg, "training", errors)
+    check_schedule(train, "training", errors)
     if isinstance(train["compile_args"], dict):
         check_function_args(torch.compile, train["compile_args"], "training.compile_args", errors, passed=1)
     if adv["enable_adversarial_training"]:
-        check_schedule(cfg, "adversarial", errors, copied)
+        check_schedule(adv, "adversarial", errors, copied)
     check_keep_best(cfg, errors)
     raise_if(errors, path)
     cfg["config_path"] = str(path)
     return cfg
+
+
+def check_networks(raw, cfg, errors):
+    """The `networks` section ({} when left out): {name: its settings, in update order}, the keys
+    of COPIED_TO_NETWORKS filled from training's where null. With it the flow's own step trains
+    these networks, and the adversarial section's generator/discriminator pair is not used."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        errors.append(f"networks: {shown(raw)} is not a mapping of networks, e.g. networks: {{generator: {{components: "
+                      "[generator]}, discriminator: {components: [discriminator]}}")
+        return {}
+    if cfg["adversarial"]["enable_adversarial_training"]:
+        errors.append("networks: a flow's own step trains the networks listed here; adversarial."
+                      "enable_adversarial_training (the built-in GAN step's pair) must then be false")
+    out = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not NETWORK_NAME.fullmatch(name):
+            errors.append(f"networks.{name}: a network's name is a Python identifier (it names metrics.jsonl's "
+                          "<network>/<term> keys)")
+            continue
+        net = out[name] = check_section(entry, NETWORK, f"networks.{name}", errors)
+        copied = [key for key in COPIED_TO_NETWORKS if net[key] is None]
+        for key in copied:
+            net[key] = _copy(cfg["training"][key])
+        if net["components"] == []:
+            errors.append(f"networks.{name}.components: empty; list the model_components it trains")
+        check_schedule(net, f"networks.{name}", errors, copied)
+    return out
 
 
 # keep_best's short names, and the last parts of keys where higher is better
@@ -1183,6 +1243,10 @@ STREAM_TEXT = "One section per data stream; its key is the stream's name in the 
     "What each `data_read_type` needs: " + \
     "; ".join(f"`{kind}`: " + ", ".join(f"`{k}`" for k in keys) for kind, keys in READ_TYPE_NEEDS.items()) + \
     "; a `function` stream also needs `n_inputs`, the number of samples to make."
+NETWORKS_TEXT = "Optional: the networks a flow's own step trains (its `losses` method; docs/training.md, " \
+    "\"Write your own step\"), one entry per network, updated in the order listed. Left out, the networks are " \
+    "the generator (`training.*`) and, in adversarial training, the discriminator (`adversarial.*`). These keys " \
+    "copy training's value when null: " + ", ".join(f"`{key}`" for key in COPIED_TO_NETWORKS) + "."
 BATCH_TRANSFORM_DOC_TEXT = "Each entry of `dataset.batch_transforms` is one step, run in list order after the " \
     "streams' own `data_batch_transform`s. Training batches get every step; validation and evaluate.py only " \
     "the entries with `in_evaluation: true`."
@@ -1191,6 +1255,7 @@ BATCH_TRANSFORM_DOC_TEXT = "Each entry of `dataset.batch_transforms` is one step
 DOC_SECTIONS = [
     ("## Training config", None, None, TRAINING_TEXT),
     *((f"### {name}", name, TRAINING[name], ADVERSARIAL_TEXT if name == "adversarial" else "") for name in TRAINING),
+    ("### networks.&lt;name&gt;", "networks.<name>", NETWORK, NETWORKS_TEXT),
     ("### dataset.&lt;stream&gt;", "dataset.<stream>", STREAM, STREAM_TEXT),
     ("### dataset.batch_transforms[i]", "dataset.batch_transforms[i]", BATCH_TRANSFORM, BATCH_TRANSFORM_DOC_TEXT),
     ("## Evaluation config", None, None, "`python evaluate.py -t <training config> -e <evaluation config>`."),
@@ -1213,7 +1278,8 @@ def key_table(prefix, schema):
     """A Markdown table of `schema`'s keys, with their paths under `prefix`."""
     rows = ["| key | type | default | rule | description |", "|---|---|---|---|---|"]
     for key, rule in schema.items():
-        copied = prefix == "adversarial" and key in COPIED_TO_ADVERSARIAL
+        copied = prefix == "adversarial" and key in COPIED_TO_ADVERSARIAL or \
+            prefix == "networks.<name>" and key in COPIED_TO_NETWORKS
         doc = rule.doc + (f" (null: training.{key})" if copied else "")
         default = "**required**" if rule.default is REQUIRED else f"`{default_text(rule.default)}`"
         cells = [f"`{prefix}.{key}`", " or ".join(DOC_TYPES[t] for t in rule.types), default,

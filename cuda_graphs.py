@@ -21,16 +21,20 @@ from tqdm import tqdm
 WARMUP_STEPS = 3  # eager steps before the capture
 
 
-def refusal(train, on_nonfinite, placement):
-    """Why training.cuda_graphs cannot be used with these settings (None: it can)."""
+def refusal(train, on_nonfinite, placement, networks):
+    """Why training.cuda_graphs cannot be used with these settings and networks (each network's
+    settings: its precision, ema_decay and every) (None: it can)."""
     if placement.device.type != "cuda":
         return f"it records CUDA kernels, but this run trains on the {placement.device.type}; set training.gpus"
     reasons = [
         (placement.distributed, "not yet under DDP (torchrun): leave it off there"),
-        (train["precision"] == "fp16", "fp16's gradient scaler reads its overflow check back to the host every "
-                                       "step; use precision: bf16, which needs no scaler"),
-        (train["ema_decay"] is not None, "the EMA of the generator's weights (ema_decay) checks its update count "
-                                         "on the host every step; set ema_decay to null"),
+        (any(s["precision"] == "fp16" for s in networks), "fp16's gradient scaler reads its overflow check back "
+                                                          "to the host every step; use precision: bf16, which needs "
+                                                          "no scaler"),
+        (any(s["ema_decay"] is not None for s in networks), "a moving average of weights (ema_decay) checks its update "
+                                                       "count on the host every step; set ema_decay to null"),
+        (any(s["every"] > 1 for s in networks), "a network updated every k-th step (networks.<name>.every) makes "
+                                                 "steps of two kinds, and one graph records one; set every to 1"),
         (train["grad_accumulation_steps"] > 1, "a step of several batches (grad_accumulation_steps) is not "
                                                "recorded; set it to 1 and raise batch_size instead"),
         (train["compile"], "torch.compile records graphs of its own (compile_args: {mode: reduce-overhead}); use "
@@ -42,7 +46,7 @@ def refusal(train, on_nonfinite, placement):
 
 
 class GraphedStep:
-    """`step(inputs, targets)` -> {network: {term: tensor}}, every update of one batch, recorded
+    """`step(batch)` -> {network: {term: tensor}}, every update of one batch ({stream: tensor}), recorded
     as a CUDA graph on the first batch after WARMUP_STEPS eager ones and replayed afterwards.
     `optimizers` are the optimizers the step updates (capturable ones)."""
 
@@ -53,48 +57,48 @@ class GraphedStep:
         self.lr = []  # [(param group, its learning rate on the GPU)]
         self.side = None  # the warm-up steps' stream
 
-    def __call__(self, inputs, targets):
+    def __call__(self, batch):
         if self.graph is None and not self.failed and self.eager_steps >= WARMUP_STEPS:
-            self.capture(inputs, targets)
-        if self.graph is None or not self.fits(inputs, targets):
-            return self.eager(inputs, targets)
-        self.static[0].copy_(inputs)
-        if targets is not None:
-            self.static[1].copy_(targets)
+            self.capture(batch)
+        if self.graph is None or not self.fits(batch):
+            return self.eager(batch)
+        for name, x in batch.items():
+            self.static[name].copy_(x)
         for group, lr in self.lr:  # the schedule's latest value, copied on the GPU (no host sync)
             lr.fill_(group["lr"])
         self.graph.replay()
         # (the outputs are overwritten by the next replay: copies, which the loop keeps until it logs)
         return {name: {term: value.clone() for term, value in terms.items()} for name, terms in self.outputs.items()}
 
-    def fits(self, inputs, targets):
-        return inputs.shape == self.static[0].shape and (targets is None or targets.shape == self.static[1].shape)
+    def fits(self, batch):
+        return all(x.shape == self.static[name].shape for name, x in batch.items())
 
-    def eager(self, inputs, targets):
+    def eager(self, batch):
         if self.graph is not None or self.failed:
-            return self.step(inputs, targets)
+            return self.step(batch)
         # warm-up steps on a side stream, as torch asks before a capture
         self.side = self.side or torch.cuda.Stream()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
-            terms = self.step(inputs, targets)
+            terms = self.step(batch)
         torch.cuda.current_stream().wait_stream(self.side)
         self.eager_steps += 1
         return terms
 
-    def capture(self, inputs, targets):
-        self.static = (inputs.clone(), None if targets is None else targets.clone())
+    def capture(self, batch):
+        self.static = {name: x.clone() for name, x in batch.items()}
+        device = next(iter(batch.values())).device
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)  # the gradients are made inside the graph, in its memory
             for group in optimizer.param_groups:
-                self.lr.append((group, torch.tensor(float(group["lr"]), device=inputs.device)))
+                self.lr.append((group, torch.tensor(float(group["lr"]), device=device)))
         graph = torch.cuda.CUDAGraph()
         floats = [group["lr"] for group, _ in self.lr]
         for group, lr in self.lr:
             group["lr"] = lr  # recorded: the optimizer reads its rate from this tensor at every replay
         try:
             with torch.cuda.graph(graph):
-                self.outputs = self.step(*self.static)
+                self.outputs = self.step(self.static)
             self.graph = graph
         except RuntimeError as e:  # nothing recorded ran: the weights are as they were
             self.failed = True

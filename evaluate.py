@@ -43,6 +43,7 @@ from dataset import FixedBatches, build_dataset
 from dataset_base import check_same_classes, load_streams, split_indices, stream_classes, value_range
 from errors import UserError, run_main
 from metrics import batch_sums, finish, ssim_window
+from model_base import as_tuple, batch_size_of, index_inputs, inputs_to, run_model
 from preflight import check_outputs
 from runs import Run, load_trained_run
 from sample_metrics import prepare
@@ -68,6 +69,8 @@ def main(argv):
                                            f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
     inputs, targets = model.split_batch(first_samples(data, ev["n_samples"], batches))
+    shown_inputs = shown_input(inputs)  # the input the pictures show
+    shown_key = next((k for k, x in zip(model.input_keys, as_tuple(inputs)) if x is shown_inputs), None)
     # the range PSNR, SSIM, Inception's features and the pictures use: the target stream's
     target_range = value_range(cfg["dataset"], model.target_key, targets) if targets is not None else None
     samples = None if not ev["sample_metrics"] else \
@@ -85,14 +88,14 @@ def main(argv):
     if is_classification(outputs, targets):
         title = f"{path.name}\n{split} accuracy {metrics['accuracy']:.3f} ({len(targets)} samples)"
         figures = {"confusion": confusion_matrix(metrics["confusion_matrix"], names, title)} | \
-            labelled_pictures(inputs, outputs.argmax(1), targets, names, ev["grid_nrow"], path.name,
-                              value_range(cfg["dataset"], model.input_key, inputs), notes)
+            labelled_pictures(shown_inputs, outputs.argmax(1), targets, names, ev["grid_nrow"], path.name,
+                              value_range(cfg["dataset"], shown_key, shown_inputs), notes)
     else:
         shown = ev["grid_nrow"] ** 2  # (thousands of samples for FID would make an unreadable grid)
         shown_range = target_range if comparable(outputs, targets) else value_range(cfg["dataset"], None, outputs)
-        figures = sample_pictures(inputs[:shown] if paired else None, outputs[:shown],
-                                  None if targets is None else targets[:shown], ev["grid_nrow"], path.name,
-                                  shown_range, notes)
+        beside = shown_inputs[:shown] if paired and shown_inputs is not None else None
+        figures = sample_pictures(beside, outputs[:shown], None if targets is None else targets[:shown],
+                                  ev["grid_nrow"], path.name, shown_range, notes)
     settings = resolved_settings(ev, path, split)
     digest = settings_hash(settings, cfg)
     metrics |= {"notes": notes} if notes else {}
@@ -149,6 +152,15 @@ def evaluation_data(streams, dataset_cfg, state, split, source, where):
     return build_dataset(streams, dataset_cfg, indices, False, f"{source}: dataset"), split, batches
 
 
+def shown_input(inputs):
+    """The input the pictures show beside the outputs, and input_* metrics compare with the
+    targets: a model's one input; of several, the first float one of more than one value a
+    sample (an image, a signal; a class label or a single number is no picture), else None."""
+    if not isinstance(inputs, (tuple, list)):
+        return inputs
+    return next((x for x in inputs if x.is_floating_point() and x.dim() >= 2), None)
+
+
 def first_samples(data, n, batches):
     """The dataset's first n samples as one batch."""
     made, count = [], 0
@@ -162,10 +174,10 @@ def first_samples(data, n, batches):
 
 @torch.no_grad()
 def run_batched(model, inputs, batch_size, device, where):
-    starts = range(0, len(inputs), batch_size)
+    starts = range(0, batch_size_of(inputs), batch_size)
     outputs = []
     for i in tqdm(starts, desc="evaluating", unit="batch", leave=False, disable=len(starts) < 4):
-        outputs.append(model(inputs[i:i + batch_size].to(device)))
+        outputs.append(run_model(model, inputs_to(index_inputs(inputs, slice(i, i + batch_size)), device)))
         check_outputs(outputs[-1], model, where)
         outputs[-1] = outputs[-1].cpu()
     return torch.cat(outputs)
@@ -175,8 +187,10 @@ def run_batched(model, inputs, batch_size, device, where):
 def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names, target_range, notes):
     """Output statistics; with targets, how close outputs are to them (pairwise for paired data,
     on the targets' range `target_range`, dataset_base.value_range's, which they say; by nearest
-    neighbours for a GAN); with a trained discriminator that gives one score a sample, its mean
-    score for real and for generated samples. What is left out gets a line in `notes`."""
+    neighbours for a GAN), and for paired data how close the input the pictures show
+    (shown_input's) is, where it has their shape; with a trained discriminator that gives one
+    score a sample, its mean score for real and for generated samples. What is left out gets a
+    line in `notes`."""
     metrics = {"n_samples": len(outputs), "output_mean": outputs.mean().item(), "output_std": outputs.std().item(),
                "output_min": outputs.min().item(), "output_max": outputs.max().item()}
     if is_classification(outputs, targets):  # class scores [N, C] against class labels [N]
@@ -193,8 +207,9 @@ def compute_metrics(model, inputs, outputs, targets, device, paired, adversarial
             low, high = target_range.low, target_range.high
             metrics["outputs_clamped"] = ((outputs < low) | (outputs > high)).float().mean().item()
         metrics |= pairwise_metrics(outputs, targets, target_range)
-        if inputs.shape == targets.shape:  # what the model improves on (e.g. the noisy images themselves)
-            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(inputs.float(), targets, target_range,
+        shown = shown_input(inputs)  # what the model improves on (e.g. the noisy images themselves)
+        if shown is not None and shown.shape == targets.shape:
+            metrics |= {f"input_{k}": v for k, v in pairwise_metrics(shown.float(), targets, target_range,
                                                                      clamp=False).items()}
     else:
         # Mean distance from each output to its nearest target (are outputs like the data?) and from
@@ -240,8 +255,8 @@ def discriminator_scores(model, inputs, outputs, targets, device, notes):
     """The discriminator's mean score for real and for generated samples, where it gives one score
     a sample ([N], [N, 1], or a DCGAN's [N, 1, 1, 1]); else none, and a line in `notes` saying
     why: the mean of a map of scores per sample (a PatchGAN's) is no sample's score."""
-    real = model.discriminate(targets.to(device), inputs.to(device))
-    fake = model.discriminate(outputs.to(device), inputs.to(device))
+    real = model.discriminate(targets.to(device), inputs_to(inputs, device))
+    fake = model.discriminate(outputs.to(device), inputs_to(inputs, device))
     if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == len(targets) and x[0].numel() == 1
                for x in (real, fake)):
         shape = list(real.shape[1:]) if isinstance(real, torch.Tensor) else type(real).__name__
@@ -326,11 +341,13 @@ def confusion_matrix(confusion, names, title):
 
 def labelled_pictures(inputs, predicted, targets, names, nrow, title, shown_range, notes):
     """{"samples": labelled_inputs' figure} for inputs that are images of 1 or 3 channels; else
-    nothing, and a line in `notes` saying why (the confusion matrix is the picture then)."""
-    if inputs.dim() == 4 and inputs.shape[1] in (1, 3):
+    (None: no input to show, see shown_input) nothing, and a line in `notes` saying why (the
+    confusion matrix is the picture then)."""
+    if inputs is not None and inputs.dim() == 4 and inputs.shape[1] in (1, 3):
         return {"samples": labelled_inputs(inputs, predicted, targets, names, nrow, title, shown_range)}
-    notes.append(f"no samples picture: the inputs are {list(inputs.shape[1:])} per sample, not images of 1 or 3 "
-                 "channels to title with their class; the confusion matrix shows the classes")
+    what = "none of the inputs is" if inputs is None else f"the inputs are {list(inputs.shape[1:])} per sample, not"
+    notes.append(f"no samples picture: {what} images of 1 or 3 channels to title with their class; the confusion "
+                 "matrix shows the classes")
     return {}
 
 

@@ -191,6 +191,8 @@ def roles(run_cfg, state):
     (the keys are fixed), and named by its component in the architecture (`classifier` for the
     shape classifier), else "model". The architecture is the checkpoint's where one was read,
     else the file the run's config names."""
+    if isinstance(run_cfg.get("networks"), dict) and run_cfg["networks"]:  # (a flow's own step's networks)
+        return {name: name for name in run_cfg["networks"]}
     if run_cfg.get("adversarial", {}).get("enable_adversarial_training"):
         return {"generator": "generator", "discriminator": "discriminator"}
     text = state.get("architecture") if isinstance(state, dict) else None

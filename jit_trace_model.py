@@ -11,12 +11,25 @@ exports for other shapes add files rather than replace them:
 - beside each artifact, <artifact file name>.json: its format, input shape (batch null when
   dynamic), dtype, layout, input stream, checkpoint, the batch sizes it was checked at and its
   largest difference to eager, so that each format keeps its own description;
-- jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw float32 values in C order, to feed
-  the model on the device.
-Every artifact is checked against the eager model on fresh random inputs before anything is
-written: at the given batch, or with --dynamic-batch at batches 1 and 7 (and the given one), each
-sample of the batch of 7 also giving what it gives alone. --benchmark N times eager against the
-artifact on this machine (--device cpu or cuda) and measures the peak memory of one forward pass.
+- jit/<checkpoint>_input_1x1x4x4.raw: the example input, raw values in C order (float32; int64 for
+  a stream the architecture declares int64), to feed the model on the device.
+The example input is the first samples of the input stream in the training config's data (as
+evaluation sees them), so that it is valid for the model (class indices in range, say); where the
+data cannot be read, a float stream's is drawn from N(0, 1) instead (a note says so), an integer
+one's never is. Every artifact is checked against the eager model on fresh inputs (float streams
+N(0, 1), integer streams samples of the data) before anything is written: at the given batch, or
+with --dynamic-batch at batches 1 and 7 (and the given one), each sample of the batch of 7 also
+giving what it gives alone. --benchmark N times eager against the artifact on this machine
+(--device cpu or cuda) and measures the peak memory of one forward pass.
+
+A model that reads several data streams (noise [16], then int64 class labels [], say) takes one
+tensor per stream, in the order its architecture first reads them (PyNet.input_keys). -i gives
+the first stream's shape, batch first, or the batch size alone (-i 1); the others' per-sample
+shapes come from the architecture, and all share the batch (with --dynamic-batch, one open
+batch). Its file names give each stream as <stream>-<shape>, joined by _:
+  jit/<checkpoint>_noise-1x16_labels-1_traced.pt   (_noise-Nx16_labels-N_... with --dynamic-batch)
+  jit/<checkpoint>_input_noise-1x16.raw and jit/<checkpoint>_input_labels-1.raw (one a stream)
+and the .json lists every stream under "inputs".
 """
 from cli import add_training_cfg, answer_early, make_parser
 
@@ -34,7 +47,10 @@ def parse_args(argv):
                              "a run folder (run_3: "
                              "its newest), a checkpoint file name of one of the runs, or a path")
     parser.add_argument("-i", "--input_size", required=True, nargs="+", type=int, metavar="N",
-                        help="shape of the example input, batch first, e.g. 1 1 4 4 (named 1x1x4x4 in the files)")
+                        help="shape of the example input, batch first, e.g. 1 1 4 4 (named 1x1x4x4 in the files), or "
+                             "the batch size alone (-i 1). A model of several data streams: the first stream's "
+                             "shape or the batch size; the others' per-sample shapes come from the architecture "
+                             "(see below)")
     parser.add_argument("--format", choices=list(FORMATS), default="torchscript",
                         help="torchscript (torch.jit.trace, the default: jit/<checkpoint>_<shape>_traced.pt), "
                              "export (torch.export: _<shape>_exported.pt2) or onnx (_<shape>.onnx)")
@@ -48,6 +64,7 @@ def parse_args(argv):
                         help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
     parser.add_argument("--no_ema", action="store_true",
                         help="export the generator's own weights, not their moving average (training.ema_decay)")
+    parser.epilog += "\n\n" + __doc__[__doc__.index("A model that reads several"):].strip()
     return parser.parse_args(argv)
 
 
@@ -56,6 +73,7 @@ answer_early(__name__, parse_args)  # --help in a fraction of a second: before t
 import contextlib
 import decimal
 import importlib
+import inspect
 import itertools
 import json
 import math
@@ -68,7 +86,11 @@ import warnings
 
 import torch
 
+from config import stream_configs
+from dataset import build_dataset
+from dataset_base import load_streams
 from errors import UserError, cut, run_main
+from model_base import as_tuple, batch_size_of, index_inputs, inputs_to
 from runs import Run, load_trained_run
 
 TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
@@ -91,27 +113,26 @@ def main(argv):
     cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides,
                                            use_ema=not args.no_ema)
     model.eval()
-    expected = (args.input_size[0], *model.input_size)
-    if tuple(args.input_size) != expected:
-        raise UserError(f"--input_size {cut(' '.join(map(str, args.input_size)))}: the model's input "
-                        f"'{model.input_key}' has shape {list(model.input_size)} per sample (see "
-                        f"{model.architecture_path}); use -i {' '.join(map(str, expected))}")
-    flow_path, dynamic, per_sample = cfg["model"]["model_flow_path"], args.dynamic_batch, list(model.input_size)
-    generator = torch.Generator().manual_seed(cfg["training"]["seed"])
-    example = torch.randn(args.input_size, generator=generator)
+    batch = example_batch(args.input_size, model)
+    flow_path, dynamic = cfg["model"]["model_flow_path"], args.dynamic_batch
+    check_forward_takes(model, flow_path)
+    examples = ExampleInputs(cfg, args.training_cfg, model)
+    example = examples.first(batch)
+    check_example_size(example, args.input_size)
     # torch.export specialises a dimension whose example size is 0 or 1 (a size-1 dimension may be a
     # broadcast), so a symbolic batch traced at batch 1 fails with "Constraints violated": trace at 2 or
     # more (all three formats, so that they capture the same pass)
-    traced_at = example if not dynamic or example.shape[0] >= 2 else torch.randn([2, *per_sample], generator=generator)
+    traced_at = example if not dynamic or batch >= 2 else examples.first(2)
     run_artifact, write = export(args.format, model, traced_at, example, flow_path, dynamic)
-    batches = sorted({args.input_size[0], *DYNAMIC_CHECK_BATCHES}) if dynamic else [args.input_size[0]]
-    record = check_artifact(run_artifact, model, [torch.randn([n, *per_sample], generator=generator) for n in batches],
-                            flow_path, args.format, dynamic)
-    artifact_path, input_path = write_files(Run.of(cfg, folder=path.parent), path, model, args, write, example, record)
+    batches = sorted({batch, *DYNAMIC_CHECK_BATCHES}) if dynamic else [batch]
+    record = check_artifact(run_artifact, model, [examples.fresh(n) for n in batches], flow_path, args.format, dynamic)
+    artifact_path, written = write_files(Run.of(cfg, folder=path.parent), path, model, args, write, example, record,
+                                         examples.origins)
     print(f"{args.format} model of {path.name}{' (any batch size)' if dynamic else ''}: max abs difference to eager "
           f"{record['max_abs_difference_to_eager']:.2e} at batch {listed(batches)}")
-    print(f"saved {artifact_path} and its .json\nsaved {input_path} (float32, C order, shape "
-          f"{'x'.join(map(str, args.input_size))})")
+    print(f"saved {artifact_path} and its .json")
+    for input_path, x in written:
+        print(f"saved {input_path} ({dtype_name(x.dtype)}, C order, shape {'x'.join(map(str, x.shape))})")
     if args.benchmark:
         if device.type != "cpu" and args.format != "onnx":
             model, run_artifact = model.to(device), run_artifact.to(device)
@@ -120,19 +141,125 @@ def main(argv):
 
 def check_numbers(args):
     """-i and --benchmark within what a tensor and a run can hold, before anything is loaded or written."""
-    given = cut(" ".join(map(str, args.input_size)))
     if any(n < 1 for n in args.input_size):
-        raise UserError(f"--input_size {given}: every size must be >= 1")
-    values = math.prod(args.input_size)
-    if values > MAX_INPUT_VALUES:
-        values = decimal.Decimal(values)  # (a float cannot hold every product of integers typed)
-        raise UserError(f"--input_size {given}: an example input of {values:.3g} values ({values * 4 / 2 ** 30:.3g} "
-                        f"GiB of float32) is more than the {MAX_INPUT_VALUES:,} (1 GiB) allowed; a trace records the "
-                        "same operations at any batch size: give a batch of 1 (with --dynamic-batch for an artifact "
-                        "that takes any batch)")
+        raise UserError(f"--input_size {cut(' '.join(map(str, args.input_size)))}: every size must be >= 1")
+    check_values(math.prod(args.input_size), args.input_size)  # (the model's other inputs: check_example_size)
     if not 0 <= args.benchmark <= MAX_BENCHMARK:
         raise UserError(f"--benchmark {args.benchmark}: give a number of runs from 1 to {MAX_BENCHMARK:,} (or leave "
                         "it out)")
+
+
+def check_values(values, input_size):
+    """An example input of `values` values in all is within MAX_INPUT_VALUES."""
+    if values > MAX_INPUT_VALUES:
+        values = decimal.Decimal(values)  # (a float cannot hold every product of integers typed)
+        raise UserError(f"--input_size {cut(' '.join(map(str, input_size)))}: an example input of {values:.3g} values "
+                        f"({values * 4 / 2 ** 30:.3g} GiB of float32) is more than the {MAX_INPUT_VALUES:,} (1 GiB) "
+                        "allowed; a trace records the same operations at any batch size: give a batch of 1 (with "
+                        "--dynamic-batch for an artifact that takes any batch)")
+
+
+def check_example_size(example, input_size):
+    """The example inputs of every stream together within MAX_INPUT_VALUES (-i sizes the first)."""
+    check_values(sum(x.numel() for x in as_tuple(example)), input_size)
+
+
+def example_batch(input_size, model):
+    """The example's batch size that -i gives: the first input's shape, batch first, or the batch alone."""
+    expected = (input_size[0], *model.input_size)
+    if tuple(input_size) == expected or len(input_size) == 1:
+        return input_size[0]
+    others = [f"{key} {list(model.input_sizes[key])}" for key in model.input_keys[1:]]
+    rest = f"; the shapes of its other inputs ({', '.join(others)}) come from the architecture" if others else ""
+    raise UserError(f"--input_size {cut(' '.join(map(str, input_size)))}: the model's input "
+                    f"'{model.input_key}' has shape {list(model.input_size)} per sample (see "
+                    f"{model.architecture_path}); use -i {' '.join(map(str, expected))}, or the batch size alone "
+                    f"(-i {input_size[0]}){rest}")
+
+
+def check_forward_takes(model, flow_path):
+    """forward takes one tensor per data stream the architecture reads, as the artifact will."""
+    try:
+        inspect.signature(model.forward).bind(*model.input_keys)
+    except TypeError as e:
+        raise UserError(f"{flow_path}: {type(model).__name__}.forward must take one tensor per data stream its "
+                        f"architecture reads, in this order: {', '.join(model.input_keys)} ({e})") from None
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+class ExampleInputs:
+    """The model's example inputs, in the form its forward takes (a tensor, or a tuple in
+    input_keys order). Each stream's come from the training config's data, as evaluation sees it
+    (dataset.batch_transforms marked in_evaluation), so that they are valid inputs (class indices
+    in range, say): its first samples for the example, which the artifact is traced on and the
+    .raw files hold. A float stream whose data cannot be read is drawn from N(0, 1) instead (a note
+    says why); an integer stream's (indices) never is. The checks' inputs: float streams N(0, 1),
+    integer streams samples of the data at random. `origins`: {stream: where its example came
+    from}, for the .json."""
+
+    def __init__(self, cfg, source, model):
+        self.model, self.generator = model, torch.Generator().manual_seed(cfg["training"]["seed"])
+        self.data, why = readable_data(cfg, source, model)
+        self.origins, self.from_data = {}, {}
+        for key in model.input_keys:
+            problem = why or self.unfit(key)
+            if problem and not model.input_dtypes[key].is_floating_point:
+                raise UserError(f"{source}: dataset.{key}: the example inputs of {key}, which the architecture "
+                                f"declares {dtype_name(model.input_dtypes[key])} (indices), come from the data, but "
+                                f"{problem}")
+            if problem:
+                print(f"note: the example inputs of {key} are drawn from N(0, 1): {problem}", file=sys.stderr)
+            self.from_data[key] = not problem
+            self.origins[key] = f"N(0, 1): {problem}" if problem else f"the first samples of dataset.{key}"
+
+    def unfit(self, key):
+        """Why the data's samples of `key` cannot be the model's inputs, or None."""
+        sample = self.data.__getitems__(((0,), torch.arange(1)))[key]
+        size, dtype = self.model.input_sizes[key], self.model.input_dtypes[key]
+        if tuple(sample.shape[1:]) != size:
+            return f"its samples have shape {list(sample.shape[1:])}, the architecture's input_size is {list(size)}"
+        if not dtype.is_floating_point and sample.dtype != dtype:
+            return f"its samples are {dtype_name(sample.dtype)}, not {dtype_name(dtype)}"
+        return None
+
+    def first(self, n):
+        """The inputs of the data's first n samples (wrapping around a shorter dataset)."""
+        return self.inputs(n, lambda key: self.from_data[key], lambda: torch.arange(n) % len(self.data))
+
+    def fresh(self, n):
+        """The inputs of n new samples, for the checks."""
+        indices = self.model.input_dtypes
+        return self.inputs(n, lambda key: not indices[key].is_floating_point,
+                           lambda: torch.randint(len(self.data), (n,), generator=self.generator))
+
+    def inputs(self, n, from_data, positions):
+        """The inputs of n samples: those of the streams `from_data` picks are the data's samples at
+        `positions()`, the others N(0, 1)."""
+        keys = self.model.input_keys
+        batch = self.data.__getitems__(((0,), positions())) if any(map(from_data, keys)) else {}
+        made = tuple((batch[key].float() if self.model.input_dtypes[key].is_floating_point else batch[key])
+                     if from_data(key) else torch.randn([n, *self.model.input_sizes[key]], generator=self.generator)
+                     for key in keys)
+        return made[0] if len(made) == 1 else made
+
+
+def readable_data(cfg, source, model):
+    """(the evaluation view of the training config's dataset, None), or (None, why it cannot be
+    read: a file missing, a stream the model reads that it lacks, a transform that fails)."""
+    missing = [key for key in model.input_keys if key not in stream_configs(cfg["dataset"])]
+    if missing:
+        return None, f"{source}: dataset has no stream {', '.join(missing)}"
+    try:
+        streams = load_streams(cfg["dataset"], cfg["training"]["seed"], source)
+        n = len(streams[cfg["dataset"]["data_len_key"]])
+        data = build_dataset(streams, cfg["dataset"], torch.arange(n), False, f"{source}: dataset")
+        data.__getitems__(((0,), torch.arange(1)))  # (its transforms run)
+    except UserError as e:
+        return None, str(e)
+    return data, None
 
 
 def export(fmt, model, traced_at, example, flow_path, dynamic):
@@ -160,7 +287,7 @@ def exports_fixed(fmt, model, example):
 def check_artifact(run_artifact, model, inputs, flow_path, fmt, dynamic):
     """What the checks found, for the .json: the artifact against eager on `inputs` (one per batch size)
     and, with a dynamic batch, the samples of the batch of DYNAMIC_CHECK_BATCHES[-1] against each alone."""
-    batches = [x.shape[0] for x in inputs]
+    batches = [batch_size_of(x) for x in inputs]
     record = {"max_abs_difference_to_eager": difference_to_eager(run_artifact, model, inputs, flow_path, fmt, dynamic),
               "batch_sizes_checked": batches}
     if dynamic:
@@ -173,7 +300,7 @@ def difference_to_eager(run_artifact, model, inputs, flow_path, fmt, dynamic):
     """The largest abs difference between the artifact's and the eager model's outputs over `inputs`."""
     worst = 0.0
     for x in inputs:
-        at = f"at batch {x.shape[0]}"
+        at = f"at batch {batch_size_of(x)}"
         expected = forward(model, x, f"the eager model fails {at}", flow_path, dynamic)
         got = forward(run_artifact, x, f"the {fmt} model fails {at}", flow_path, dynamic)
         if got.shape != expected.shape:
@@ -196,11 +323,12 @@ def max_difference(a, b):
 
 
 def forward(fn, x, failed, flow_path, dynamic):
-    """fn(x); with --dynamic-batch, a failure at a batch size other than the traced one is a UserError
-    (without it, the batch is the traced one, so a failure is a bug and shows its traceback)."""
+    """fn(*x) (x: the model's inputs, a tensor or a tuple); with --dynamic-batch, a failure at a batch
+    size other than the traced one is a UserError (without it, the batch is the traced one, so a
+    failure is a bug and shows its traceback)."""
     try:
         with torch.no_grad():
-            return fn(x)
+            return fn(*as_tuple(x))
     except Exception as e:
         if not dynamic:
             raise
@@ -210,36 +338,56 @@ def forward(fn, x, failed, flow_path, dynamic):
 def batched_to_alone(run_artifact, x, flow_path, fmt):
     """The largest abs difference between each sample's output in the batch `x` and its output when
     run alone (batch 1): outputs that depend on the batch size make a dynamic batch wrong."""
+    n = batch_size_of(x)
     with torch.no_grad():
-        together = run_artifact(x)
-        alone = torch.cat([run_artifact(x[i:i + 1]) for i in range(x.shape[0])])
+        together = run_artifact(*as_tuple(x))
+        alone = torch.cat([run_artifact(*as_tuple(index_inputs(x, slice(i, i + 1)))) for i in range(n)])
     if together.shape != alone.shape:
         raise UserError(f"{flow_path}: --dynamic-batch: the {fmt} model gives {together.shape[0]} output(s) for a "
-                        f"batch of {x.shape[0]} (shape {list(together.shape)}); {BAKED_IN}")
+                        f"batch of {n} (shape {list(together.shape)}); {BAKED_IN}")
     diff = max_difference(together, alone)
     if not diff <= TOLERANCE:
-        raise UserError(f"{flow_path}: --dynamic-batch: a sample's output in a batch of {x.shape[0]} differs from "
+        raise UserError(f"{flow_path}: --dynamic-batch: a sample's output in a batch of {n} differs from "
                         f"its output alone (max abs difference {diff:.3g} > {TOLERANCE}): forward mixes the samples "
                         "of a batch (a reshape across the batch dimension, or batch statistics); fix forward or "
                         "drop --dynamic-batch")
     return diff
 
 
-def write_files(run, path, model, args, write, example, record):
-    """Write the artifact, its .json and the raw example input (atomically, each); their paths."""
-    given = "x".join(map(str, args.input_size))
-    shape = "x".join(["N" if args.dynamic_batch else str(args.input_size[0]), *map(str, model.input_size)])
-    artifact_path = run.write_export(f"{path.stem}_{shape}{FORMATS[args.format]}", write)  # jit/ beside the checkpoint
-    raw = example.contiguous().numpy().astype("float32").tobytes(order="C")
-    input_path = run.write_export(f"{path.stem}_input_{given}.raw", lambda f: f.write(raw))
-    sidecar = {"format": args.format, "model": artifact_path.name, "checkpoint": path.name, "input": model.input_key,
-               "shape": [None if args.dynamic_batch else args.input_size[0], *model.input_size],  # null: any batch
-               "dynamic_batch": args.dynamic_batch, "dtype": "float32",
-               "layout": "C order (row-major), batch first", "example_input": input_path.name,
-               "example_input_shape": list(args.input_size), **record}
+def write_files(run, path, model, args, write, example, record, origins):
+    """Write the artifact, its .json and a raw example input a stream (atomically, each); the
+    artifact's path and [(raw file path, its example input)]."""
+    examples = dict(zip(model.input_keys, as_tuple(example)))
+    batch = "N" if args.dynamic_batch else str(batch_size_of(example))
+    artifact_path = run.write_export(f"{path.stem}_{shape_tag(model, batch)}{FORMATS[args.format]}", write)  # jit/
+    inputs, written = [], []
+    for key, x in examples.items():
+        raw = x.contiguous().numpy().tobytes(order="C")  # float32, or int64 where the architecture declares it
+        input_path = run.write_export(f"{path.stem}_input_{shape_tag(model, str(x.shape[0]), [key])}.raw",
+                                      lambda f, raw=raw: f.write(raw))
+        written.append((input_path, x))
+        inputs.append({"name": key, "shape": [None if args.dynamic_batch else x.shape[0], *model.input_sizes[key]],
+                       "dtype": dtype_name(x.dtype), "example_input": input_path.name,
+                       "example_input_shape": list(x.shape), "example_input_from": origins[key]})
+    first = inputs[0]  # (the keys of the time when a model read one stream, kept: the first stream's)
+    sidecar = {"format": args.format, "model": artifact_path.name, "checkpoint": path.name, "input": first["name"],
+               "shape": first["shape"],  # null: any batch
+               "dynamic_batch": args.dynamic_batch, "dtype": first["dtype"],
+               "layout": "C order (row-major), batch first", "example_input": first["example_input"],
+               "example_input_shape": first["example_input_shape"], "inputs": inputs, **record}
     text = json.dumps(sidecar, indent=2).encode()
     run.write_export(f"{artifact_path.name}.json", lambda f: f.write(text))
-    return artifact_path, input_path
+    return artifact_path, written
+
+
+def shape_tag(model, batch, keys=None):
+    """How file names carry the input shape, batch `batch` (a number, or N): 1x1x4x4 for a model
+    of one stream; for several, each stream `keys` (all by default) as <stream>-<shape>, joined by
+    _ (noise-1x16_labels-1)."""
+    if len(model.input_keys) == 1:
+        return "x".join([batch, *map(str, model.input_size)])
+    return "_".join(f"{key}-{'x'.join([batch, *map(str, model.input_sizes[key])])}"
+                    for key in keys or model.input_keys)
 
 
 def listed(numbers):
@@ -267,16 +415,25 @@ def to_torchscript(model, example, dynamic):
     # at other batch sizes too; sizes written as constants stay constant, which the checks catch
     try:
         with torch.no_grad():
-            traced = torch.jit.trace(model, example)
+            traced = torch.jit.trace(model, as_tuple(example))
     except Exception as e:
         raise CaptureFailed(first_line(e)) from None
     return traced, lambda f: torch.jit.save(traced, f)
 
 
+def batch_shapes(model, example):
+    """torch.export's dynamic_shapes that leave dim 0 of every input open, one batch for all: by
+    forward's parameter names, as a *inputs parameter (PyNet's default forward) takes a tuple."""
+    batch, signature = batch_dim(), inspect.signature(model.forward)
+    varargs = inspect.Parameter.VAR_POSITIONAL
+    return {name: tuple({0: batch} for _ in value) if signature.parameters[name].kind is varargs else {0: batch}
+            for name, value in signature.bind(*as_tuple(example)).arguments.items()}
+
+
 def to_export(model, example, dynamic):
-    shapes = ({0: batch_dim()},) if dynamic else None
     try:
-        exported = torch.export.export(model, (example,), dynamic_shapes=shapes)
+        shapes = batch_shapes(model, example) if dynamic else None
+        exported = torch.export.export(model, as_tuple(example), dynamic_shapes=shapes)
     except Exception as e:  # torch.export names the line it cannot capture
         raise CaptureFailed(first_line(e)) from None
     return exported.module(), lambda f: torch.export.save(exported, f)
@@ -288,19 +445,21 @@ def to_onnx(model, example, dynamic):
     except ImportError:
         raise UserError(f"--format onnx: needs the {', '.join(ONNX_PACKAGES[:-1])} and {ONNX_PACKAGES[-1]} packages "
                         f"(pip install {' '.join(ONNX_PACKAGES)})") from None
-    shapes = ({0: batch_dim()},) if dynamic else None
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes)
+        shapes = batch_shapes(model, example) if dynamic else None
+        # several streams: inputs named after them, rather than after forward's *inputs (inputs_0, ...)
+        names = list(model.input_keys) if len(model.input_keys) > 1 else None
+        program = torch.onnx.export(model, as_tuple(example), dynamo=True, dynamic_shapes=shapes, input_names=names)
     except Exception as e:  # its own message says which step failed; the reason is in the one it wraps
         raise CaptureFailed(first_line(e.__cause__ or e)) from None
     data = program.model_proto.SerializeToString()
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # fatal only: a run that fails at another batch size is reported as a UserError
     session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [given.name for given in session.get_inputs()]  # (forward's inputs, in order)
 
-    def run(x):
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    def run(*xs):
+        return torch.from_numpy(session.run(None, {name: x.numpy() for name, x in zip(names, xs)})[0])
 
     return run, lambda f: f.write(data)
 
@@ -330,8 +489,12 @@ def benchmark(model, run_artifact, example, n, fmt, device):
     """Latency and peak memory of eager and of the artifact: a first look before profiling on the device."""
     results, peaks = {}, {}
     on = torch.device("cpu") if fmt == "onnx" else device  # ONNX Runtime here runs on the CPU provider
-    for name, fn, where in (("eager", model, device), (fmt, run_artifact, on)):
-        x = example.to(where)
+    for name, model_fn, where in (("eager", model, device), (fmt, run_artifact, on)):
+        x = inputs_to(example, where)
+
+        def fn(x, model_fn=model_fn):  # (the model's inputs, a tensor or a tuple, as its arguments)
+            return model_fn(*as_tuple(x))
+
         for _ in range(max(3, n // 10)):  # warm-up
             fn(x)
         times = []
@@ -345,11 +508,11 @@ def benchmark(model, run_artifact, example, n, fmt, device):
         results[name] = (statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))])
         peaks[name] = None if name == "onnx" else peak_memory(fn, x, where)
     print(f"latency on {device}{' (ONNX Runtime on the CPU)' if fmt == 'onnx' and device.type != 'cpu' else ''}, "
-          f"batch {example.shape[0]}, {n} runs after warm-up:")
+          f"batch {batch_size_of(example)}, {n} runs after warm-up:")
     for name, (median, p90) in results.items():
         print(f"  {name:<12} median {median * 1e3:8.3f} ms   p90 {p90 * 1e3:8.3f} ms")
     print(f"  eager / {fmt}: {results['eager'][0] / results[fmt][0]:.2f}x (median)")
-    print(f"peak memory on {device}, batch {example.shape[0]}: the most bytes of tensors held at once during one "
+    print(f"peak memory on {device}, batch {batch_size_of(example)}: the most bytes of tensors held at once during one "
           "forward pass (output included; weights and input not)")
     print(f"  measured by {MEMORY_MEASURE[device.type]}")
     for name, peak in peaks.items():

@@ -7,6 +7,11 @@ torch.nn class replaces it in architectures (the one-tensor versions below do th
 Input sizes: if your constructor takes `in_channels`, `num_channels`, `num_features` (read off
 dim 1 of the previous layer's output) or `in_features` (its last dim), leave it out of the YAML
 and it is filled in (model_base.CUSTOM_INPUT_SIZE). A layer takes one tensor and returns one.
+
+Integer inputs: a layer with float weights is refused an integer stream (input_data's dtype:
+int64), which it could not compute with; an Embedding (or a subclass) reads one. A layer of your
+own that reads indices says so with the class attribute `takes_indices = True`; it then also
+takes one index a sample (input_size []).
 """
 from torch import nn
 

@@ -29,7 +29,7 @@ import layers as custom_layers
 from architecture import ADV_TYPES, read_architecture
 from config import parse_yaml, read_yaml, resolve_path
 from errors import UserError, did_you_mean, kwargs_text, run_main, shown, user_code_error
-from registry import layer_types
+from registry import layer_types, parametrizations
 
 
 def channels(shape):
@@ -112,8 +112,14 @@ class PyNet(nn.Module):
 
     `self.model_components[component][submodel]` is a Submodel. The default `forward` runs the
     non-discriminator components in YAML order, wiring submodels as their `submodel_input` says;
-    a flow overrides it to spell the wiring out. `forward` is the inference path (one tensor in,
-    one out) that evaluate.py shows and jit_trace_model.py traces.
+    a flow overrides it to spell the wiring out. `forward` is the inference path that evaluate.py
+    shows and jit_trace_model.py exports: one tensor in per data stream the architecture reads
+    (`input_keys`, in the order submodels first read them), one tensor out.
+
+    The model's inputs, wherever they are passed around (split_batch, discriminate, the scripts),
+    are the tensor itself for a model of one stream, as they always were, and a tuple in
+    `input_keys` order for a model of several; the functions below the class (as_tuple,
+    run_model, split_inputs, ...) handle both forms.
     """
 
     target_key = None  # the data stream a generator's output is compared with (set in a flow)
@@ -140,6 +146,11 @@ class PyNet(nn.Module):
         self.submodels = {s: sub for comp in self.model_components.values() for s, sub in comp.items()}
         self.adv_types = {c: comp.adv_type for c, comp in plan.components.items()}
         self.sources = {s: sub.sources for s, sub in plan.submodels.items()}
+        # The data streams forward takes, in order: their names, per-sample shapes and dtypes. The
+        # first one's are input_key and input_size (all there was when a model read one stream).
+        self.input_keys = tuple(plan.data_inputs)
+        self.input_sizes = {key: data.size for key, data in plan.data_inputs.items()}
+        self.input_dtypes = {key: data.dtype for key, data in plan.data_inputs.items()}
         self.input_key, self.input_size = plan.input_key, plan.input_size
         # What the default forward and discriminate run, in order (worked out once, not per call).
         self._generator_submodels, self._discriminator_submodels = (
@@ -161,18 +172,31 @@ class PyNet(nn.Module):
         values[name] = self.submodels[name](x, skip_dict)
         return values[name]
 
-    def forward(self, inputs):
-        values, skip_dict = {self.input_key: inputs}, {}
+    def data_values(self, inputs):
+        """{data key: tensor} of `inputs`, one tensor per input_keys entry, in that order."""
+        if len(inputs) != len(self.input_keys):
+            raise TypeError(f"{type(self).__name__} takes {len(self.input_keys)} input(s), one tensor per data stream "
+                            f"({', '.join(self.input_keys)}), but was given {len(inputs)}")
+        for key, x in zip(self.input_keys, inputs):  # (a mix-up of the order would fail far from here)
+            if isinstance(x, torch.Tensor) and x.is_floating_point() != self.input_dtypes[key].is_floating_point:
+                raise TypeError(f"{type(self).__name__}: the input for {key} is {dtype_name(x.dtype)}, but the "
+                                f"architecture declares {key} {dtype_name(self.input_dtypes[key])}; inputs go in "
+                                f"input_keys order: {', '.join(self.input_keys)}")
+        return dict(zip(self.input_keys, inputs))
+
+    def forward(self, *inputs):
+        values, skip_dict = self.data_values(inputs), {}
         for name in self._generator_submodels:
             out = self.run_submodel(name, values, skip_dict)
         return out
 
     def discriminate(self, samples, inputs=None):
         """Discriminator scores for `samples` (real or generated). The discriminator's inputs
-        from generator submodels are replaced by `samples`; data inputs come from `inputs`."""
+        from generator submodels are replaced by `samples`; data inputs come from `inputs` (the
+        tensor of a model of one stream, a tuple in input_keys order of several)."""
         values, skip_dict = dict.fromkeys(self._generator_submodels, samples), {}
         if inputs is not None:
-            values[self.input_key] = inputs
+            values |= self.data_values(as_tuple(inputs))
         for name in self._discriminator_submodels:
             out = self.run_submodel(name, values, skip_dict)
         return out
@@ -200,8 +224,10 @@ class PyNet(nn.Module):
                 if self.adv_types[name] == adv_type for p in comp.parameters()]
 
     def split_batch(self, batch):
-        """(generator inputs, targets) of a batch dict of data streams."""
-        return batch[self.input_key], batch.get(self.target_key) if self.target_key else None
+        """(generator inputs, targets) of a batch dict of data streams: the inputs are the tensor
+        of the one stream the model reads, or a tuple of its streams in input_keys order."""
+        inputs = tuple(batch[key] for key in self.input_keys)
+        return inputs[0] if len(inputs) == 1 else inputs, batch.get(self.target_key) if self.target_key else None
 
     def summary(self):
         """A per-layer table: name, type, per-sample output shape, parameters, what is merged in
@@ -220,14 +246,85 @@ class PyNet(nn.Module):
         return "\n".join(lines)
 
 
+# ---- a model's inputs: one tensor, or a tuple of them (one per input_keys entry) --------------
+# What the trainer and the scripts use instead of assuming one tensor; each keeps the form it is
+# given, so a model of one stream sees exactly what it always saw.
+def as_tuple(inputs):
+    """The inputs as a tuple of tensors (a model of one stream's tensor: a tuple of one)."""
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def map_inputs(fn, inputs):
+    """fn applied to every tensor of `inputs`, in the same form (a tensor, or a tuple)."""
+    return tuple(fn(x) for x in inputs) if isinstance(inputs, (tuple, list)) else fn(inputs)
+
+
+def run_model(model, inputs):
+    """model(*inputs): the forward pass on inputs of either form."""
+    return model(*as_tuple(inputs))
+
+
+def batch_size_of(inputs):
+    """How many samples the inputs hold (every input holds as many)."""
+    return len(as_tuple(inputs)[0])
+
+
+def inputs_to(inputs, device, **kwargs):
+    """The inputs moved by Tensor.to(device, **kwargs) (e.g. non_blocking=True)."""
+    return map_inputs(lambda x: x.to(device, **kwargs), inputs)
+
+
+def index_inputs(inputs, index):
+    """The samples `index` (an int, slice or index tensor) of every input."""
+    return map_inputs(lambda x: x[index], inputs)
+
+
+def split_inputs(inputs, size):
+    """Tensor.split(size) over the batch of every input: a list of inputs of `size` samples each
+    (the last may hold fewer), each in the form of `inputs`."""
+    if not isinstance(inputs, (tuple, list)):
+        return list(inputs.split(size))
+    return list(zip(*(x.split(size) for x in inputs)))
+
+
+def cat_inputs(parts):
+    """A list of inputs of one form joined along the batch (what split_inputs split)."""
+    if not isinstance(parts[0], (tuple, list)):
+        return torch.cat(parts)
+    return tuple(torch.cat(xs) for xs in zip(*parts))
+
+
+def takes_indices(cls):
+    """Whether a layer class reads integer indices: an Embedding or EmbeddingBag (or a subclass),
+    or a class of layers.py that says so with `takes_indices = True`."""
+    return issubclass(cls, (nn.Embedding, nn.EmbeddingBag)) or getattr(cls, "takes_indices", False) is True
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def ref(source, kind):
+    """How ArchitectureBuilder keys what a submodel reads: a data stream apart from a layer or
+    submodel that has its name."""
+    return ("data", source) if kind == "data" else source
+
+
 class ArchitectureBuilder:
     """Builds the Submodels of an ArchitecturePlan (architecture.py), working out every layer's
-    per-sample output shape as it goes, and checking what needs shapes: the input sizes a layer
-    is given, the inputs it can take, and the merges of skips and of a submodel's inputs."""
+    per-sample output shape and dtype as it goes, and checking what needs them: the input sizes
+    a layer is given, the inputs it can take (integer indices or float values), and the merges
+    of skips and of a submodel's inputs."""
 
     def __init__(self, plan):
         self.plan = plan
         self.shapes = {}  # name (submodel, layer, <prefix>_input) -> per-sample shape
+        self.dtypes = {}  # name -> dtype of its output
+        # name -> the data streams an integer output holds the values of (what a message names)
+        self.streams = {}
+        for key, data in plan.data_inputs.items():  # (keyed apart from layer names, which may be alike)
+            self.shapes["data", key], self.dtypes["data", key] = data.size, data.dtype
+            self.streams["data", key] = [key]
 
     def fail(self, key_path, message):
         raise UserError(f"{self.plan.path}: {key_path}: {message}")
@@ -236,41 +333,92 @@ class ArchitectureBuilder:
         """(model_components: {component: {submodel: Submodel}}, summary rows)."""
         built, rows = {}, []
         for sub in self.plan.submodels.values():
-            self.shapes[sub.input_name] = self.input_shape(sub)
+            self.read_input(sub)
+            reads = [source if self.dtypes[ref(source, kind)].is_floating_point else
+                     f"{source} ({dtype_name(self.dtypes[ref(source, kind)])})" for source, kind in sub.inputs]
             rows.append({"name": sub.input_name, "type": "input", "shape": self.shapes[sub.input_name],
-                         "params": 0, "merges": ", ".join(sub.sources)})
+                         "params": 0, "merges": ", ".join(reads)})
             built[sub.name] = self.build_submodel(sub, rows)
         model_components = nn.ModuleDict({cname: nn.ModuleDict({s: built[s] for s in comp.submodels})
                                           for cname, comp in self.plan.components.items()})
         return model_components, rows
 
-    def input_shape(self, sub):
-        """The shape of what the submodel reads: its inputs concatenated on the channel dim."""
-        shapes = [self.plan.input_size if kind == "data" else self.shapes[source] for source, kind in sub.inputs]
-        first = shapes[0]
-        for shape in shapes[1:]:
-            if len(shape) != len(first) or shape[1:] != first[1:]:
-                self.fail(sub.input_where, f"inputs of shapes {[list(s) for s in shapes]} cannot be concatenated on "
-                          "the channel dimension; all but the channel count must match")
-        return (sum(s[0] for s in shapes),) + tuple(first[1:])
+    def read_input(self, sub):
+        """The shape and dtype of what the submodel reads: its inputs concatenated on the channel dim."""
+        refs = [ref(source, kind) for source, kind in sub.inputs]
+        shapes = [self.shapes[r] for r in refs]
+        first, name = shapes[0], sub.input_name
+        if len(shapes) > 1:
+            kinds = {self.dtypes[r].is_floating_point for r in refs}
+            if len(kinds) > 1:
+                ints = [source for source, r in zip(sub.sources, refs) if not self.dtypes[r].is_floating_point]
+                self.fail(sub.input_where, f"reads integer ({', '.join(ints)}) and float inputs, which cannot be "
+                          "concatenated; embed the integers in a submodel of their own (an Embedding) and read its "
+                          "output here")
+            for shape in shapes:
+                if not shape or len(shape) != len(first) or shape[1:] != first[1:]:
+                    self.fail(sub.input_where, f"inputs of shapes {[list(s) for s in shapes]} cannot be "
+                              "concatenated on the channel dimension; all but the channel count must match")
+        self.shapes[name] = (sum(s[0] for s in shapes),) + tuple(first[1:]) if len(shapes) > 1 else first
+        self.dtypes[name] = self.dtypes[refs[0]]
+        self.streams[name] = [k for r in refs for k in self.streams[r]]
 
     def build_submodel(self, sub, rows):
         """The Submodel of `sub`; a summary row per layer goes to `rows`."""
-        shape, built = self.shapes[sub.input_name], {}
-        for i, ((type_name, params), name) in enumerate(zip(sub.layers, sub.layer_names)):
-            where = sub.layer_where(i)
-            layer = self.make_layer(type_name, params, shape, where)
-            shape = self.output_shape(layer, shape, where, type_name)
+        previous, built = sub.input_name, {}
+        for i, (layer_plan, name) in enumerate(zip(sub.layers, sub.layer_names)):
+            where, type_name = sub.layer_where(i), layer_plan.type_name
+            layer = self.make_layer(type_name, layer_plan.params, self.shapes[previous], where)
+            self.check_input_dtype(layer, type_name, previous, where)
+            layer = self.parametrize(layer, layer_plan.parametrization, type_name, where)
+            shape, self.dtypes[name] = self.output_of(layer, previous, where, type_name)
+            self.streams[name] = [] if self.dtypes[name].is_floating_point else self.streams[previous]
             notes = []
             for source, kind in self.plan.merges.get(name, ()):
                 shape = self.merge_shape(shape, self.shapes[source], kind, self.plan.merge_where[(source, name)], name)
                 notes.append(f"{kind} {source}")
             self.shapes[name] = shape
-            built[name] = layer
-            rows.append({"name": name, "type": type_name, "shape": shape, "merges": ", ".join(notes),
+            built[name], previous = layer, name
+            shown_type = type_name + (f"+{layer_plan.parametrization[0]}" if layer_plan.parametrization else "")
+            rows.append({"name": name, "type": shown_type, "shape": shape, "merges": ", ".join(notes),
                          "params": sum(p.numel() for p in layer.parameters())})
-        self.shapes[sub.name] = shape
+        self.shapes[sub.name], self.dtypes[sub.name], self.streams[sub.name] = \
+            self.shapes[previous], self.dtypes[previous], self.streams[previous]
         return Submodel(sub.name, sub.input_name, built, self.plan.merges, self.plan.kept)
+
+    def check_input_dtype(self, layer, type_name, previous, where):
+        """Indices into a layer that reads them, values into one that computes with its weights:
+        torch would fail at the first batch, or (on the meta device) not at all."""
+        dtype, streams = self.dtypes[previous], " and ".join(self.streams[previous])
+        if takes_indices(type(layer)):
+            if dtype.is_floating_point:
+                self.fail(where, f"{type_name} reads integer indices, but its input is {dtype_name(dtype)}; give the "
+                          "stream it reads dtype: int64 (input_data: {data_key: ..., input_size: [...], dtype: int64})")
+            return
+        weights = [t for t in [*layer.parameters(), *layer.buffers()] if t.is_floating_point()]
+        if not dtype.is_floating_point and weights:
+            what = f"{streams} is an {dtype_name(dtype)} stream" if streams else f"its input is {dtype_name(dtype)}"
+            self.fail(where, f"{type_name} reads float inputs, but {what}; put an Embedding first (or declare the "
+                      "stream float32, if its values are numbers rather than indices)")
+
+    def parametrize(self, layer, spec, type_name, where):
+        """The layer with its `parametrization` (name, arguments) applied by its function in
+        torch.nn.utils.parametrizations: the layer then computes that weight from parameters of its
+        own at every pass."""
+        if spec is None:
+            return layer
+        name, args = spec
+        target = args.get("name", "weight")
+        own = dict(layer.named_parameters(recurse=False))
+        if not isinstance(target, str) or target not in own:
+            has = f"its own parameters are {', '.join(own)}" if own else "it has no parameters of its own"
+            self.fail(f"{where}.parametrization", f"{name} reparametrizes a layer's {shown(target)}, but {type_name} "
+                      f"has no parameter {shown(target)} ({has}); parametrize a layer with weights (Conv2d, Linear, "
+                      "...)")
+        try:
+            return parametrizations()[name](layer, **args)
+        except Exception as e:  # the parametrization's own check of its arguments and of the weight
+            self.fail(f"{where}.parametrization", f"{name}({kwargs_text(args)}) failed on {type_name}: {e}")
 
     def make_layer(self, type_name, params, shape, where):
         """The layer, its input-size arguments filled in from `shape` (the previous output's)."""
@@ -282,8 +430,8 @@ class ArchitectureBuilder:
             signature = init_parameters(cls)
         except (TypeError, ValueError) as e:  # (a class whose constructor inspect cannot read)
             self.fail(f"{where}.layer_type", f"{type_name}'s constructor cannot be read: {e}")
-        rules = input_size_rules(type_name, cls, signature)
-        self.check_input_rank(type_name, params, shape, where)
+        rules = input_size_rules(type_name, cls, signature) if shape else {}  # (one index a sample: no sizes)
+        self.check_input_rank(type_name, cls, params, shape, where)
         if not any(p.kind is p.VAR_KEYWORD for p in signature.values()):
             for name in params:
                 if name not in signature:
@@ -313,10 +461,14 @@ class ArchitectureBuilder:
                           f"{list(shape)}) gives {inferred}; leave {name} out to have it filled in")
         return kwargs
 
-    def check_input_rank(self, type_name, params, shape, where):
+    def check_input_rank(self, type_name, cls, params, shape, where):
         """Inputs that torch would accept but read in a way nobody means."""
-        if not shape:
-            self.fail(where, f"{type_name} gets a scalar per sample; give it at least one dimension (Unflatten)")
+        if not shape and issubclass(cls, nn.EmbeddingBag):
+            self.fail(where, f"{type_name} reads a bag of indices, [bag size] per sample, but gets one index a sample; "
+                      "use Embedding")
+        if not shape and not takes_indices(cls):
+            self.fail(where, f"{type_name} gets a scalar per sample; give it at least one dimension (input_size [1] "
+                      "for a stream of one value a sample; Unflatten after a layer)")
         if type_name in SEQUENCE_LAYERS and len(shape) != 2:
             hint = ("; with one dimension, torch would take the whole batch as one sequence "
                     "(Unflatten it to [time, features])") if len(shape) == 1 else ""
@@ -326,17 +478,20 @@ class ArchitectureBuilder:
             self.fail(f"{where}.layer_params", f"{type_name} would normalise only the last dim of {list(shape)}; give "
                       f"normalized_shape (e.g. {list(shape)} for all of it), or use GroupNorm with num_groups: 1")
 
-    def output_shape(self, layer, shape, where, type_name):
-        """The layer's per-sample output shape, worked out on the meta device (no real data)."""
+    def output_of(self, layer, previous, where, type_name):
+        """The layer's per-sample output shape and its dtype, worked out on the meta device (no real
+        data) from the output of `previous` (an integer input for integer streams)."""
+        shape, dtype = self.shapes[previous], self.dtypes[previous]
         state = {k: v.to("meta") for k, v in [*layer.named_parameters(), *layer.named_buffers()]}
         try:
-            y = functional_call(layer, state, (torch.empty((SHAPE_BATCH, *shape), device="meta"),))
+            y = functional_call(layer, state, (torch.empty((SHAPE_BATCH, *shape), dtype=dtype, device="meta"),))
         except Exception as e:
-            self.fail(where, f"{type_name} cannot take an input of shape {list(shape)} (per sample): {e}")
+            of = "" if dtype.is_floating_point else f" of {dtype_name(dtype)} values"
+            self.fail(where, f"{type_name} cannot take an input{of} of shape {list(shape)} (per sample): {e}")
         if not isinstance(y, torch.Tensor):
             self.fail(where, f"{type_name} returns a {type(y).__name__}, not a tensor; wrap it in a layer in "
                       "layers.py that returns one tensor")
-        return tuple(y.shape[1:])
+        return tuple(y.shape[1:]), y.dtype
 
     def merge_shape(self, shape, source_shape, kind, where, target):
         if kind == "add":

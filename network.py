@@ -1,69 +1,124 @@
-"""One trained network (the generator, or the discriminator of a GAN) and everything that
-changes as it trains: its optimizer and learning-rate schedule, fp16 gradient scaler, gradient
-clipping, DDP wrapper, the generator's moving average (EMA) and its loss history.
+"""One trained network and everything that changes as it trains: its optimizer and learning-rate
+schedule, fp16 gradient scaler, gradient clipping, its moving average (EMA) and its loss history.
 
-The Trainer (train_base.py) holds one `Network` per trained network and says what each loss
-is; a Network knows how to turn that loss into one optimizer step: zero the gradients, run
-backward over the micro-batches (with DDP reducing them once, on the last), clip, step (or
-skip a non-finite update) and update the EMA. `state_dict()` / `load_state_dict()` are what a
-checkpoint keeps of it; `checkpoint_entries` and `network_state` lay them out in the
-checkpoint's keys.
+A network is a name and the architecture's components it trains (`network_specs`): by default the
+generator (`training.*`) and, in adversarial training, the discriminator (`adversarial.*`); or
+any networks the training config's `networks` section lists for a flow's own step, each with its
+own settings. The Trainer (train_base.py) says what each loss is and when each network updates;
+a Network turns that loss into one optimizer step: zero the gradients, run backward over the
+micro-batches under its precision, average the gradients over the processes (one all-reduce),
+clip, step (or skip a non-finite update) and update the EMA. `state_dict()` /
+`load_state_dict()` are what a checkpoint keeps of it; `checkpoint_entries` and `network_state`
+lay them out in the checkpoint's keys.
 """
 import contextlib
 import inspect
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from errors import UserError, kwargs_text
+from errors import UserError, did_you_mean, kwargs_text
 from registry import optimizers, schedulers
 
-# The config section that sets each network's optimizer and schedule.
-SECTION = {"generator": "training", "discriminator": "adversarial"}
 # The settings that shape a network's learning-rate schedule (compared when resuming).
 SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
                  "learning_rate_gamma"]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class NetworkSpec:
+    """A network to train: its `name`, the key path of its settings (`training`, `adversarial`,
+    `networks.<name>`), the model components it trains, and its settings (optimizer and
+    schedule keys, precision, grad_clip_norm, ema_decay, updates per step, every)."""
+    name: str
+    section: str
+    components: list
+    settings: dict
+
+
+def network_specs(cfg, model):
+    """The networks of a run: the `networks` section's, or the built-in pair (the generator first)."""
+    source = cfg["config_path"]
+    if cfg["networks"]:
+        for name, s in cfg["networks"].items():
+            for i, component in enumerate(s["components"]):
+                if component not in model.adv_types:
+                    raise UserError(f"{source}: networks.{name}.components[{i}]: {component!r} is not a component of "
+                                    f"{model.architecture_path}{did_you_mean(component, list(model.adv_types))}; "
+                                    f"components: {', '.join(model.adv_types)}")
+        return [NetworkSpec(name, f"networks.{name}", s["components"], s) for name, s in cfg["networks"].items()]
+    train, adv = cfg["training"], cfg["adversarial"]
+    adversarial = adv["enable_adversarial_training"]
+    of_type = {kind: [c for c, t in model.adv_types.items() if t == kind] for kind in ("generator", "discriminator")}
+    shared = {"precision": train["precision"], "every": 1}
+    specs = [NetworkSpec("generator", "training", of_type["generator"], train | shared | {
+        "updates": adv["n_gen_iterations"] if adversarial else 1})]
+    if adversarial:
+        specs.append(NetworkSpec("discriminator", "adversarial", of_type["discriminator"], adv | shared | {
+            "updates": adv["n_disc_iterations"], "ema_decay": None}))
+    return specs
+
+
+def update_order(cfg, names):
+    """The order the networks `names` update in within a step: the networks section's, or the
+    built-in pair's as adversarial.train_disc_first says."""
+    if not cfg["networks"] and cfg["adversarial"]["train_disc_first"]:
+        return sorted(names, key=lambda name: name != "discriminator")
+    return list(names)
+
+
+class Step(dict):
+    """What the updates of one training step share on one micro-batch: a dict the step's loss
+    terms may leave values in for later updates of the same step (the generator's samples, for
+    the discriminator's update to reuse detached), fresh at every step. `number`: the run's step
+    (0 first), `epoch`: the epoch it belongs to (1 first), `micro_batch` of `micro_batches`
+    (training.grad_accumulation_steps), `training`: False in a validation pass."""
+
+    def __init__(self, number, epoch, micro_batch=0, micro_batches=1, training=True):
+        super().__init__()
+        self.number, self.epoch, self.micro_batch, self.micro_batches = number, epoch, micro_batch, micro_batches
+        self.training = training
 
 
 class Network:
-    """The network `name` (generator or discriminator) of `model`, and the state of training it,
-    set up from the validated config `cfg`. `module` holds its components of the model as one
-    module, sharing their weights: what its optimizer trains, DDP wraps and the EMA averages."""
+    """One network of `model` (a NetworkSpec), and the state of training it. `module` holds its
+    components of the model as one module, sharing their weights: what its optimizer trains and
+    the EMA averages."""
 
-    def __init__(self, name, model, cfg, placement, steps_per_epoch):
-        train, adv = cfg["training"], cfg["adversarial"]
-        self.name, self.section = name, SECTION[name]
-        self.module = module = model.components_of(name)
+    def __init__(self, spec, model, cfg, placement, steps_per_epoch):
+        train = cfg["training"]
+        self.name, self.section, self.components = spec.name, spec.section, spec.components
+        self.module = module = torch.nn.ModuleDict({c: model.model_components[c] for c in spec.components})
         self.architecture_path = model.architecture_path
-        self.settings = cfg[self.section]  # the section's validated values (null adversarial keys copy training's)
+        self.settings = s = spec.settings  # validated values (null keys copy training's)
         self.source = cfg["config_path"]
         self.where = f"{self.source}: {self.section}"
         self.params = list(module.parameters())
-        self.world_size = placement.world_size
+        self.world_size, self.distributed = placement.world_size, placement.distributed
         self.steps_per_epoch, self.n_epochs = steps_per_epoch, train["n_epochs"]
-        self.optimizer = make_optimizer(self.params, self.settings, placement.device, self.where, train["cuda_graphs"])
-        self.scheduler = make_scheduler(self.optimizer, self.settings, steps_per_epoch, self.n_epochs, self.where)
-        self.every_step = self.settings["scheduler_interval"] == "step"
+        self.optimizer = make_optimizer(self.params, s, placement.device, self.where, train["cuda_graphs"])
+        self.scheduler = make_scheduler(self.optimizer, s, steps_per_epoch, self.n_epochs, self.where)
+        self.every_step = s["scheduler_interval"] == "step"
         # The settings a resume compares with the checkpoint's to decide whether the schedule carries on.
-        self.schedule_settings = {f"{self.section}.{k}": self.settings[k] for k in SCHEDULE_KEYS}
-        if fills_total_length(self.settings):  # the schedule's length is the run's
+        self.schedule_settings = {f"{self.section}.{k}": s[k] for k in SCHEDULE_KEYS}
+        if fills_total_length(s):  # the schedule's length is the run's
             self.schedule_settings["training.n_epochs"] = self.n_epochs
         if self.every_step:  # it counts optimizer steps, which batches per step decide
             self.schedule_settings["training.grad_accumulation_steps"] = train["grad_accumulation_steps"]
-        adversarial = adv["enable_adversarial_training"]
-        self.iterations = adv["n_gen_iterations" if name == "generator" else "n_disc_iterations"] if adversarial else 1
-        self.clip = (train if name == "generator" else adv)["grad_clip_norm"]
-        # fp16: a scaler keeps small gradients from flushing to zero (bf16 has fp32's range: none needed).
-        self.scaler = torch.amp.GradScaler(placement.device.type) if train["precision"] == "fp16" else None
-        decay = train["ema_decay"] if name == "generator" else None
-        self.ema = None if decay is None else AveragedModel(
-            module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.ddp = None  # set by wrap_for_ddp
-        self.unused_checked = False
-        self.loss_history = {}  # term -> one value per step
+        self.iterations, self.every, self.clip = s["updates"], s["every"], s["grad_clip_norm"]
+        # Mixed precision: its loss terms under autocast, the weights in fp32; fp16 with a scaler that
+        # keeps small gradients from flushing to zero (bf16 has fp32's range: none needed).
+        self.dtype, self.device_type = AUTOCAST[s["precision"]], placement.device.type
+        self.autocast_cache = not train["cuda_graphs"]  # (inside a CUDA graph the casts are recorded)
+        self.scaler = torch.amp.GradScaler(placement.device.type) if s["precision"] == "fp16" else None
+        self.ema = None if s["ema_decay"] is None else AveragedModel(
+            module, multi_avg_fn=get_ema_multi_avg_fn(s["ema_decay"]), use_buffers=True)
+        self.grads_checked = False  # (under DDP: every process's gradients are of the same parameters)
+        self.loss_history = {}  # term -> one value per update
         self.validation_history = {}  # term -> one value per validated epoch
 
     @property
@@ -79,31 +134,37 @@ class Network:
         n_params = sum(p.numel() for p in self.params)
         fused = ", fused=True" if self.optimizer.defaults.get("fused") and "fused" not in s["optimizer_args"] else ""
         optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''}{fused})"
+        every = f" every {self.every} steps" if self.every > 1 else " per step"
+        trains = f" of {', '.join(self.components)}" if self.section.startswith("networks.") else ""
         return (f"{self.name} ({self.section}.*): {optimizer}, {s['scheduler']}({kwargs_text(schedule)}) per "
-                f"{s['scheduler_interval']}, clip "
-                f"{self.clip if self.clip else 'none'}, {self.iterations} update(s) per batch, {n_params:,} parameters"
-                f"{', EMA of its weights' if self.ema is not None else ''}")
+                f"{s['scheduler_interval']}, clip {self.clip if self.clip else 'none'}, {self.iterations} update(s)"
+                f"{every}, {n_params:,} parameters{trains}{', EMA of its weights' if self.ema is not None else ''}")
+
+    def autocast(self):
+        """The precision context of its loss terms. (For fp32 none at all: even a disabled
+        torch.autocast costs some microseconds, three times a step.)"""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.autocast_cache)
 
     # ---- one update ----
     def update(self, loss, sizes, skip_nonfinite):
         """One optimizer step on the gradients of the micro-batches: `loss(i)` gives the (total,
         terms) of micro-batch i, and `sizes` their sample counts; each counts for its share of
         the samples, so that they step as one batch of all of them would. Under DDP the gradients
-        are averaged over the processes during the last micro-batch's backward pass. Returns the
-        loss terms (detached, float, averaged over the micro-batches, 'total' first, still on the
-        device) and whether the update was made: with `skip_nonfinite`, False when a loss was
-        non-finite (on any process), and the gradients were dropped. Only that check reads a
-        value back from the device (one sync per update); without it the step never waits for
-        the device."""
+        are then averaged over the processes. Returns the loss terms (detached, float, averaged
+        over the micro-batches, 'total' first, still on the device) and whether the update was
+        made: with `skip_nonfinite`, False when a loss was non-finite (on any process), and the
+        gradients were dropped. Only that check reads a value back from the device (one sync per
+        update); without it the step never waits for the device."""
         self.optimizer.zero_grad(set_to_none=True)
         n_samples, last = sum(sizes), len(sizes) - 1
         sums, bad = {}, None
         for i, size in enumerate(sizes):
             weight = size / n_samples  # a short last batch of the epoch counts for its samples
-            # DDP all-reduces once per step: not after the micro-batches before the last.
-            with self.ddp.no_sync() if self.ddp is not None and i < last else contextlib.nullcontext():
-                total, terms = self.ddp(loss, i) if self.ddp is not None else loss(i)
-                self.backward(total * weight if last else total)
+            with self.autocast():
+                total, terms = loss(i)
+            self.backward(total * weight if last else total)
             for name, value in {"total": total, **terms}.items():  # (float: autocast may give half precision)
                 value = value.detach().float()
                 if last:
@@ -112,8 +173,8 @@ class Network:
             if skip_nonfinite:
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
-        if self.ddp is not None and not self.unused_checked:  # (a NaN loss leaves gradients too)
-            self.check_every_parameter_trained()
+        if self.distributed:  # (also as torchrun's only process: a rehearsal of a multi-GPU run)
+            self.average_gradients()
         if bad is not None and self.world_size > 1:  # a NaN on any process skips the step on all
             bad = bad.float()
             dist.all_reduce(bad)
@@ -154,21 +215,32 @@ class Network:
             self.scheduler.step()
 
     # ---- DDP ----
-    def wrap_for_ddp(self):
-        self.ddp = wrap_for_ddp(NetworkLoss(self.module))
+    def average_gradients(self):
+        """Average this network's gradients over the processes: one all-reduce of them all, laid
+        end to end, whatever forward passes the loss ran (as StyleGAN3's training loop does), so
+        a flow's step needs no DDP wrapper. Each is divided by the process count first, as DDP
+        does, and then summed. A parameter no loss reached keeps no gradient on any process."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not self.grads_checked:
+            self.check_same_gradients(len(grads))
+        for dtype in {g.dtype for g in grads}:  # (one flat tensor per dtype)
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group]).div_(self.world_size)
+            dist.all_reduce(flat)
+            for g, averaged in zip(group, flat.split([g.numel() for g in group])):
+                g.copy_(averaged.view_as(g))
 
-    def check_every_parameter_trained(self):
-        """Under DDP each of the network's parameters must get a gradient in every update: DDP
-        reduces them in buckets and would fail at the next step, with a message naming neither
-        the parameters nor the file to fix. Checked after the network's first update."""
-        unused = [name for name, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
-        if unused:
-            shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-            method = "forward" if self.name == "generator" else "discriminate"
-            raise UserError(f"{self.source}: model.model_flow_path: under DDP every parameter of the {self.name} "
-                            f"must take part in its loss, but {shown} got no gradient; call each of the {self.name}'s "
-                            f"submodels in the flow's {method}, or drop unused ones from {self.architecture_path}")
-        self.unused_checked = True
+    def check_same_gradients(self, count):
+        """Every process has gradients for the same parameters: a flow whose forward passes depend on
+        the process's data (a branch taken on some processes only) would pair one process's gradient
+        with another's parameter. Checked at the network's first update."""
+        counts = torch.tensor([count, -count], device=self.params[0].device if self.params else "cpu")
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if counts[0] != -counts[1]:
+            raise UserError(f"{self.source}: model.model_flow_path: under DDP every process must reach the same "
+                            f"parameters of the {self.name} in its loss, but one reached {int(-counts[1])} and another "
+                            f"{int(counts[0])}; take the same forward passes on every process")
+        self.grads_checked = True
 
     # ---- checkpoints ----
     def state_dict(self):
@@ -196,9 +268,9 @@ class Network:
         return note
 
     def load_schedule(self, state, saved_cfg, steps_done, epochs_done):
-        saved = saved_cfg[self.section]
-        if self.settings["optimizer"] != saved["optimizer"]:
-            return (f"{self.section}.optimizer changed ({saved['optimizer']} -> {self.settings['optimizer']}): the "
+        saved = section_of(saved_cfg, self.section)
+        if self.settings["optimizer"] != saved.get("optimizer"):
+            return (f"{self.section}.optimizer changed ({saved.get('optimizer')} -> {self.settings['optimizer']}): the "
                     f"{self.name}'s optimizer starts afresh")
         fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in fresh]
@@ -228,38 +300,61 @@ class Network:
                 f"and advanced {done} {'steps' if self.every_step else 'epochs'} (learning rate now {self.lr:.4g})")
 
 
+def section_of(cfg, path):
+    """A saved config's section at 'training', 'adversarial' or 'networks.<name>' ({} where an
+    older config lacks it)."""
+    for part in path.split("."):
+        cfg = cfg.get(part) or {} if isinstance(cfg, dict) else {}
+    return cfg
+
+
 def read_key(cfg, path):
-    """A saved config's value at 'section.key' (an older config may lack the key)."""
-    section, key = path.split(".")
-    return cfg[section].get(key, 1 if key == "grad_accumulation_steps" else None)
+    """A saved config's value at '<section>.key' (an older config may lack the key)."""
+    section, key = path.rsplit(".", 1)
+    return section_of(cfg, section).get(key, 1 if key == "grad_accumulation_steps" else None)
 
 
 def checkpoint_entries(networks):
-    """The networks' part of a checkpoint ({name: Network}), under the keys checkpoints have
-    always had: the generator's optimizer as optimizer_state_dict, the discriminator's as
-    disc_optimizer_state_dict (None without one), and so on."""
+    """The networks' part of a checkpoint ({name: Network}): each network's state under its name
+    in `networks`, and, for older readers, the keys checkpoints have always had: the generator's
+    (or the first network's) optimizer as optimizer_state_dict, the discriminator's as
+    disc_optimizer_state_dict (None without one), and so on. (The same tensors under two keys
+    are stored once.)"""
     states = {name: net.state_dict() for name, net in networks.items()}
-    generator, discriminator = states["generator"], states.get("discriminator", {})
-    return {"optimizer_state_dict": generator["optimizer"], "scheduler_state_dict": generator["scheduler"],
+    first = states.get("generator") or next(iter(states.values()))
+    generator, discriminator = states.get("generator", {}), states.get("discriminator", {})
+    return {"networks": {name: {"components": net.components, **{k: v for k, v in states[name].items()
+                                                                 if k not in HISTORIES}}
+                         for name, net in networks.items()},
+            "optimizer_state_dict": first["optimizer"], "scheduler_state_dict": first["scheduler"],
             "disc_optimizer_state_dict": discriminator.get("optimizer"),
             "disc_scheduler_state_dict": discriminator.get("scheduler"),
             "scaler_state_dicts": {name: s["scaler"] for name, s in states.items() if s["scaler"] is not None},
-            "ema_state_dict": generator["ema"], "ema_updates": generator["ema_updates"],
+            "ema_state_dict": generator.get("ema"), "ema_updates": generator.get("ema_updates", 0),
             "loss_history": {name: s["loss_history"] for name, s in states.items()}}
 
 
+HISTORIES = ("loss_history", "validation_history")  # (kept per network under their own keys, as always)
+
+
 def network_state(checkpoint, name):
-    """One network's state_dict out of a checkpoint (what checkpoint_entries wrote); a part the
-    checkpoint lacks is None."""
+    """One network's state_dict out of a checkpoint (what checkpoint_entries wrote, or an older
+    checkpoint's keys); a part the checkpoint lacks is None."""
+    histories = {"loss_history": checkpoint["loss_history"].get(name),
+                 "validation_history": (checkpoint.get("validation_history") or {}).get(name)}
+    saved = (checkpoint.get("networks") or {}).get(name)
+    if saved is not None:
+        return {k: saved.get(k) for k in ("optimizer", "scheduler", "scaler", "ema")} | {
+            "ema_updates": saved.get("ema_updates", 0)} | histories
+    if name not in ("generator", "discriminator"):  # (a network the checkpoint did not train)
+        return dict.fromkeys(("optimizer", "scheduler", "scaler", "ema")) | {"ema_updates": 0} | histories
     prefix = "disc_" if name == "discriminator" else ""
     generator = name == "generator"
     return {"optimizer": checkpoint.get(f"{prefix}optimizer_state_dict"),
             "scheduler": checkpoint.get(f"{prefix}scheduler_state_dict"),
             "scaler": checkpoint.get("scaler_state_dicts", {}).get(name),
             "ema": checkpoint.get("ema_state_dict") if generator else None,
-            "ema_updates": checkpoint.get("ema_updates", 0) if generator else 0,
-            "loss_history": checkpoint["loss_history"].get(name),
-            "validation_history": checkpoint.get("validation_history", {}).get(name)}
+            "ema_updates": checkpoint.get("ema_updates", 0) if generator else 0} | histories
 
 
 # An optimizer's settings that say how its update runs rather than what it computes.
@@ -367,31 +462,3 @@ def fills_total_length(s):
     """Whether make_scheduler gives this schedule the run's length (which then depends on n_epochs)."""
     return "total_steps" in inspect.signature(schedulers()[s["scheduler"]]).parameters and \
         s["scheduler_args"].get("total_steps") is None and s["scheduler_args"].get("epochs") is None
-
-
-class NetworkLoss(torch.nn.Module):
-    """What DDP wraps for one network: that network's components, and a forward that runs the
-    loss function it is handed. DDP's gradient hooks then cover exactly this network's
-    parameters, whatever else the loss runs: the discriminator scoring the generator's samples,
-    or the generator making them without autograd for the discriminator's update, never enters
-    the other network's reduction. Every parameter of the network being trained gets a gradient,
-    so DDP needs no find_unused_parameters search. The checkpoint saves the model itself, so
-    its keys carry no "module." prefix."""
-
-    def __init__(self, components):
-        super().__init__()
-        self.components = components
-
-    def forward(self, loss_fn, *args):
-        return loss_fn(*args)
-
-
-def wrap_for_ddp(module):
-    """DDP over `module` (a network's NetworkLoss). Buffers are not synchronised at every forward
-    pass: Trainer.share_buffers hands rank 0's to all before a validation pass or a save, where
-    running statistics are read. (Each process's EMA averages its own buffers; rank 0's EMA is
-    saved.)"""
-    parameters = inspect.signature(DistributedDataParallel).parameters
-    # torch 2.13 renamed broadcast_buffers (which now warns) to forward_sync_buffers
-    keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
-    return DistributedDataParallel(module, **{keyword: False})

@@ -29,25 +29,26 @@ import numpy as np
 import torch
 
 from errors import UserError, kwargs_text, user_frames
-from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE
+from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE, as_tuple, map_inputs
 from runs import first_line
 
 SAMPLES = 2  # enough for a BatchNorm in train mode, few enough to cost nothing
 
 
-def check_step(losses, batch, where):
+def check_step(losses, batch, where, networks=(), step=None):
     """Run one training step's forward passes and loss terms (no backward, no optimizer step)
-    with `losses` (a train_base.Losses) on the first samples of `batch` ({stream: tensor}, as
-    the training loader makes them). A failure is a UserError starting with `where` (the
-    training config's path) that names the phase, the data stream and its per-sample shape, the
-    submodel and layer that failed with the shape it was given and the one it expects, and
-    torch's own message. Returns what the step made: the outputs' per-sample shape and each
+    with `losses` (a train_base.Losses; for a flow's own step, of the network.Networks
+    `networks` in update order, sharing the network.Step `step`) on the first samples of
+    `batch` ({stream: tensor}, as the training loader makes them). A failure is a UserError
+    starting with `where` (the training config's path) that names the phase, the data stream
+    and its per-sample shape, the submodel and layer that failed with the shape it was given and
+    the one it expects, and torch's own message. Returns what the step made: the outputs' per-sample shape and each
     network's loss term names, {"outputs": [..], "terms": {network: [term, ...]}}."""
     model = losses.model
-    inputs, targets = losses.to_device({name: x[:SAMPLES] for name, x in batch.items()})
-    flow = type(model).__name__
-    fed_inputs = (f"dataset stream '{model.input_key}' (the generator's inputs, input_data.data_key of "
-                  f"{model.architecture_path}), {samples(inputs)}")
+    batch = losses.to_device({name: x[:SAMPLES] for name, x in batch.items()})
+    inputs, targets = model.split_batch(batch)
+    fed_inputs = (f"{input_streams(model)} (the generator's inputs, input_data.data_key of "
+                  f"{model.architecture_path}), {input_samples(model, inputs)}")
     layers = LayerTrace(model)
     saved = ModelState([model]), RandomState(model)
     try:
@@ -55,39 +56,105 @@ def check_step(losses, batch, where):
         # a BatchNorm on a batch of one fails here as in step 1).
         with torch.enable_grad(), eagerly():
             model.train()
-            outputs = run_phase(layers, where, "the generator's forward pass", fed_inputs,
-                                lambda: losses.forward(inputs))
+            phase = "the model's forward pass (its inference path)" if losses.own_step else \
+                "the generator's forward pass"
+            outputs = run_phase(layers, where, phase, fed_inputs, lambda: losses.forward(inputs))
             check_outputs(outputs, model, where)
-            networks = ["generator"]
-            if losses.adversarial:
-                networks.append("discriminator")
-                fed_real = (f"dataset stream '{model.target_key}' (the discriminator's real samples, target_key of "
-                            f"the flow {flow}), {samples(targets)}")
-                fed_fake = f"the generator's outputs (from dataset stream '{model.input_key}'), {samples(outputs)}"
-                with losses.autocast():
-                    run_phase(layers, where, "the discriminator on the real samples", fed_real,
-                              lambda: model.discriminate(targets, inputs))
-                    run_phase(layers, where, "the discriminator on the generated samples", fed_fake,
-                              lambda: model.discriminate(outputs, inputs))
-            fed_loss = f"loss.loss_fn {losses.fn.__name__}, given outputs: {samples(outputs)}; targets: "
-            fed_loss += (f"dataset stream '{model.target_key}', {samples(targets)}" if targets is not None
-                         else "none (the flow sets no target_key)")
-            terms = {}
-            for net in networks:  # the terms exactly as training computes them
-                _, terms[net] = run_phase(layers, where, f"the {net}'s loss terms", fed_loss,
-                                          lambda net=net: losses(net, inputs, targets, outputs), in_network=False)
+            if losses.own_step:
+                terms = flow_terms(model, networks, layers, batch, step, where)
+            else:
+                terms = builtin_terms(losses, layers, inputs, targets, outputs, where)
     finally:
         layers.remove()
         for state in saved:
             state.restore()
+    return {"outputs": list(outputs.shape[1:]), "terms": {net: ["total", *found] for net, found in terms.items()}}
+
+
+def builtin_terms(losses, layers, inputs, targets, outputs, where):
+    """The built-in step's phases after the forward pass: the discriminator on real and generated
+    samples, then each network's terms from loss.loss_fn, checked to be one number each."""
+    model, flow = losses.model, type(losses.model).__name__
+    networks = ["generator"]
+    if losses.adversarial:
+        networks.append("discriminator")
+        fed_real = (f"dataset stream '{model.target_key}' (the discriminator's real samples, target_key of "
+                    f"the flow {flow}), {samples(targets)}")
+        fed_fake = f"the generator's outputs (from {input_streams(model)}), {samples(outputs)}"
+        with losses.autocast():
+            run_phase(layers, where, "the discriminator on the real samples", fed_real,
+                      lambda: model.discriminate(targets, inputs))
+            run_phase(layers, where, "the discriminator on the generated samples", fed_fake,
+                      lambda: model.discriminate(outputs, inputs))
+    fed_loss = f"loss.loss_fn {losses.fn.__name__}, given outputs: {samples(outputs)}; targets: "
+    fed_loss += (f"dataset stream '{model.target_key}', {samples(targets)}" if targets is not None
+                 else "none (the flow sets no target_key)")
+    terms = {}
+    for net in networks:  # the terms exactly as training computes them
+        with losses.autocast():
+            terms[net] = run_phase(layers, where, f"the {net}'s loss terms", fed_loss,
+                                   lambda net=net: losses.terms(net, outputs, inputs, targets), in_network=False)
     for net, found in terms.items():
         for term, value in found.items():
-            if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
-                shown = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+            if not is_one_number(value):
                 raise UserError(f"{where}: loss.loss_fn {losses.fn.__name__} with loss.loss_args {losses.args} gives "
-                                f"the {net} a term {term!r} that is {shown}; each term must be one number (a 0-d "
-                                "float tensor): check loss.loss_args (a weight written as a list?)")
-    return {"outputs": list(outputs.shape[1:]), "terms": {net: ["total", *found] for net, found in terms.items()}}
+                                f"the {net} a term {term!r} that is {kind_of_value(value)}; each term must be one "
+                                "number (a 0-d float tensor): check loss.loss_args (a weight written as a list?)")
+    return terms
+
+
+def flow_terms(model, networks, layers, batch, step, where):
+    """A flow's own step: each network's `losses(network, batch, step)` in update order, sharing
+    one Step as training does; what each returns checked to be terms (and values to watch) that
+    training can sum and log. {network: [term and watched names]}."""
+    flow, terms = type(model), {}
+    fed = "the batch's streams " + ", ".join(f"'{name}' ({samples(x)})" for name, x in batch.items())
+    for net in networks:
+        with net.autocast():
+            found = run_phase(layers, where, f"{flow.__name__}.losses for the network {net.name!r}", fed,
+                              lambda net=net: model.losses(net.name, batch, step))
+        terms[net.name] = checked_flow_terms(found, net.name, flow, where)
+    return terms
+
+
+def checked_flow_terms(found, net, flow, where):
+    """The names of the terms and watched values a flow's `losses` returned for `net`, or a
+    UserError saying what it should return: {term: 0-d float tensor} (at least one), or a pair
+    ({term: ...}, {watched name: 0-d tensor or number})."""
+    said = (f"{where}: model.model_flow_path: {flow.__name__}.losses in {inspect.getfile(flow)}, for the network "
+            f"{net!r}, returned")
+    pair = isinstance(found, tuple) and len(found) == 2 and isinstance(found[1], dict)
+    terms, watched = found if pair else (found, {})
+    if not isinstance(terms, dict) or not terms:
+        raise UserError(f"{said} {kind_of_value(terms)}; it must return its loss terms, a dict such as "
+                        "{'adversarial': tensor, 'l1': tensor} (non-empty), or a pair (terms, values to watch)")
+    for name, value in terms.items():
+        if not isinstance(name, str) or name == "total":
+            raise UserError(f"{said} a term named {name!r}; name each term with a text other than 'total' "
+                            "(the sum of the terms)")
+        if not is_one_number(value):
+            raise UserError(f"{said} a term {name!r} that is {kind_of_value(value)}; each term must be one number "
+                            "(a 0-d float tensor; .mean() a per-sample loss)")
+    for name, value in watched.items():
+        if not isinstance(name, str) or name == "total" or name in terms:
+            raise UserError(f"{said} a value to watch named {name!r}; give it a text name of its own, not 'total' "
+                            "nor a term's")
+        if not (is_one_number(value) or isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise UserError(f"{said} a value to watch {name!r} that is {kind_of_value(value)}; each must be one "
+                            "number (a 0-d tensor or a Python number)")
+    return [*terms, *watched]
+
+
+def is_one_number(value):
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+
+
+def kind_of_value(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    if isinstance(value, dict) and not value:
+        return "an empty dict"
+    return repr(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
 
 
 def check_outputs(outputs, model, where):
@@ -126,6 +193,21 @@ def run_phase(layers, where, phase, fed, step, in_network=True):
         raise UserError("\n".join(lines)) from e
 
 
+def input_streams(model):
+    """How a message names the model's inputs: "dataset stream 'x'", or "dataset streams 'noise'
+    and 'labels'" for a model of several."""
+    names = [f"'{key}'" for key in model.input_keys]
+    return f"dataset stream{'s' * (len(names) > 1)} {' and '.join(names)}"
+
+
+def input_samples(model, inputs):
+    """samples() of the model's inputs (a tensor, or a tuple in input_keys order), each named by its
+    stream when there are several."""
+    if len(model.input_keys) == 1:
+        return samples(inputs)
+    return "; ".join(f"{key}: {samples(x)}" for key, x in zip(model.input_keys, as_tuple(inputs)))
+
+
 def samples(x):
     return f"samples of shape {list(x.shape[1:])} ({str(x.dtype).removeprefix('torch.')})"
 
@@ -152,7 +234,7 @@ class LayerTrace:
 
     def describe(self, component, submodel, name, layer, args):
         """'component c, submodel s, layer l (Conv2d), given samples of shape [..]; it expects ...'."""
-        text = f"component {component}, submodel {submodel}, layer {name} ({type(layer).__name__})"
+        text = f"component {component}, submodel {submodel}, layer {name} ({layer_class(layer).__name__})"
         if args and torch.is_tensor(args[0]):
             text += f", given samples of shape {list(args[0].shape[1:])}"
         expected = expects(layer)
@@ -172,13 +254,19 @@ def expects(layer):
     """The input sizes the layer keeps ('in_channels=1', 'in_features=128', ...): the constructor
     arguments that model_base fills in from the input's shape, where the module stores them."""
     found = []
-    for arg in INPUT_SIZE.get(type(layer).__name__, CUSTOM_INPUT_SIZE):
+    for arg in INPUT_SIZE.get(layer_class(layer).__name__, CUSTOM_INPUT_SIZE):
         value = getattr(layer, arg, None)
         if isinstance(value, int):
             found.append(f"{arg}={value}")
         elif isinstance(value, tuple):  # LayerNorm's normalized_shape
             found.append(f"{arg}={list(value)}")
     return found
+
+
+def layer_class(layer):
+    """The layer's class as the architecture names it: a parametrized layer (spectral_norm, ...) is
+    of a class torch makes for it, ParametrizedConv2d, whose base is the one named."""
+    return type(layer).__bases__[0] if torch.nn.utils.parametrize.is_parametrized(layer) else type(layer)
 
 
 def built_for(model):
@@ -230,14 +318,16 @@ def check_whole_step(trainer, batch, validation_batch, where):
         # (compiled submodels run eagerly: compiling for the trial's batch of two would make torch
         # recompile the run's steps for any batch size, with slower code)
         with named_stages(trainer), eagerly():
-            terms = trainer.updates(micro)  # (eagerly, also with training.cuda_graphs: nothing is recorded yet)
+            # (eagerly, also with training.cuda_graphs: nothing is recorded yet; every network, also one
+            # updated every k-th step only)
+            terms = trainer.updates(micro, every_network=True)
             check_finite(trainer, terms, batch, on_nonfinite, where)
             validation = trainer.validation_of([validation_batch]) if validation_batch is not None else None
             for net in trainer.networks.values():
                 net.step_schedule(epoch_end=False)
                 net.step_schedule(epoch_end=True, plateau_loss=lambda net=net: plateau_value(net, terms, validation))
                 step_through_schedule(trainer, net)
-            trainer.generate(micro[0][0][:SAMPLES].cpu())
+            trainer.generate(map_inputs(lambda x: x[:SAMPLES].cpu(), trainer.model.split_batch(micro[0])[0]))
     except StageFailed as failure:
         raise UserError(failure.message(where, trainer)) from None
     except UserError:
@@ -246,7 +336,7 @@ def check_whole_step(trainer, batch, validation_batch, where):
         if isinstance(e, torch.OutOfMemoryError):
             raise
         raise UserError(f"{where}: one training step cannot run: {type(e).__name__}: {first_line(e)} (model.model_flow_"
-                        f"path {type(trainer.model).__name__}, loss.loss_fn {trainer.losses.fn.__name__})") from None
+                        f"path {type(trainer.model).__name__}, {trainer.losses.what})") from None
     finally:
         saved.restore()
 
@@ -293,8 +383,8 @@ def check_finite(trainer, terms, batch, on_nonfinite, where):
         streams = [f"dataset.{s}" for s, x in batch.items() if x.is_floating_point() and not torch.isfinite(x).all()]
         if streams:
             raise UserError(f"{where}: {', '.join(streams)}: {losses}: the first samples hold NaN or infinite values")
-        raise UserError(f"{where}: loss.loss_fn: {losses}: the data are finite; look in loss.loss_fn "
-                        f"{trainer.losses.fn.__name__} and the flow for a log or a division of zero "
+        raise UserError(f"{where}: loss.loss_fn: {losses}: the data are finite; look in "
+                        f"{trainer.losses.what} and the flow for a log or a division of zero "
                         "(training.on_nonfinite_loss: skip or ignore trains on regardless)")
 
 
@@ -313,7 +403,7 @@ class StageFailed(Exception):
         if self.stage == "backward":
             model = trainer.model
             return (f"{where}: loss.loss_fn, model.model_flow_path: the {net.name}'s loss from "
-                    f"{trainer.losses.fn.__name__} cannot be backpropagated through {type(model).__name__} "
+                    f"{trainer.losses.what} cannot be backpropagated through {type(model).__name__} "
                     f"({model.architecture_path}) to its weights (an in-place operation, inplace: true?): {reason}")
         if self.stage == "step":
             key = ", ".join(config_key(trainer, net, k) for k in ("optimizer", "optimizer_args") if s[k])
@@ -323,16 +413,17 @@ class StageFailed(Exception):
                     f"{net.name}'s weights{scaled}: {reason}")
         if self.stage == "schedule":
             key = ", ".join(config_key(trainer, net, k) for k in ("scheduler", "scheduler_args") if s[k])
-            return (f"{where}: {key}: the {net.name}'s {s['scheduler']}({kwargs_text(s['scheduler_args'])}) cannot "
-                    f"step{self.at}: {reason}")
-        return f"{where}: training.ema_decay: the moving average of the {net.name}'s weights cannot update: {reason}"
+            schedule = f"{s['scheduler']}({kwargs_text(s['scheduler_args'])})"
+            return f"{where}: {key}: the {net.name}'s {schedule} cannot step{self.at}: {reason}"
+        return f"{where}: {net.section}.ema_decay: the moving average of the {net.name}'s weights cannot update: " \
+            f"{reason}"
 
 
 def config_key(trainer, net, key):
-    """The key a network's setting comes from: the discriminator's adversarial.<key>, which copies
-    training.<key> when left null."""
-    if net.section == "adversarial" and net.settings[key] == trainer.cfg["training"][key]:
-        return f"training.{key} (adversarial.{key} copies it)"
+    """The key a network's setting comes from: the discriminator's adversarial.<key> (or a network's
+    networks.<name>.<key>), which copies training.<key> when left null."""
+    if net.section != "training" and net.settings[key] == trainer.cfg["training"][key]:
+        return f"training.{key} ({net.section}.{key} copies it)"
     return f"{net.section}.{key}"
 
 
@@ -377,6 +468,11 @@ def check_loss_trains(trainer, net, loss):
     given to a discriminator) cannot be backpropagated: say so in those words, not torch's."""
     if loss.requires_grad:
         return
+    if trainer.losses.own_step:
+        raise UserError(f"{trainer.source}: model.model_flow_path: the {net.name}'s terms from {trainer.losses.what} "
+                        f"do not depend on the weights of {', '.join(net.components)} ({net.section}), so they cannot "
+                        f"train it; return terms computed through its components (not under torch.no_grad, nor "
+                        "detached)")
     fn = trainer.losses.fn
     hint, scores = "", inspect.signature(fn).parameters.get("fake_scores")
     if net.name == "discriminator" and (scores is None or scores.default is not scores.empty):

@@ -1,8 +1,9 @@
 """Every name a user may type, in one place: the tables that map it to a class or function.
 
 A config or an architecture names things (`optimizer: Adam`, `loss_fn: example_gan_loss`,
-`layer_type: Conv2d`); each table below is {name: object} for one kind of name, and `lookup`
-resolves a name in one, or raises a UserError that lists the valid names with a did-you-mean.
+`layer_type: Conv2d`, `parametrization: spectral_norm`); each table below is {name: object} for
+one kind of name, and `lookup` resolves a name in one, or raises a UserError that lists the valid
+names with a did-you-mean.
 Nothing is registered by hand: a table is read off its module (a class in layers.py, a function
 in loss.py or dataset_functions.py is usable by name as soon as it is defined there).
 
@@ -57,6 +58,18 @@ def layer_types():
     table.update({n: c for n, c in vars(layers).items() if isinstance(c, type)
                   and issubclass(c, nn.Module) and c.__module__ == layers.__name__})
     return table
+
+
+# The functions of torch.nn.utils.parametrizations a layer's `parametrization` may name: each
+# takes the built layer and recomputes one of its weights from parameters of its own at every pass.
+PARAMETRIZATIONS = ("orthogonal", "spectral_norm", "weight_norm")
+
+
+@functools.cache
+def parametrizations():
+    """{name: function} of the layer parametrizations an architecture may name."""
+    from torch.nn.utils import parametrizations as module
+    return {name: getattr(module, name) for name in PARAMETRIZATIONS}
 
 
 @functools.cache

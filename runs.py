@@ -501,6 +501,14 @@ def is_history(v, steps=False):
         for term, values in terms.items()) for network, terms in v.items() if not (steps and network == "step"))
 
 
+def is_network_state(v):
+    """One network's entry of a checkpoint's `networks` (network.checkpoint_entries)."""
+    return isinstance(v, dict) and isinstance(v.get("components"), list) and all(
+        isinstance(c, str) for c in v["components"]) and either_none(is_optimizer_state)(v.get("optimizer")) \
+        and either_none(is_tensors)(v.get("ema")) and all(v.get(k) is None or isinstance(v[k], dict)
+                                                         for k in ("scheduler", "scaler"))
+
+
 def is_rng_state(v):
     return isinstance(v, dict) and isinstance(v.get("python"), list) and isinstance(v.get("torch"), torch.Tensor) \
         and isinstance(v.get("numpy"), dict) and isinstance(v["numpy"].get("keys"), torch.Tensor) \
@@ -539,6 +547,8 @@ CHECKPOINT = {
     "scaler_state_dicts": (False, either_none(lambda v: isinstance(v, dict) and all(
         isinstance(x, dict) for x in v.values())), "{network: a GradScaler's state_dict}"),
     "ema_state_dict": (False, either_none(is_tensors), "the generator's averaged weights, {name: tensor}"),
+    "networks": (False, either_none(lambda v: isinstance(v, dict) and all(map(is_network_state, v.values()))),
+                 "{network: {components, optimizer, scheduler, scaler, ema, ema_updates}}"),
     "ema_updates": (False, is_count, "an integer >= 0"),
     "validation_history": (False, either_none(lambda v: is_history(v, steps=True)),
                            "{step: [steps], network: {term: [numbers]}}"),
@@ -617,11 +627,27 @@ def load_trained_run(training_cfg_path, checkpoint_spec, where, overrides=(), us
         with architecture_text_for(on_disk, saved):
             model = build_model(cfg["model"])
     load_weights(model, state, path)
-    if use_ema and state.get("ema_state_dict"):
-        model.components_of("generator").load_state_dict(state["ema_state_dict"])
-        print(f"using the moving average of the generator's weights in {path.name} (training.ema_decay)",
-              file=sys.stderr)
+    if use_ema:
+        for name, components, ema in averaged_weights(state):
+            components_of(model, components).load_state_dict(ema)
+            print(f"using the moving average of the {name}'s weights in {path.name} (ema_decay)", file=sys.stderr)
     return cfg, model, path, state
+
+
+def averaged_weights(state):
+    """[(network, its components, its EMA's state_dict)] of the networks a checkpoint keeps a
+    moving average of: each network's in `networks`, or an older checkpoint's generator's."""
+    if state.get("networks"):
+        return [(name, net["components"], net["ema"]) for name, net in state["networks"].items() if net.get("ema")]
+    return [("generator", None, state["ema_state_dict"])] if state.get("ema_state_dict") else []
+
+
+def components_of(model, components):
+    """The model's `components` (names; None: those of adv_type generator) as one module, keyed as
+    a network's EMA and optimizer are."""
+    if components is None:
+        return model.components_of("generator")
+    return torch.nn.ModuleDict({c: model.model_components[c] for c in components if c in model.model_components})
 
 
 def saved_config(state, fallback):
@@ -636,13 +662,23 @@ def load_weights(model, state, path):
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model_state_dict)")
     saved, own = state["model_state_dict"], model.state_dict()
     refuse_mismatches(path, "its weights", weight_mismatches(saved, own), model)
-    if state.get("ema_state_dict") is not None:
-        generator = model.components_of("generator").state_dict()
-        refuse_mismatches(path, "ema_state_dict", weight_mismatches(state["ema_state_dict"], generator), model)
-    for key, network in (("optimizer_state_dict", "generator"), ("disc_optimizer_state_dict", "discriminator")):
-        if state.get(key) is not None and network in model.adv_types.values():
-            refuse_mismatches(path, key, optimizer_mismatches(state[key], model.components_of(network)), model)
+    for name, components, ema in averaged_weights(state):
+        own_ema = components_of(model, components).state_dict()
+        refuse_mismatches(path, f"the {name}'s ema", weight_mismatches(ema, own_ema), model)
+    for key, components, optimizer in saved_optimizers(state, model):
+        refuse_mismatches(path, key, optimizer_mismatches(optimizer, components_of(model, components)), model)
     model.load_state_dict(saved)
+
+
+def saved_optimizers(state, model):
+    """[(key path, components, optimizer state_dict)] of the optimizers a checkpoint keeps."""
+    if state.get("networks"):
+        return [(f"networks.{name}.optimizer", net["components"], net["optimizer"])
+                for name, net in state["networks"].items() if net.get("optimizer") is not None]
+    return [(key, None if network == "generator" else [c for c, t in model.adv_types.items() if t == network],
+             state[key]) for key, network in (("optimizer_state_dict", "generator"),
+                                              ("disc_optimizer_state_dict", "discriminator"))
+            if state.get(key) is not None and network in model.adv_types.values()]
 
 
 def refuse_mismatches(path, what, problems, model):

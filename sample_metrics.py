@@ -172,6 +172,9 @@ def checkpoint_features(path_text, where, shape, feature_layer, device):
     with architecture_text_for(model_cfg["architecture_cfg_path"], saved) if saved else contextlib.nullcontext():
         model = build_model(model_cfg)
     load_weights(model, state, path)
+    if len(model.input_keys) > 1:  # (the samples are all a feature extractor is given)
+        raise UserError(f"{where}: {path} reads {len(model.input_keys)} data streams ({', '.join(model.input_keys)}); "
+                        "a feature extractor reads one, the samples: use a network trained on samples alone")
     if tuple(model.input_size) != shape:
         raise UserError(f"{where}: {path} takes inputs of shape {list(model.input_size)}, but the samples are "
                         f"{list(shape)}; use a network trained on samples like these")

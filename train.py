@@ -24,6 +24,7 @@ from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings,
 from dataset_base import load_streams, split_indices, value_range
 from errors import UserError, did_you_mean, run_main
 from model_base import build_model
+from network import Step
 from preflight import check_step, check_whole_step
 from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
 from sample_metrics import prepare
@@ -60,7 +61,8 @@ def train(cfg, placement, source):
     # The first samples through one step, phase by phase (naming the stream and layer that does
     # not fit), as many as the smallest batch of an epoch holds, up to two (enough for a BatchNorm).
     first = first_samples(loader.dataset, trial_size(loader))
-    made = said_of_one_sample(trainer.loader, first, lambda: check_step(trainer.losses, first, source))
+    made = said_of_one_sample(trainer.loader, first, lambda: check_step(
+        trainer.losses, first, source, trainer.update_order, Step(trainer.step, trainer.epoch + 1)))
     kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired)
     made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation_range)
     check_step_gives(made, samples, trainer.best, source)

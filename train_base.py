@@ -4,9 +4,11 @@ and resuming, plus where this process trains (device and DDP setup).
 `Trainer` receives a validated config, a built model, data loaders (training, and validation
 when the dataset holds samples out) and the run whose folder it saves into. It keeps one
 `Network` (network.py) per trained network, which owns that network's optimizer, schedule,
-scaler, clipping, DDP wrapper, EMA and loss history; the Trainer says what each network's loss
-is and in which order they update. Its state, with the networks', is what a checkpoint holds,
-so resuming restores all of it.
+scaler, clipping, gradient averaging, EMA and loss history. A step asks `Losses` for each
+network's loss terms on the batch, in the networks' order, as often and as seldom as each one's
+`updates` and `every` say: the flow's own `losses(network, batch, step)` where it writes one,
+else the built-in GAN/supervised step. Its state, with the networks', is what a checkpoint
+holds, so resuming restores all of it.
 """
 import contextlib
 import functools
@@ -33,8 +35,9 @@ from cli import resolve_gpus, select_device, targets_are_paired
 from config import keep_best, to_yaml
 from dashboard import use_tensorboard
 from dataset_base import check_same_classes, stream_classes, value_range
-from errors import UserError, kwargs_text
-from network import Network, checkpoint_entries, network_state
+from errors import UserError, did_you_mean, kwargs_text
+from model_base import inputs_to, run_model, split_inputs
+from network import Network, Step, checkpoint_entries, network_specs, network_state, update_order
 from preflight import eagerly
 from registry import loss_functions
 from runs import BEST, Run, first_line
@@ -44,7 +47,7 @@ from sample_metrics import weights_of
 class Trainer:
     def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None, run=None,
                  samples=None, resume_path=None):
-        train, adv = cfg["training"], cfg["adversarial"]
+        train = cfg["training"]
         self.cfg, self.model, self.loader, self.placement = cfg, model, loader, placement
         self.source, self.validation_loader = cfg["config_path"], validation_loader
         self.run = run or Run.new(cfg)
@@ -55,16 +58,16 @@ class Trainer:
         self.losses = Losses(model, cfg, placement.device)
         self.accumulate = train["grad_accumulation_steps"]  # loader batches per optimizer step
         self.steps_per_epoch = -(-len(loader) // self.accumulate)
-        names = ["generator", "discriminator"] if self.losses.adversarial else ["generator"]
-        self.networks = {name: Network(name, model, cfg, placement, self.steps_per_epoch) for name in names}
-        order = ["discriminator", "generator"] if adv["train_disc_first"] else ["generator", "discriminator"]
-        self.update_order = [self.networks[name] for name in order if name in self.networks]
+        self.networks = {spec.name: Network(spec, model, cfg, placement, self.steps_per_epoch)
+                         for spec in network_specs(cfg, model)}
+        self.update_order = [self.networks[name] for name in update_order(cfg, self.networks)]
         self.graphed = None  # training.cuda_graphs: the step as a CUDA graph
         if train["cuda_graphs"]:
-            why = cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement)
+            why = cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement,
+                                      [net.settings for net in self.update_order])
             if why:
                 raise UserError(f"{self.source}: training.cuda_graphs: {why}")
-            self.graphed = cuda_graphs.GraphedStep(lambda inputs, targets: self.updates([(inputs, targets)]),
+            self.graphed = cuda_graphs.GraphedStep(lambda batch: self.updates([batch]),
                                                    [net.optimizer for net in self.networks.values()],
                                                    f"{self.source}: training")
         if train["compile"]:  # in place, after the EMA's copy: the modules and their state_dict keys stay as they are
@@ -87,7 +90,7 @@ class Trainer:
         self.classes = stream_classes(cfg["dataset"], self.source)  # {class_labels stream: class names}
         # validation's accuracy, PSNR and SSIM (metrics.py) for outputs paired with their targets,
         # PSNR's range the target stream's (held-out targets only for a guess, where none is declared)
-        self.paired = targets_are_paired(model, self.losses.adversarial)
+        self.paired = targets_are_paired(model, self.losses.adversarial or self.losses.own_step)
         self.validation_range = None
         if validation_loader is not None:
             targets = model.split_batch(first_samples(validation_loader.dataset, 256))[1]
@@ -99,51 +102,43 @@ class Trainer:
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             self.load_state(resume_state, resume_path or "the checkpoint")
-        # Under DDP each network gets its own wrapper (network.NetworkLoss), which starts every process
-        # from rank 0's weights; and from rank 0's buffers, which older torch's wrappers leave alone.
-        if placement.distributed:
-            for net in self.networks.values():
-                net.wrap_for_ddp()
-        self.share_buffers()
+        # Under DDP every process starts from rank 0's weights and buffers; from then on each
+        # network's gradients are averaged at each update (Network.average_gradients).
+        self.share_buffers(parameters=True)
 
     # ---- one step ----
     def train_step(self, batches):
-        """Update the network(s) once (each n_*_iterations times in adversarial training) on a
-        batch, or on a list of micro-batches whose gradients are summed
-        (training.grad_accumulation_steps). Returns ({network: loss terms, averaged over the
+        """Update the networks once on a batch, or on a list of micro-batches whose gradients are
+        summed (training.grad_accumulation_steps): each network `updates` times in a row, on the
+        steps its `every` picks. Returns ({network: its loss terms, averaged over the
         micro-batches}, {network: lr})."""
         micro = [self.losses.to_device(b) for b in (batches if isinstance(batches, list) else [batches])]
         lrs = {name: net.lr for name, net in self.networks.items()}
-        terms = self.graphed(*micro[0]) if self.graphed is not None else self.updates(micro)
+        terms = self.graphed(micro[0]) if self.graphed is not None else self.updates(micro)
         for net in self.networks.values():
             net.step_schedule(epoch_end=False)
         return terms, lrs
 
-    def updates(self, micro):
-        """Every network's update(s) on the micro-batches [(inputs, targets)] of one step (what
-        training.cuda_graphs records): {network: its loss terms}."""
-        # One batch: the generator's outputs are made once per generator state and shared by the
-        # updates until the generator's changes them. Several: each update makes its own, one
-        # micro-batch at a time, so that only one micro-batch's activations are held at once.
-        share = len(micro) == 1
-        terms, outputs = {}, None
-        for net in self.update_order:  # by default the discriminator's update(s), then the generator's
+    def updates(self, micro, every_network=False):
+        """Every update of one step on its micro-batches (what training.cuda_graphs records; with
+        `every_network`, as the trial step runs it, also those of networks whose turn it is not):
+        {network: its loss terms}. Each micro-batch has a `Step` that its updates share: what an
+        earlier update made for it (the generator's samples) is there for the later ones."""
+        steps = [Step(self.step, self.epoch + 1, i, len(micro)) for i in range(len(micro))]
+        terms = {}
+        for net in self.update_order:
+            if self.step % net.every and not every_network:
+                continue
             for _ in range(net.iterations):
-                if share and outputs is None:
-                    outputs = [self.losses.forward(micro[0][0])]
-                terms[net.name] = self.update(net, micro, outputs if share else None)
-                if net.name == "generator":
-                    outputs = None
+                terms[net.name] = self.update(net, micro, steps)
         return terms
 
-    def update(self, net, micro, outputs=None):
-        """One optimizer step of `net` on the micro-batches `micro` ([(inputs, targets)]);
-        `outputs`: the generator's outputs for them, if already made."""
+    def update(self, net, micro, steps):
+        """One optimizer step of `net` on the micro-batches `micro` ({stream: tensor} each)."""
         def loss(i):
-            inputs, targets = micro[i]
-            return self.losses(net.name, inputs, targets, outputs[i] if outputs is not None else None)
+            return self.losses(net.name, micro[i], steps[i])
 
-        terms, made = net.update(loss, [len(inputs) for inputs, _ in micro], self.on_nonfinite == "skip")
+        terms, made = net.update(loss, [batch_size(batch) for batch in micro], self.on_nonfinite == "skip")
         if not made:
             self.skipped_updates += 1
             if self.placement.is_main:
@@ -263,17 +258,19 @@ class Trainer:
 
     @torch.no_grad()
     def generate(self, inputs, use_ema=False):
-        """The generator's outputs for `inputs`, batch_size at a time, in eval mode, on the CPU, and
-        without drawing from training's random numbers; with `use_ema`, from its moving average
-        of weights where it keeps one. Compiled submodels run eagerly: eval mode would otherwise
-        compile them a second time."""
-        generator = self.networks["generator"]
-        ema = generator.ema.module.state_dict() if use_ema and generator.ema is not None else None
+        """The model's outputs (its forward, the inference path) for `inputs`, batch_size at a
+        time, in eval mode, on the CPU, and without drawing from training's random numbers; with
+        `use_ema`, from the moving averages of the networks' weights where they keep them.
+        Compiled submodels run eagerly: eval mode would otherwise compile them a second time."""
         device, batch = self.placement.device, self.cfg["training"]["batch_size"]
         self.model.eval()
         with torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
-                weights_of(generator.module, ema):
-            outputs = torch.cat([self.losses.forward(x.to(device)).float().cpu() for x in inputs.split(batch)])
+                contextlib.ExitStack() as averaged:
+            for net in self.networks.values():
+                if use_ema and net.ema is not None:
+                    averaged.enter_context(weights_of(net.module, net.ema.module.state_dict()))
+            outputs = torch.cat([self.losses.forward(inputs_to(x, device)).float().cpu()
+                                 for x in split_inputs(inputs, batch)])
         self.model.train()
         return outputs
 
@@ -318,7 +315,8 @@ class Trainer:
         total loss over the epoch just trained (over all DDP processes)."""
         if validation:
             return validation[name]["total"]
-        history = self.networks[name].loss_history["total"][-self.steps_per_epoch:]
+        net = self.networks[name]
+        history = net.loss_history["total"][-max(1, self.steps_per_epoch // net.every):]
         mean = torch.tensor(float(np.mean(history)), device=self.placement.device)
         if self.placement.world_size > 1:
             dist.all_reduce(mean)
@@ -347,8 +345,8 @@ class Trainer:
     def validation_of(self, batches):
         """({(network, term): mean loss}, {metric: value}) over `batches` (the validation loader,
         or the trial step's one batch), over every process."""
-        return validation_means(self.losses, batches, list(self.networks), self.placement, self.paired,
-                                self.validation_range)
+        return validation_means(self.losses, batches, self.networks, self.placement, self.paired,
+                                self.validation_range, self.step, self.epoch)
 
     def shown_name(self, name):
         """How the progress bar names a network: a GAN's two by role ("generator "), a lone one
@@ -358,32 +356,35 @@ class Trainer:
     def record(self, pending, epoch, bar, waited, elapsed):
         """Move pending per-step losses to the networks' loss_history and to metrics.jsonl (one
         device sync per log_interval steps), and show the latest losses and the share of the
-        `elapsed` seconds of these steps spent waiting for data (`waited`)."""
+        `elapsed` seconds of these steps spent waiting for data (`waited`). A step holds the terms
+        of the networks it updated, and each the terms its loss gave at that step."""
         first_step = self.step - len(pending) + 1
         speed = round(self.samples_per_step * len(pending) / elapsed, 1)  # the same for each of these steps
-        terms = {name: list(terms) for name, terms in pending[0][0].items()}  # ('total' first)
-        values = {name: torch.stack([torch.stack([step[name][k] for k in names]) for step, _, _ in pending]).cpu()
-                  .tolist() for name, names in terms.items()}  # {network: [step][term]}, in one read per network
-        bad = self.first_nonfinite(list(zip(*([row[0] for row in v] for v in values.values())))) \
+        keys = [(i, name, term) for i, (found, _, _) in enumerate(pending) for name, terms in found.items()
+                for term in terms]
+        values = torch.stack([pending[i][0][name][term] for i, name, term in keys]).cpu().tolist() if keys else []
+        steps = [{} for _ in pending]  # [step] {network: {term: value}} ('total' first)
+        for (i, name, term), value in zip(keys, values):
+            steps[i].setdefault(name, {})[term] = value
+        bad = self.first_nonfinite([[terms["total"] for terms in found.values()] for found in steps]) \
             if self.on_nonfinite == "stop" else None
         kept = len(pending) if bad is None else bad  # (the steps before a bad one are kept)
         rows = [{"epoch": epoch, "step": first_step + i, "time": round(stamp, 3), "samples_per_s": speed,
                  "data_wait": round(waited / elapsed, 4)} for i, (_, _, stamp) in enumerate(pending[:kept])]
-        for name, names in terms.items():
-            history = self.networks[name].loss_history
-            for i, term in enumerate(names):
-                history.setdefault(term, []).extend(row[i] for row in values[name][:kept])
-            for row, step_values, (_, lrs, _) in zip(rows, values[name], pending):
-                row |= {f"{name}/{term}": v for term, v in zip(names, step_values)}
+        for row, found, (_, lrs, _) in zip(rows, steps, pending):
+            for name, terms in found.items():
+                history = self.networks[name].loss_history
+                for term, value in terms.items():
+                    history.setdefault(term, []).append(value)
+                    row[f"{name}/{term}"] = value
                 row[f"{name}/lr"] = lrs[name]
         self.run.log(rows)
         if bad is not None:
-            net = next(n.name for n in self.update_order if not np.isfinite(values[n.name][bad][0]))
+            net, terms = next((name, terms) for name, terms in steps[bad].items() if not np.isfinite(terms["total"]))
             epoch_step = self.batches_done - len(pending) + 1 + bad
-            raise NonFiniteLoss("non-finite loss at " + self.where_nonfinite(
-                first_step + bad, epoch_step, net, dict(zip(terms[net], values[net][bad]))))
+            raise NonFiniteLoss("non-finite loss at " + self.where_nonfinite(first_step + bad, epoch_step, net, terms))
         shown = {f"{self.shown_name(name)}loss": f"{net.loss_history['total'][-1]:.4f}"
-                 for name, net in self.networks.items()}
+                 for name, net in self.networks.items() if net.loss_history.get("total")}
         bar.set_postfix({**shown, "data wait": f"{waited / elapsed:.0%}"}, refresh=False)
 
     # ---- checkpoints ----
@@ -438,13 +439,14 @@ class Trainer:
                                   "is judged afresh")
         set_rng_state(state["rng_state"])
 
-    def share_buffers(self):
-        """Rank 0's buffers (BatchNorm running statistics) to every process. Gradients are
-        averaged, so the weights agree, but each process updates buffers from its own shard:
-        validation and checkpoints use one set, as DDP's broadcast_buffers does."""
+    def share_buffers(self, parameters=False):
+        """Rank 0's buffers (BatchNorm running statistics, a flow's own) to every process, and its
+        weights with `parameters` (at the start). Gradients are averaged, so the weights agree,
+        but each process updates buffers from its own shard: validation and checkpoints use one
+        set, as DDP's broadcast_buffers does."""
         if self.placement.world_size > 1:
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, 0)
+            for tensor in [*self.model.parameters(), *self.model.buffers()] if parameters else self.model.buffers():
+                dist.broadcast(tensor.data, 0)
 
     def save(self, early_stop=False):
         """Every process calls this; rank 0 writes the checkpoint."""
@@ -455,33 +457,78 @@ class Trainer:
 
 
 class Losses:
-    """What each network's loss is on a batch: the batch on the device, the model's forward
-    pass, the discriminator's scores and the config's loss function (loss.py), under the run's
-    precision."""
+    """Each network's loss terms on a batch, under its precision: the flow's own step (its
+    `losses(network, batch, step)` method, docs/training.md) where it writes one, else the
+    built-in step: the model's forward pass, the discriminator's scores and the config's loss
+    function (loss.py)."""
 
     def __init__(self, model, cfg, device):
         self.model, self.source, self.device = model, cfg["config_path"], device
         self.adversarial = cfg["adversarial"]["enable_adversarial_training"]
-        self.fn, self.args = loss_functions()[cfg["loss"]["loss_fn"]], cfg["loss"]["loss_args"]
-        check_training_setup(model, self.adversarial, self.fn, self.source)
-        # A loss that asks for the discriminator (a penalty on its gradient) gets a callable.
-        self.wants_discriminator = "discriminator" in inspect.signature(self.fn).parameters
-        # Mixed precision: forward passes and losses under autocast, the weights in fp32.
+        self.own_step = callable(getattr(model, "losses", None))
+        flow, loss_fn = type(model).__name__, cfg["loss"]["loss_fn"]
+        if self.own_step:
+            if loss_fn is not None:
+                raise UserError(f"{self.source}: loss.loss_fn: the flow {flow} writes its own step (its losses "
+                                "method), which gives every loss term; set loss_fn to null and its settings in "
+                                "loss.loss_args")
+            model.loss_args = flow_loss_args(model, cfg["loss"]["loss_args"], self.source)
+            self.fn, self.args, self.wants_discriminator = None, {}, False
+        else:
+            if loss_fn is None:
+                raise UserError(f"{self.source}: loss.loss_fn: required: the flow {flow} has no losses method of its "
+                                "own, so the built-in step needs a loss function of loss.py (e.g. "
+                                "weighted_reconstruction_loss, or example_gan_loss with adversarial training)")
+            if cfg["networks"]:
+                raise UserError(f"{self.source}: networks: the networks section is for a flow that writes its own "
+                                f"step (a losses method), and {flow} has none; leave the section out")
+            self.fn, self.args = loss_functions()[loss_fn], cfg["loss"]["loss_args"]
+            check_training_setup(model, self.adversarial, self.fn, self.source)
+            # A loss that asks for the discriminator (a penalty on its gradient) gets a callable.
+            self.wants_discriminator = "discriminator" in inspect.signature(self.fn).parameters
+        # Inference passes (validation, the dashboard) under the run's precision; updates under each network's.
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["training"]["precision"]]
         self.channels_last = cfg["training"]["channels_last"]
-        # autocast's cache of weights cast to bf16 lives for one autocast region; inside a CUDA graph
-        # the casts must be recorded instead, as torch asks of graphed code
-        self.autocast_cache = not cfg["training"]["cuda_graphs"]
+        self.watched = {}  # {network: names of the values its flow logs beside its terms}
 
-    def __call__(self, net, inputs, targets, outputs=None):
-        """The total loss of `net` on one (micro-)batch, and its terms; the generator runs first
-        unless its `outputs` are given (without autograd for the discriminator's loss)."""
-        if outputs is None:
-            with torch.set_grad_enabled(net == "generator"):  # the discriminator's terms detach it
-                outputs = self.forward(inputs)
-        with self.autocast():
-            terms = self.terms(net, outputs, inputs, targets)
+    @property
+    def what(self):
+        """What gives the loss terms, as messages name it."""
+        return f"{type(self.model).__name__}.losses" if self.own_step else f"loss.loss_fn {self.fn.__name__}"
+
+    def __call__(self, net, batch, step):
+        """(total, terms) of network `net` on one (micro-)batch ({stream: tensor}) in the step
+        `step` (a Step): the total is what trains it, the sum of its terms; the terms, for the
+        logs, also hold the values a flow's losses returns to watch beside them."""
+        if not self.own_step:
+            terms = self.builtin(net, batch, step)
             return functools.reduce(operator.add, terms.values()), terms  # (sum() would add a 0 first)
+        found = self.model.losses(net, batch, step)
+        terms, watched = found if isinstance(found, tuple) else (found, None)
+        total = functools.reduce(operator.add, terms.values())
+        if not watched:
+            return total, terms
+        if net not in self.watched:
+            self.watched[net] = list(watched)
+        return total, terms | {name: torch.as_tensor(value, device=total.device).detach()
+                               for name, value in watched.items()}
+
+    def builtin(self, net, batch, step):
+        """The built-in step's terms for `net`. With one micro-batch the generator's outputs are
+        made once per generator state and shared by the updates until the generator's own update
+        changes them (step["outputs"]); with several, each update makes its own, one micro-batch
+        at a time, so that only one micro-batch's activations are held at once."""
+        inputs, targets = self.model.split_batch(batch)
+        outputs = step.get("outputs")
+        if outputs is None:
+            share = step.micro_batches == 1
+            with torch.set_grad_enabled(share or net == "generator"):  # the discriminator's terms detach it
+                outputs = run_model(self.model, inputs)
+            if share:
+                step["outputs"] = outputs
+        if net == "generator" and step.training:
+            step.pop("outputs", None)
+        return self.terms(net, outputs, inputs, targets)
 
     def terms(self, net, outputs, inputs, targets):
         """The loss function's terms for `net`: in adversarial training with the discriminator's
@@ -503,24 +550,48 @@ class Losses:
         return terms
 
     def to_device(self, batch):
-        """The batch's (inputs, targets) on this process's device."""
-        inputs, targets = self.model.split_batch(batch)
-        device = self.device
-        inputs = inputs.to(device, non_blocking=True)
-        if self.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs, targets.to(device, non_blocking=True) if targets is not None else None
+        """The batch ({stream: tensor}) on this process's device; the model's inputs in channels_last
+        memory format where training.channels_last asks for it."""
+        batch = {name: x.to(self.device, non_blocking=True) for name, x in batch.items()}
+        if self.channels_last:
+            for name in self.model.input_keys:
+                if batch[name].dim() == 4:
+                    batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def forward(self, inputs):
+        """The model's inference path (forward) on `inputs`, under the run's precision."""
         with self.autocast():
-            return self.model(inputs)
+            return run_model(self.model, inputs)
 
     def autocast(self):
-        """The precision context of forward passes and losses. (For fp32 none at all: even a
-        disabled torch.autocast costs some microseconds, three times a step.)"""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self.autocast_cache)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def flow_loss_args(model, args, source):
+    """loss.loss_args for a flow's own step: the flow's class attribute `loss_args` ({name: default})
+    updated by the config's, each of the flow's names only (so that a typo is an error, not a
+    default silently kept) and of its default's kind."""
+    defaults, flow = dict(getattr(type(model), "loss_args", None) or {}), type(model).__name__
+    for name, value in args.items():
+        if name not in defaults:
+            valid = ", ".join(defaults) or "none (the flow declares no loss_args)"
+            raise UserError(f"{source}: loss.loss_args.{name}: not a setting of the flow {flow}'s loss_args"
+                            f"{did_you_mean(name, list(defaults))}; valid: {valid}")
+        default = defaults[name]
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if default is not None and not (isinstance(value, type(default)) or number and isinstance(value, (int, float))
+                                        and not isinstance(value, bool)):
+            raise UserError(f"{source}: loss.loss_args.{name}: {value!r} is not of the kind of {flow}'s default, "
+                            f"{default!r}")
+    return defaults | args
+
+
+def batch_size(batch):
+    """The number of samples in a batch ({stream: tensor}, every stream as long)."""
+    return len(next(iter(batch.values())))
 
 
 class NonFiniteLoss(Exception):
@@ -562,29 +633,38 @@ class StopSignal:
         return self.signum is not None
 
 
-def validation_means(losses, loader, names, placement, paired, value_range):
+def validation_means(losses, loader, networks, placement, paired, value_range, step_number=0, epoch=0):
     """({(network, term): mean over the held-out samples of every process}, {metric: value} of
-    the generator's outputs against their targets, metrics.py's, images' on the targets'
-    `value_range` (dataset_base.ValueRange; none where it is not known)), in eval mode. No autograd,
-    unless a loss term penalises the discriminator's gradient (WGAN-GP, R1); and the random
-    numbers such a penalty draws do not shift training's."""
-    losses.model.eval()
+    the model's outputs against their targets, metrics.py's, images' on the targets'
+    `value_range` (dataset_base.ValueRange; none where it is not known)), in eval mode, each
+    network's terms under its precision (`networks`: {name: Network}). No autograd, unless a
+    loss term may need it (a loss function that penalises the discriminator's gradient, as
+    WGAN-GP's; a flow's own step); and the random numbers the terms draw do not shift training's."""
+    model = losses.model
+    model.eval()
     sums, count, quality, kind = {}, 0, {}, None
     devices = [placement.device] if placement.device.type == "cuda" else []
-    with torch.set_grad_enabled(losses.wants_discriminator), torch.random.fork_rng(devices):
+    with torch.set_grad_enabled(losses.wants_discriminator or losses.own_step), torch.random.fork_rng(devices):
         for batch in loader:
-            inputs, targets = losses.to_device(batch)
-            outputs = losses.forward(inputs)
-            for name in names:
-                total, terms = losses(name, inputs, targets, outputs)
+            batch = losses.to_device(batch)
+            inputs, targets = model.split_batch(batch)
+            step = Step(step_number, epoch, training=False)
+            outputs = None
+            if not losses.own_step or targets is not None:
+                outputs = step["outputs"] = losses.forward(inputs)  # (the built-in step's terms reuse them)
+            for name, net in networks.items():
+                with net.autocast():
+                    total, terms = losses(name, batch, step)
                 for term, value in {"total": total, **terms}.items():
-                    sums[name, term] = sums.get((name, term), 0) + value.detach().float() * len(inputs)
-            kind = metrics.kind_of(outputs.shape[1:], targets, paired)
-            measured = metrics.names_of(kind, outputs.shape[1:], value_range)
-            for metric, value in (metrics.batch_sums(kind, outputs, targets, value_range) if measured else {}).items():
-                quality[metric] = quality.get(metric, 0) + value
-            count += len(inputs)
-    losses.model.train()
+                    sums[name, term] = sums.get((name, term), 0) + value.detach().float() * batch_size(batch)
+            if outputs is not None:
+                kind = metrics.kind_of(outputs.shape[1:], targets, paired)
+                measured = metrics.names_of(kind, outputs.shape[1:], value_range)
+                for metric, value in (metrics.batch_sums(kind, outputs, targets, value_range) if measured
+                                      else {}).items():
+                    quality[metric] = quality.get(metric, 0) + value
+            count += batch_size(batch)
+    model.train()
     totals = torch.stack([*sums.values(), *quality.values(), torch.tensor(float(count), device=placement.device)])
     if placement.world_size > 1:
         dist.all_reduce(totals)

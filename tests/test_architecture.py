@@ -602,9 +602,18 @@ FIXED_MISTAKES = {  # name: (fields of TWO_SUBMODELS, key path, words the messag
         "b.skip_connections.b_input.future_layers[0]", "expected a layer name"),
     "discriminator reads a generator submodel before the last": (
         dict(c_input="{a: output}"), "c.submodel_input.a", "final output, 'b'"),
-    "a second data stream": (
-        dict(b_input="{a: output, input_data: {data_key: y, input_size: [4]}}"), "b.submodel_input.input_data",
-        "one data stream"),
+    "one stream read with two shapes": (
+        dict(b_input="{a: output, input_data: {data_key: x, input_size: [5]}}"), "b.submodel_input.input_data",
+        "reads x as [5] float32, but a.submodel_input.input_data reads it as [4] float32"),
+    "one stream read with two dtypes": (
+        dict(b_input="{a: output, input_data: {data_key: x, input_size: [4], dtype: int64}}"),
+        "b.submodel_input.input_data", "reads x as [4] int64, but a.submodel_input.input_data reads it as [4] float32"),
+    "a stream dtype that is not one": (
+        dict(b_input="{a: output, input_data: {data_key: y, input_size: [4], dtype: int8}}"),
+        "b.submodel_input.input_data.dtype", "valid: float32 (the default; or float) or int64"),
+    "a misspelt input_data key": (
+        dict(b_input="{a: output, input_data: {data_key: y, input_size: [4], dtpye: int64}}"),
+        "b.submodel_input.input_data.dtpye", "did you mean 'dtype'"),
     "both submodel_input and submodel_inputs": (
         dict(b_extra="submodel_inputs: {a: output}"), "b.submodel_inputs", "not both"),
     "shape error of a skip declared in a later submodel": (
@@ -633,11 +642,13 @@ def test_mistakes_are_user_errors_at_the_right_key(tmp_path, case):
     ("LayerNorm", None, [4, 8, 8], "a.layers[0].layer_params", "GroupNorm"),
     ("Conv2d", {"in_channels": 3, "out_channels": 2, "kernel_size": 1}, [1, 8, 8],
      "a.layers[0].layer_params.in_channels", "gives 1"),
-    ("Embedding", {"num_embeddings": 10, "embedding_dim": 4}, [5], "a.layers[0].layer_type", "integer indices"),
+    ("Embedding", {"num_embeddings": 10, "embedding_dim": 4}, [5], "a.layers[0]", "dtype: int64"),
+    ("Linear", {"out_features": 4}, [], "a.layers[0]", "scalar per sample; give it at least one dimension"),
 ])
 def test_inputs_a_layer_would_misread_are_refused(tmp_path, layer_type, params, input_size, key_path, words):
     """A sequence layer on a 1-D sample (torch would mix the batch), LayerNorm over only the width
-    of a conv map, an input size that contradicts the input, Embedding on float data."""
+    of a conv map, an input size that contradicts the input, Embedding on float data, a layer of
+    values on one value a sample."""
     path, message = refusal(tmp_path, layer_type, params, input_size)
     assert path in message and f"{key_path}:" in message and words in message, message
 

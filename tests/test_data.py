@@ -1014,7 +1014,7 @@ def test_training_validates_after_every_epoch(tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in trainer.validation_loader:
-            inputs, targets = trainer.losses.to_device(batch)
+            inputs, targets = model.split_batch(trainer.losses.to_device(batch))
             terms = trainer.losses.terms("generator", model(inputs), inputs, targets)
             total, count = total + terms["l1"].item() * len(inputs), count + len(inputs)
     assert history["generator"]["l1"][-1] == pytest.approx(total / count, rel=1e-5)
@@ -1109,7 +1109,9 @@ def test_validation_batches_unlike_training_ones_are_a_user_error():
     floats, validation would feed the model bytes; that is caught before training starts."""
     cfg = streams_cfg({"images": dict(ANY_STREAM, data_batch_transform="to_float")}, validation_fraction=0.5)
     streams = {"images": torch.zeros(4, 1, 2, 2, dtype=torch.uint8)}
-    model = types.SimpleNamespace(input_key="images", input_size=(1, 2, 2), architecture_path="arch.yaml")
+    model = types.SimpleNamespace(input_key="images", input_size=(1, 2, 2), input_keys=("images",),
+                                  input_sizes={"images": (1, 2, 2)}, input_dtypes={"images": torch.float32},
+                                  architecture_path="arch.yaml")
     built = {split: dataset.build_dataset(streams, cfg, torch.arange(2), split == "training", "cfg.yaml: dataset")
              for split in ("training", "validation")}
     with pytest.raises(UserError, match=r"cfg\.yaml: dataset\.images: validation samples are torch\.uint8 .* training "

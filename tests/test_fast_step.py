@@ -132,10 +132,13 @@ def cfg_with(*overrides):
 def test_cuda_graphs_refuse_what_they_cannot_record(overrides, says):
     train = cfg_with("training.cuda_graphs=true", *overrides)["training"]
     placement = CPU if not overrides else CUDA
-    assert says in cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement)
+    networks = [train | {"every": 1}]  # (the generator's settings, as network.network_specs gives them)
+    assert says in cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement, networks)
     ddp = train_base.Placement(torch.device("cuda"), distributed=True)
-    assert "DDP" in cuda_graphs.refusal(cfg_with()["training"], "stop", ddp)
-    assert cuda_graphs.refusal(cfg_with()["training"], "stop", CUDA) is None
+    plain = cfg_with()["training"]
+    assert "DDP" in cuda_graphs.refusal(plain, "stop", ddp, [plain | {"every": 1}])
+    assert cuda_graphs.refusal(plain, "stop", CUDA, [plain | {"every": 1}]) is None
+    assert "every" in cuda_graphs.refusal(plain, "stop", CUDA, [plain | {"every": 5}])
 
 
 def test_cuda_graphs_on_a_cpu_are_a_user_error(tmp_path):

@@ -6,6 +6,7 @@ only where there is one score a sample. (Found porting models: a pix2pix reporte
 
 In-process on tiny tensors, but for two end-to-end runs marked slow.
 """
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -103,8 +104,12 @@ def test_validation_clamps_the_outputs_as_evaluate_does():
     outputs gives the PSNR by hand; without a known range it gives neither PSNR nor SSIM."""
     outputs, targets = overshooting_targets(1)
 
+    class Model(torch.nn.Identity):
+        def split_batch(self, batch):
+            return batch["inputs"], batch["targets"]
+
     class Losses:  # what validation_means asks of train_base.Losses: the outputs, and a loss term
-        model, wants_discriminator = torch.nn.Identity(), False
+        model, wants_discriminator, own_step = Model(), False, False
 
         def to_device(self, batch):
             return batch
@@ -112,15 +117,17 @@ def test_validation_clamps_the_outputs_as_evaluate_does():
         def forward(self, inputs):
             return outputs
 
-        def __call__(self, name, inputs, targets, outputs):
+        def __call__(self, name, batch, step):
             return torch.tensor(0.0), {}
 
     placement = SimpleNamespace(device=torch.device("cpu"), world_size=1)
-    _, found = train_base.validation_means(Losses(), [(targets, targets)], ["generator"], placement, True, SYMMETRIC)
+    networks = {"generator": SimpleNamespace(autocast=contextlib.nullcontext)}
+    batches = [{"inputs": targets, "targets": targets}]
+    _, found = train_base.validation_means(Losses(), batches, networks, placement, True, SYMMETRIC)
     assert found["psnr"] == pytest.approx(psnr_by_hand(outputs, targets, -1.0, 1.0), abs=1e-4)
     assert found["ssim"] == pytest.approx(quality(outputs, targets, SYMMETRIC)["ssim"])
     unknown = ValueRange(None, None, "not known: a test")
-    assert train_base.validation_means(Losses(), [(targets, targets)], ["generator"], placement, True, unknown)[1] == {}
+    assert train_base.validation_means(Losses(), batches, networks, placement, True, unknown)[1] == {}
 
 
 def test_targets_that_overshoot_slightly_are_guessed_onto_their_range_not_255():
