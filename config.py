@@ -170,6 +170,12 @@ def value_range(v):
     return None if v[0] < v[1] else "low must be below high, e.g. [-1, 1]"
 
 
+@described("names")
+def texts(v):
+    bad = [x for x in v if not isinstance(x, str)]
+    return f"{shown(bad[0])} is not a name; give each as text" if bad else None
+
+
 @described("GPU ids (integers >= 0), or auto")
 def gpu_list(v):
     if v == "auto":
@@ -435,7 +441,7 @@ TRAINING = {
 # (docs/training.md, "Write your own step"). The keys of COPIED_TO_NETWORKS take training's value
 # when null, as the adversarial section's do.
 NETWORK = {
-    "components": Key(REQUIRED, list, str, doc="the architecture's model_components this network trains (one "
+    "components": Key(REQUIRED, list, check=texts, doc="the architecture's model_components this network trains (one "
                                                "optimizer over all of them; two networks may share a component)"),
     "learning_rate": Key(None, float, check=at_least(0), doc="its learning rate"),
     "learning_rate_gamma": Key(None, float, check=between(0, 1, "(]"), doc="its StepLR factor"),

@@ -58,20 +58,23 @@ class Dashboard:
                                               for key, value in metrics.items()])
                 self.writer.file_writer.add_summary(summary, row["step"], row.get("time"))
 
-    def images(self, epoch, step, outputs, value_range=None):
+    def images(self, epoch, step, outputs, value_range=None, rows=None):
         """A grid of `outputs` (N x 1|3 x H x W, on the CPU) as the image "samples", or as
         samples_epoch<N>.png in the run's folder without TensorBoard, shown on `value_range`
         ((low, high): the target stream's declared range) or, without one, on the range their
-        values snap to. Outputs that are not images (a classifier's scores) are left out.
-        Returns what was written, or None."""
+        values snap to; with `rows` (names), a row each of N / len(rows) images, in that order.
+        Outputs that are not images (a classifier's scores) are left out. Returns what was
+        written, or None."""
         if outputs.dim() != 4 or outputs.shape[1] not in (1, 3):
             return None
         value_range = value_range or known_range(outputs)
-        grid = image_grid(to_unit_range(outputs, value_range), grid_columns(len(outputs)))
+        columns = len(outputs) // len(rows) if rows else grid_columns(len(outputs))
+        grid = image_grid(to_unit_range(outputs, value_range), columns)
         if self.writer is not None:
             self.writer.add_image("samples", grid, step)
             return "samples"
-        title = f"outputs on fixed inputs, epoch {epoch} (step {step})\n{scale_note(outputs, value_range)}"
+        what = f"rows: {', '.join(rows)}" if rows else "outputs on fixed inputs"
+        title = f"{what}, epoch {epoch} (step {step})\n{scale_note(outputs, value_range)}"
         return save_png(self.folder / f"samples_epoch{epoch}.png", grid, title)
 
     def close(self):

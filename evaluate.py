@@ -96,6 +96,9 @@ def main(argv):
         beside = shown_inputs[:shown] if paired and shown_inputs is not None else None
         figures = sample_pictures(beside, outputs[:shown], None if targets is None else targets[:shown],
                                   ev["grid_nrow"], path.name, shown_range, notes)
+    if callable(getattr(model, "sample_rows", None)):  # the flow's own picture: one row each (a class, A->B, ...)
+        batch = first_samples(data, ev["grid_nrow"], batches)
+        figures["rows"] = rows_figure(sample_rows(model, batch, device), path.name, target_range)
     settings = resolved_settings(ev, path, split)
     digest = settings_hash(settings, cfg)
     metrics |= {"notes": notes} if notes else {}
@@ -406,6 +409,34 @@ def sample_pictures(inputs, outputs, targets, nrow, title, shown_range, notes):
     notes.append(f"no samples picture: the outputs are {what} per sample, neither images [C, H, W] nor signals [L] "
                  "or [C, L]; the output statistics above describe them")
     return {}
+
+
+@torch.no_grad()
+def sample_rows(model, batch, device):
+    """{row name: images on the CPU} of the flow's sample_rows(batch) (a dict of streams), in eval
+    mode, without autograd."""
+    rows = model.sample_rows({name: x.to(device) for name, x in batch.items()})
+    return {name: images.float().cpu() for name, images in rows.items()}
+
+
+def rows_figure(rows, title, shown_range=None):
+    """The rows a flow's sample_rows gives ({name: images [N, 1|3, H, W]}), one a row, each named
+    at its left; on `shown_range` (the target stream's), else the range the images snap to."""
+    images = torch.cat(list(rows.values()))
+    shown_range = shown_range or value_range(None, None, images)
+    bounds = (shown_range.low, shown_range.high) if shown_range.known else None
+    columns = len(images) // len(rows)
+    grid = image_grid(to_unit_range(images, bounds), columns)
+    width, height = grid_figure_size(grid.shape[1:], 1)
+    fig, ax = plt.subplots(figsize=(width + 1.0, height + 2 * LINE), layout="constrained")
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    row_height = grid.shape[1] / len(rows)
+    ax.set_yticks([row_height * (i + 0.5) for i in range(len(rows))], list(rows), fontsize=9)
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(f"{title}\n{scale_note(images, bounds)}", fontsize=9)
+    return fig
 
 
 def sample_grid(inputs, outputs, targets, nrow, title, shown_range=None):

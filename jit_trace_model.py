@@ -116,9 +116,9 @@ def main(argv):
     batch = example_batch(args.input_size, model)
     flow_path, dynamic = cfg["model"]["model_flow_path"], args.dynamic_batch
     check_forward_takes(model, flow_path)
+    check_values(batch * sum(math.prod(size) for size in model.input_sizes.values()), args.input_size)
     examples = ExampleInputs(cfg, args.training_cfg, model)
     example = examples.first(batch)
-    check_example_size(example, args.input_size)
     # torch.export specialises a dimension whose example size is 0 or 1 (a size-1 dimension may be a
     # broadcast), so a symbolic batch traced at batch 1 fails with "Constraints violated": trace at 2 or
     # more (all three formats, so that they capture the same pass)
@@ -143,7 +143,7 @@ def check_numbers(args):
     """-i and --benchmark within what a tensor and a run can hold, before anything is loaded or written."""
     if any(n < 1 for n in args.input_size):
         raise UserError(f"--input_size {cut(' '.join(map(str, args.input_size)))}: every size must be >= 1")
-    check_values(math.prod(args.input_size), args.input_size)  # (the model's other inputs: check_example_size)
+    check_values(math.prod(args.input_size), args.input_size)  # (with the model's other inputs: main)
     if not 0 <= args.benchmark <= MAX_BENCHMARK:
         raise UserError(f"--benchmark {args.benchmark}: give a number of runs from 1 to {MAX_BENCHMARK:,} (or leave "
                         "it out)")
@@ -157,11 +157,6 @@ def check_values(values, input_size):
                         f"({values * 4 / 2 ** 30:.3g} GiB of float32) is more than the {MAX_INPUT_VALUES:,} (1 GiB) "
                         "allowed; a trace records the same operations at any batch size: give a batch of 1 (with "
                         "--dynamic-batch for an artifact that takes any batch)")
-
-
-def check_example_size(example, input_size):
-    """The example inputs of every stream together within MAX_INPUT_VALUES (-i sizes the first)."""
-    check_values(sum(x.numel() for x in as_tuple(example)), input_size)
 
 
 def example_batch(input_size, model):
@@ -230,20 +225,23 @@ class ExampleInputs:
         return self.inputs(n, lambda key: self.from_data[key], lambda: torch.arange(n) % len(self.data))
 
     def fresh(self, n):
-        """The inputs of n new samples, for the checks."""
-        indices = self.model.input_dtypes
-        return self.inputs(n, lambda key: not indices[key].is_floating_point,
+        """The inputs of n new samples, for the checks: indices from the data, values N(0, 1)."""
+        dtypes = self.model.input_dtypes
+        return self.inputs(n, lambda key: not dtypes[key].is_floating_point,
                            lambda: torch.randint(len(self.data), (n,), generator=self.generator))
 
     def inputs(self, n, from_data, positions):
-        """The inputs of n samples: those of the streams `from_data` picks are the data's samples at
-        `positions()`, the others N(0, 1)."""
+        """The inputs of n samples: of each stream that `from_data(stream)` picks, the data's samples
+        at `positions()` (float ones as float32); of the others, N(0, 1)."""
         keys = self.model.input_keys
         batch = self.data.__getitems__(((0,), positions())) if any(map(from_data, keys)) else {}
-        made = tuple((batch[key].float() if self.model.input_dtypes[key].is_floating_point else batch[key])
-                     if from_data(key) else torch.randn([n, *self.model.input_sizes[key]], generator=self.generator)
-                     for key in keys)
-        return made[0] if len(made) == 1 else made
+        made = []
+        for key in keys:
+            if not from_data(key):
+                made.append(torch.randn([n, *self.model.input_sizes[key]], generator=self.generator))
+            else:
+                made.append(batch[key].float() if self.model.input_dtypes[key].is_floating_point else batch[key])
+        return made[0] if len(made) == 1 else tuple(made)
 
 
 def readable_data(cfg, source, model):

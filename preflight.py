@@ -328,6 +328,8 @@ def check_whole_step(trainer, batch, validation_batch, where):
                 net.step_schedule(epoch_end=True, plateau_loss=lambda net=net: plateau_value(net, terms, validation))
                 step_through_schedule(trainer, net)
             trainer.generate(map_inputs(lambda x: x[:SAMPLES].cpu(), trainer.model.split_batch(micro[0])[0]))
+            if trainer.fixed_batch is not None:  # (a flow's own sample picture, sample_rows)
+                trainer.sample_outputs()
     except StageFailed as failure:
         raise UserError(failure.message(where, trainer)) from None
     except UserError:

@@ -164,10 +164,11 @@ class Run:
         self.metrics_file.flush()
         self.dashboard.scalars(rows)
 
-    def log_images(self, epoch, step, outputs, value_range=None):
-        """The generator's outputs on the run's fixed inputs, as a grid (TensorBoard or a PNG)."""
+    def log_images(self, epoch, step, outputs, rows=None, value_range=None):
+        """The generator's outputs on the run's fixed inputs, as a grid (TensorBoard or a PNG); with
+        `rows` (names), the outputs are that many equal rows, stacked."""
         if self.dashboard is not None:
-            self.dashboard.images(epoch, step, outputs, value_range)
+            self.dashboard.images(epoch, step, outputs, value_range, rows)
 
     def close(self):
         if self.metrics_file is not None:

@@ -81,6 +81,9 @@ class Trainer:
         self.stop = StopSignal(placement)
         # the generator's inputs whose outputs the dashboard shows every image_every epochs
         self.fixed_inputs = first_inputs(validation_loader or loader, model, logging["n_images"])
+        # a flow that draws its own sample picture (sample_rows) gets the fixed samples' every stream
+        self.fixed_batch = first_samples((validation_loader or loader).dataset, logging["n_images"]) \
+            if callable(getattr(model, "sample_rows", None)) else None
         # samples per optimizer step, over all processes (a short last batch counts as a full one)
         self.samples_per_step = train["batch_size"] * self.accumulate * placement.world_size
         # sample_metrics.SampleMetrics on fixed inputs, measured every sample_every epochs (rank 0)
@@ -186,7 +189,7 @@ class Trainer:
                     measured = self.measure_samples(bar) if self.sample_every and epoch % self.sample_every == 0 else {}
                     self.step_epoch_schedules(validation)
                     if main and epoch % self.image_every == 0:
-                        self.run.log_images(epoch, self.step, self.sample_outputs(), self.image_range)
+                        self.run.log_images(epoch, self.step, *self.sample_outputs(), self.image_range)
                     self.keep_if_best({f"validation/{name}/{term}": value for name, terms in (validation or {}).items()
                                        for term, value in terms.items()} | measured, bar)
                     if epoch % self.save_every == 0 or epoch == self.n_epochs:
@@ -253,26 +256,39 @@ class Trainer:
             bar.write(f"epoch {self.epoch}: best {self.best['key']} so far ({value:.6g}): saved {path.name}")
 
     def sample_outputs(self):
-        """The generator's outputs on the dashboard's fixed inputs."""
-        return self.generate(self.fixed_inputs)
+        """What the dashboard shows at an epoch's end: (images, row names). The model's outputs on
+        the fixed inputs (row names None); or, from a flow that draws its own picture, the rows its
+        `sample_rows(batch)` gives ({row name: images}, e.g. one per class), stacked."""
+        if self.fixed_batch is None:
+            return self.generate(self.fixed_inputs), None
+        with self.inference():
+            rows = self.model.sample_rows(self.losses.to_device(self.fixed_batch))
+        return torch.cat([images.float().cpu() for images in rows.values()]), list(rows)
 
-    @torch.no_grad()
     def generate(self, inputs, use_ema=False):
         """The model's outputs (its forward, the inference path) for `inputs`, batch_size at a
-        time, in eval mode, on the CPU, and without drawing from training's random numbers; with
-        `use_ema`, from the moving averages of the networks' weights where they keep them.
-        Compiled submodels run eagerly: eval mode would otherwise compile them a second time."""
+        time, on the CPU (see inference)."""
         device, batch = self.placement.device, self.cfg["training"]["batch_size"]
+        with self.inference(use_ema):
+            return torch.cat([self.losses.forward(inputs_to(x, device)).float().cpu()
+                              for x in split_inputs(inputs, batch)])
+
+    @contextlib.contextmanager
+    def inference(self, use_ema=False):
+        """The model in eval mode, without autograd and without drawing from training's random
+        numbers; with `use_ema`, with the moving averages of the networks' weights where they keep
+        them. Compiled submodels run eagerly: eval mode would otherwise compile them a second time."""
+        device = self.placement.device
         self.model.eval()
-        with torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
-                contextlib.ExitStack() as averaged:
-            for net in self.networks.values():
-                if use_ema and net.ema is not None:
-                    averaged.enter_context(weights_of(net.module, net.ema.module.state_dict()))
-            outputs = torch.cat([self.losses.forward(inputs_to(x, device)).float().cpu()
-                                 for x in split_inputs(inputs, batch)])
-        self.model.train()
-        return outputs
+        try:
+            with torch.no_grad(), torch.random.fork_rng([device] if device.type == "cuda" else []), eagerly(), \
+                    contextlib.ExitStack() as averaged:
+                for net in self.networks.values():
+                    if use_ema and net.ema is not None:
+                        averaged.enter_context(weights_of(net.module, net.ema.module.state_dict()))
+                yield
+        finally:
+            self.model.train()
 
     @property
     def finished(self):

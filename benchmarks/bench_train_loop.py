@@ -33,7 +33,9 @@ the device, cycled), with the same optimizers and precision:
   arithmetic; the example's also computes the discriminator's, which the next step throws away.
   Precision is torch.autocast around the forward passes and losses, as training.precision does.
 
-Cases: fp32, bf16 (training.precision: bf16; autocast to bfloat16, on the CPU too), and when the
+Cases: fp32, bf16 (training.precision: bf16; autocast to bfloat16, on the CPU too), own (fp32, the
+pipeline's model with a flow that writes its own step, `losses`, and a networks section: the hand
+loop's math line for line; target >= 0.95 as for the built-in step), and when the
 config has training.compile, the compiled variants (training.compile: true on the pipeline side;
 torch.compile of the generator and discriminator on the hand side), each case a fresh pair built
 from the same initial weights. On a GPU both sides' Adam is fused (the pipeline's default there),
@@ -97,12 +99,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 from model_base import build_model  # noqa: E402
-from network import wrap_for_ddp  # noqa: E402
 from train import make_loaders  # noqa: E402
 from train_base import Placement, Trainer, seed_everything, setup_placement  # noqa: E402
 
 NZ, NC = 100, 3  # latent size and image channels of pytorch/examples' DCGAN
-CASES = ["fp32", "bf16", "compile", "compile-bf16", "best"]
+CASES = ["fp32", "bf16", "own", "compile", "compile-bf16", "best"]
 TARGETS = {"best": 2.0}  # pipeline / hand steps/s; every other case: 0.95
 SEED = 0
 
@@ -119,6 +120,26 @@ class DCGAN(PyNet):
     def discriminate(self, images, inputs=None):
         return self.model_components["discriminator"]["disc"](images, {})
 '''
+
+# The `own` case: the same DCGAN whose flow writes its step (docs/training.md, "Write your own
+# step"), the hand loop's math line for line: the discriminator's update makes the fakes, and the
+# generator's reuses them with their graph.
+OWN_STEP = FLOW + '''
+    def losses(self, network, batch, step):
+        z, real = batch["gen_inputs"], batch["real_images"]
+        if network == "discriminator":
+            step["fake"] = fake = self(z)
+            return {"d": 0.5 * ((self.discriminate(real) - 1) ** 2).mean()
+                    + 0.5 * (self.discriminate(fake.detach()) ** 2).mean()}
+        return {"g": 0.5 * ((self.discriminate(step.pop("fake")) - 1) ** 2).mean()}
+'''
+OWN_NETWORKS = "networks={discriminator: {components: [discriminator]}, generator: {components: [generator]}}"
+
+
+def ddp(module):
+    """A DistributedDataParallel of `module` as one writes it by hand (buffers not synchronised at
+    each forward pass, as the pipeline's are not)."""
+    return nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
 
 
 def stages(size):
@@ -212,6 +233,7 @@ def write_run(folder, args, n_samples):
     arch = architecture(args.size, args.width)
     (folder / "dcgan_architecture.yaml").write_text(yaml.safe_dump(arch, sort_keys=False))
     (folder / "dcgan.py").write_text(FLOW)
+    (folder / "dcgan_own.py").write_text(OWN_STEP)
     images = np.tanh(np.random.default_rng(SEED).standard_normal((n_samples, NC, args.size, args.size), np.float32))
     np.save(folder / "real_images.npy", images)
     cfg = {
@@ -266,7 +288,7 @@ class HandSide:
         self.netG, self.netD = (torch.compile(self.G), torch.compile(self.D)) if compiled else (self.G, self.D)
         # Under DDP the networks train through their wrappers; the generator's loss is scored by
         # the bare discriminator, whose gradients it does not need.
-        self.trainG, self.trainD = (wrap_for_ddp(self.netG), wrap_for_ddp(self.netD)) if distributed else \
+        self.trainG, self.trainD = (ddp(self.netG), ddp(self.netD)) if distributed else \
             (self.netG, self.netD)
         self.device_type = torch.device(device).type
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
@@ -376,7 +398,7 @@ def main():
     parser.add_argument("--block", type=int, help="steps per side per round instead, for every case")
     parser.add_argument("--warmup", type=int, default=5,
                         help="untimed steps per side first, at least 2 (default 5; fewer when steps are slow)")
-    parser.add_argument("--cases", help="comma-separated, of fp32, bf16, compile, compile-bf16 (default: all that "
+    parser.add_argument("--cases", help="comma-separated, of fp32, bf16, own, compile, compile-bf16 (default: all that "
                                         "apply; compile ones only if the config has training.compile)")
     parser.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip", "ignore"],
                         help="the pipeline's training.on_nonfinite_loss (default stop, its default: one host sync "
@@ -411,7 +433,7 @@ def run(args, placement):
     block_s = args.block_s or (0.25 if args.quick else 0.5)
     has_compile = "compile" in config.TRAINING["training"]
     best = device.type == "cuda" and not placement.distributed  # (CUDA graphs: one GPU, no DDP)
-    cases = ["fp32", "bf16"] + (["compile", "compile-bf16"] if has_compile else []) + (["best"] if best else [])
+    cases = ["fp32", "bf16", "own"] + (["compile", "compile-bf16"] if has_compile else []) + (["best"] if best else [])
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in CASES]
@@ -453,7 +475,9 @@ def run(args, placement):
             precision = "bf16" if case.endswith("bf16") or case == "best" else "fp32"
             compiled = case.startswith("compile")
             overrides = [f"training.precision={precision}"] + (["training.compile=true"] if compiled else []) \
-                + (["training.cuda_graphs=true"] if case == "best" else [])
+                + (["training.cuda_graphs=true"] if case == "best" else []) \
+                + ([f"model.model_flow_path={Path(tmp) / 'dcgan_own.py'}", "loss.loss_fn=null", OWN_NETWORKS,
+                    "adversarial.enable_adversarial_training=false"] if case == "own" else [])
             pipeline = PipelineSide(cfg_path, overrides, placement, init_state)
             if batches is None:
                 batches = make_batches(pipeline.loader, n_batches, device)
@@ -516,7 +540,7 @@ def run(args, placement):
             say("(best: the pipeline in bf16 with fused Adam and CUDA graphs against the plain hand loop, eager fp32 "
                 "with torch's default Adam)")
 
-        variants = [c for c in cases if c not in ("fp32", "best")]
+        variants = [c for c in cases if c not in ("fp32", "best", "own")]
         if "fp32" in cases and variants:
             say("\ndo bf16 / compile help? steps/s of each variant over fp32's on the same side (median of per-round "
                 "ratios; above 1: faster)")

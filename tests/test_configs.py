@@ -317,7 +317,9 @@ def test_reference_lists_every_key_with_its_default_and_rule():
     for key in config.STREAM:
         assert f"`dataset.<stream>.{key}`" in reference
     assert "| `training.optimizer` | string | `Adam` | an optimizer in torch.optim |" in reference
-    assert "| `loss.loss_fn` | string | **required** | a function in loss.py |" in reference
+    assert "| `model.architecture_cfg_path` | string | **required** |" in reference
+    assert "| `loss.loss_fn` | string | `null` | a function in loss.py |" in reference
+    assert "| `networks.<name>.components` | list | **required** | names |" in reference
     assert "| `training.ema_decay` | number | `null` | in (0, 1) |" in reference
     assert "(null: training.learning_rate)" in reference and config.DOCS_COMMAND in reference
 

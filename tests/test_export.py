@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import jit_trace_model
 import runs
 import train
 from conftest import SRC, TRAIN_CFG, checkpoints, newest_run
+from dataset_base import load_streams
 from errors import UserError
 
 ONNX_READY = all(importlib.util.find_spec(name) for name in jit_trace_model.ONNX_PACKAGES)
@@ -102,6 +104,26 @@ def test_every_artifact_has_its_own_json(toy):
         assert sidecar["batch_sizes_checked"] == ([1, 2, 7] if dynamic else [int(args[1])])
         assert sidecar["example_input"] == f"{stem}_input_{args[1]}x1x4x4.raw" and sidecar["dtype"] == "float32"
     assert {p.name for p in jit.glob("*.raw")} >= {f"{stem}_input_2x1x4x4.raw", f"{stem}_input_3x1x4x4.raw"}
+
+
+def test_the_batch_alone_exports_the_data_s_first_samples(toy):
+    """-i 2 says what -i 2 1 4 4 says (the names carry the whole shape), and the example input is the
+    first 2 samples of the input stream, as evaluation reads them, not numbers of chance."""
+    jit = export(toy, "-i", "2")
+    stem = toy[1].stem
+    sidecar = json.loads((jit / f"{stem}_2x1x4x4_traced.pt.json").read_text())
+    assert sidecar["example_input"] == f"{stem}_input_2x1x4x4.raw" and sidecar["example_input_shape"] == [2, 1, 4, 4]
+    assert sidecar["inputs"][0]["example_input_from"] == "the first samples of dataset.gen_inputs"
+    cfg = config.load_training_config(SRC / TRAIN_CFG, [toy[0]])
+    expected = load_streams(cfg["dataset"], cfg["training"]["seed"], "cfg")["gen_inputs"][:2]
+    raw = np.fromfile(jit / sidecar["example_input"], dtype=np.float32).reshape(2, 1, 4, 4)
+    assert torch.equal(torch.from_numpy(raw), expected)
+
+
+def test_a_batch_alone_too_big_for_the_model_is_refused_before_the_data_is_read(toy):
+    """-i 20000000: the batch alone, times the 16 values of a sample, is past 2^28."""
+    with pytest.raises(UserError, match=r"^--input_size 20000000: an example input of 3\.20e\+8 values"):
+        export(toy, "-i", "20000000")
 
 
 FLOWS = {  # forward of the toy GAN, spoilt for a dynamic batch

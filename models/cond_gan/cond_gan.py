@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from model_base import PyNet
 
+CLASSES = ("circle", "square", "triangle")  # the label values 0, 1, 2 of the shapes data
+
 
 class CondGAN(PyNet):
     target_key = "images"  # the real samples (sample metrics and pictures compare the outputs with them)
@@ -24,6 +26,13 @@ class CondGAN(PyNet):
     def discriminate(self, images, labels):
         d = self.model_components["discriminator"]
         return d["disc_body"](torch.cat((images, d["disc_label"](labels)), 1))
+
+    def sample_rows(self, batch):
+        """The sample picture (dashboard and evaluate.py): a row per class, the same noise down each
+        column, so that a column shows one noise drawn as each shape."""
+        noise = batch["noise"][:8]
+        return {name: self(torch.full((len(noise),), label, device=noise.device), noise)
+                for label, name in enumerate(CLASSES)}
 
     def losses(self, network, batch, step):
         labels, noise, real = batch["labels"], batch["noise"], batch["images"]
