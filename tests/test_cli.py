@@ -641,7 +641,7 @@ def test_ddp_trains_a_flow_that_leaves_parameters_unused(repo, tmp_path):
     unused = [*DDP_SETS, f"model.model_flow_path={flow}", "saving.save_folder_name=ddp_unused"]
     run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py",
         "-t", MULTIGPU_CFG, *sets(*unused))
-    start, end = assert_trained_alike(newest_run(repo / CHECKPOINTS / "ddp_unused"),
+    start, end = assert_trained_alike(newest_run(tmp_path / "model_checkpoints" / "ddp_unused"),  # (beside the flow)
                                       one_process_weights(*unused, f"training.batch_size={2 * DDP_BATCH}"))
     decoder = [k for k in start if ".gen_dec." in k]
     assert decoder and all(torch.equal(start[k], end[k]) for k in decoder)
@@ -660,7 +660,7 @@ def test_ddp_trains_a_flow_defined_step_as_one_process_of_the_doubled_batch(repo
            "adversarial.enable_adversarial_training=false", NETWORKS, "saving.save_folder_name=ddp_own_step"]
     run(repo, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "train.py",
         "-t", MULTIGPU_CFG, *sets(*own))
-    assert_trained_alike(newest_run(repo / CHECKPOINTS / "ddp_own_step"),
+    assert_trained_alike(newest_run(tmp_path / "model_checkpoints" / "ddp_own_step"),
                          one_process_weights(*own, f"training.batch_size={2 * DDP_BATCH}"), leave_out=["real_score"])
 
 

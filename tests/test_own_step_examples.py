@@ -1,0 +1,113 @@
+"""The examples whose flows write their own step: the class-conditional GAN (models/cond_gan:
+labels as an integer stream into an Embedding, a sample picture of a row per class) and the
+CycleGAN (models/cycle_gan: two generators and two discriminators, cycle and identity terms, a
+history of fakes kept as buffers). Their README commands run end to end on a few of the shapes:
+train, resume bit for bit, evaluate, trace, plot the curves."""
+import json
+
+import pytest
+import torch
+from tqdm import tqdm
+
+import config
+import model_base
+import preflight
+import runs
+import train
+import train_base
+from conftest import SRC, checkpoints, newest_run, run, run_folder_of
+
+EXAMPLES = {  # model: the overrides that make its run small (4 steps an epoch)
+    "cond_gan": ["dataset.images.n_inputs=256", "dataset.labels.n_inputs=256", "dataset.noise.n_inputs=256",
+                 "training.batch_size=64"],
+    "cycle_gan": ["dataset.domain_a.n_inputs=64", "dataset.domain_b.n_inputs=64", "training.batch_size=16"],
+}
+COMMON = ["logging.tensorboard=false", "saving.save_epoch_increment=1"]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+
+def cfg_path(model, kind="training"):
+    return f"configs/{model}/{model}_{kind}_cfg.yaml"
+
+
+def sets(*items):
+    return [x for item in items for x in ("--set", item)]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def example_run(repo, request):
+    """Two epochs straight, and one epoch resumed to two by the same command (latest)."""
+    model, small = request.param, [*EXAMPLES[request.param], *COMMON]
+    straight = run_folder_of(run(repo, "train.py", "-t", cfg_path(model), *sets(*small, "training.n_epochs=2",
+                                                                               "saving.save_folder_name=straight")))
+    halves = [*small, "saving.save_folder_name=halves", "model.model_checkpoint_filename=latest"]
+    run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=1"))
+    run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=2"))
+    return model, repo, straight, newest_run(repo / f"models/{model}/model_checkpoints/halves")
+
+
+@pytest.mark.slow
+def test_an_own_step_example_trains_and_resumes_bit_for_bit(example_run):
+    model, _, straight, halves = example_run
+    a, b = load(checkpoints(straight)[-1]), load(checkpoints(halves)[-1])
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    assert a["loss_history"] == b["loss_history"]
+    history = a["loss_history"]
+    if model == "cond_gan":
+        assert set(history["discriminator"]) == {"total", "real", "fake", "accuracy"}  # accuracy: watched
+        assert set(history["generator"]) == {"total", "adversarial"}
+        assert len(history["generator"]["total"]) == 8  # 4 steps an epoch, two epochs
+    else:
+        assert set(history) == {"generators", "discriminators"}
+        assert set(history["generators"]) == {"total", "adversarial_ab", "adversarial_ba", "cycle", "identity"}
+        # the history of fakes filled as training showed them: 8 steps of 16, up to its 50
+        assert a["model_state_dict"]["pooled_a"] == 50 and a["model_state_dict"]["pool_b"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_an_own_step_example_evaluates_traces_and_plots(example_run):
+    model, repo, straight, _ = example_run
+    args = ["-t", cfg_path(model), *sets(*EXAMPLES[model], *COMMON, "saving.save_folder_name=straight")]
+    evaluated = run(repo, "evaluate.py", *args, "-e", cfg_path(model, "evaluation"))
+    results = repo / f"results/{model}/straight"
+    pictures = sorted(path.name for path in results.rglob("*.png"))
+    assert any(name.endswith("_rows.png") for name in pictures), pictures  # the flow's sample_rows picture
+    assert any(name.endswith("_samples.png") for name in pictures), pictures
+    metrics = json.loads(next(results.rglob("*_metrics.json")).read_text())
+    assert metrics["epoch"] == 2, evaluated.stdout
+    traced = run(repo, "jit_trace_model.py", *args, "-c", "latest", "-i", "2")
+    assert list((straight / "jit").glob("*.pt")), traced.stdout
+    run(repo, "evaluate_training.py", "-te", cfg_path(model, "training_evaluation"),
+        *sets("training_evaluation.runs=all"))
+
+
+def test_the_cycle_gans_trial_step_leaves_its_history_of_fakes_empty(tmp_path):
+    cfg = config.load_training_config(SRC / cfg_path("cycle_gan"), [*EXAMPLES["cycle_gan"], *COMMON])
+    model = model_base.build_model(cfg["model"])
+    placement = train_base.Placement(torch.device("cpu"))
+    loader, _ = train.make_loaders(cfg, model, placement, "cfg.yaml")
+    trainer = train_base.Trainer(cfg, model, loader, placement, run=runs.Run.of(cfg, folder=tmp_path))
+    preflight.check_whole_step(trainer, train_base.first_samples(loader.dataset, 2), None, "cfg.yaml")
+    assert model.pooled_a == 0 and model.pool_a.abs().sum() == 0
+    assert trainer.run_epoch(1, tqdm(disable=True))
+    assert model.pooled_a == 50 and model.pooled_b == 50  # 64 fakes shown: the first 50 fill it
+
+
+def test_the_sample_rows_are_a_row_per_class_from_the_same_noise():
+    cfg = config.load_training_config(SRC / cfg_path("cond_gan"))
+    torch.manual_seed(0)
+    model = model_base.build_model(cfg["model"]).eval()
+    batch = {"noise": torch.randn(8, 32), "labels": torch.zeros(8, dtype=torch.long)}
+    with torch.no_grad():
+        rows = model.sample_rows(batch)
+        triangles = model(torch.full((8,), 2), batch["noise"])
+    assert list(rows) == ["circle", "square", "triangle"]
+    assert all(images.shape == (8, 1, 16, 16) for images in rows.values())
+    assert torch.equal(rows["triangle"], triangles)  # the class is the row's, whatever the batch's labels
+    assert not torch.equal(rows["circle"], rows["square"])
+    assert model.input_keys == ("labels", "noise")
