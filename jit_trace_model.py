@@ -62,6 +62,10 @@ def parse_args(argv):
                              "measure the peak memory of one")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where --benchmark runs: cpu (default) or cuda[:id]; ONNX Runtime runs on the CPU")
+    parser.add_argument("--path", metavar="NAME",
+                        help="export another inference path the flow names in its `exports` (a VAE's sample: "
+                             "latent codes in, images out) instead of forward; its files are named "
+                             "<checkpoint>_<NAME>_<shape>...")
     parser.add_argument("--no_ema", action="store_true",
                         help="export the generator's own weights, not their moving average (training.ema_decay)")
     parser.epilog += "\n\n" + __doc__[__doc__.index("A model that reads several"):].strip()
@@ -89,7 +93,7 @@ import torch
 from config import stream_configs
 from dataset import build_dataset
 from dataset_base import load_streams
-from errors import UserError, cut, run_main
+from errors import UserError, cut, did_you_mean, run_main
 from model_base import as_tuple, batch_size_of, index_inputs, inputs_to
 from runs import Run, load_trained_run
 
@@ -113,8 +117,10 @@ def main(argv):
     cfg, model, path, _ = load_trained_run(args.training_cfg, args.checkpoint, "--checkpoint", args.overrides,
                                            use_ema=not args.no_ema)
     model.eval()
-    batch = example_batch(args.input_size, model)
     flow_path, dynamic = cfg["model"]["model_flow_path"], args.dynamic_batch
+    if args.path is not None:
+        model = InferencePath(model, args.path, flow_path)
+    batch = example_batch(args.input_size, model)
     check_forward_takes(model, flow_path)
     check_values(batch * sum(math.prod(size) for size in model.input_sizes.values()), args.input_size)
     examples = ExampleInputs(cfg, args.training_cfg, model)
@@ -170,6 +176,29 @@ def example_batch(input_size, model):
                     f"'{model.input_key}' has shape {list(model.input_size)} per sample (see "
                     f"{model.architecture_path}); use -i {' '.join(map(str, expected))}, or the batch size alone "
                     f"(-i {input_size[0]}){rest}")
+
+
+class InferencePath(torch.nn.Module):
+    """Another inference path of a flow (--path), as a model whose forward it is: the flow's
+    `exports` names the method and its inputs' per-sample shapes ({"sample": {"z": [8]}}), which
+    are float streams of no dataset (their examples are drawn from N(0, 1))."""
+
+    def __init__(self, model, name, flow_path):
+        super().__init__()
+        exports = getattr(type(model), "exports", None) or {}
+        if name not in exports or not callable(getattr(model, name, None)):
+            valid = ", ".join(exports) or "none (the flow's class has no `exports`)"
+            raise UserError(f"--path {name}: not an inference path the flow {type(model).__name__} ({flow_path}) "
+                            f"exports{did_you_mean(name, list(exports))}; its paths: {valid}")
+        self.model, self.method = model, getattr(model, name)
+        self.input_sizes = {key: tuple(size) for key, size in exports[name].items()}
+        self.input_keys = tuple(self.input_sizes)
+        self.input_dtypes = dict.fromkeys(self.input_keys, torch.float32)
+        self.input_key, self.input_size = self.input_keys[0], self.input_sizes[self.input_keys[0]]
+        self.architecture_path = f"{flow_path} ({type(model).__name__}.exports['{name}'])"
+
+    def forward(self, *inputs):
+        return self.method(*inputs)
 
 
 def check_forward_takes(model, flow_path):
@@ -357,11 +386,12 @@ def write_files(run, path, model, args, write, example, record, origins):
     artifact's path and [(raw file path, its example input)]."""
     examples = dict(zip(model.input_keys, as_tuple(example)))
     batch = "N" if args.dynamic_batch else str(batch_size_of(example))
-    artifact_path = run.write_export(f"{path.stem}_{shape_tag(model, batch)}{FORMATS[args.format]}", write)  # jit/
+    stem = f"{path.stem}_{args.path}" if args.path else path.stem  # (--path: its own files)
+    artifact_path = run.write_export(f"{stem}_{shape_tag(model, batch)}{FORMATS[args.format]}", write)  # jit/
     inputs, written = [], []
     for key, x in examples.items():
         raw = x.contiguous().numpy().tobytes(order="C")  # float32, or int64 where the architecture declares it
-        input_path = run.write_export(f"{path.stem}_input_{shape_tag(model, str(x.shape[0]), [key])}.raw",
+        input_path = run.write_export(f"{stem}_input_{shape_tag(model, str(x.shape[0]), [key])}.raw",
                                       lambda f, raw=raw: f.write(raw))
         written.append((input_path, x))
         inputs.append({"name": key, "shape": [None if args.dynamic_batch else x.shape[0], *model.input_sizes[key]],

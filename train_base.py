@@ -401,6 +401,8 @@ class Trainer:
             raise NonFiniteLoss("non-finite loss at " + self.where_nonfinite(first_step + bad, epoch_step, net, terms))
         shown = {f"{self.shown_name(name)}loss": f"{net.loss_history['total'][-1]:.4f}"
                  for name, net in self.networks.items() if net.loss_history.get("total")}
+        shown |= {f"{self.shown_name(name)}{value}": f"{self.networks[name].loss_history[value][-1]:.4g}"
+                  for name, values in self.losses.watched.items() for value in values}  # (a flow's watched values)
         bar.set_postfix({**shown, "data wait": f"{waited / elapsed:.0%}"}, refresh=False)
 
     # ---- checkpoints ----

@@ -1,7 +1,8 @@
 """The examples whose flows write their own step: the class-conditional GAN (models/cond_gan:
 labels as an integer stream into an Embedding, a sample picture of a row per class) and the
 CycleGAN (models/cycle_gan: two generators and two discriminators, cycle and identity terms, a
-history of fakes kept as buffers). Their README commands run end to end on a few of the shapes:
+history of fakes kept as buffers) and the VAE (models/vae: one network, the reparameterisation
+trick, two inference paths exported). Their README commands run end to end on a few of the shapes:
 train, resume bit for bit, evaluate, trace, plot the curves."""
 import json
 
@@ -21,6 +22,7 @@ EXAMPLES = {  # model: the overrides that make its run small (4 steps an epoch)
     "cond_gan": ["dataset.images.n_inputs=256", "dataset.labels.n_inputs=256", "dataset.noise.n_inputs=256",
                  "training.batch_size=64"],
     "cycle_gan": ["dataset.domain_a.n_inputs=64", "dataset.domain_b.n_inputs=64", "training.batch_size=16"],
+    "vae": ["dataset.images.n_inputs=256", "training.batch_size=64"],  # (230 training samples: 4 steps)
 }
 COMMON = ["logging.tensorboard=false", "saving.save_epoch_increment=1"]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -40,10 +42,10 @@ def load(path):
 
 @pytest.fixture(scope="module", params=list(EXAMPLES))
 def example_run(repo, request):
-    """Two epochs straight, and one epoch resumed to two by the same command (latest)."""
+    """Two epochs straight (in the config's own save folder, which evaluate_training.py reads), and
+    one epoch resumed to two by the same command (latest)."""
     model, small = request.param, [*EXAMPLES[request.param], *COMMON]
-    straight = run_folder_of(run(repo, "train.py", "-t", cfg_path(model), *sets(*small, "training.n_epochs=2",
-                                                                               "saving.save_folder_name=straight")))
+    straight = run_folder_of(run(repo, "train.py", "-t", cfg_path(model), *sets(*small, "training.n_epochs=2")))
     halves = [*small, "saving.save_folder_name=halves", "model.model_checkpoint_filename=latest"]
     run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=1"))
     run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=2"))
@@ -62,6 +64,9 @@ def test_an_own_step_example_trains_and_resumes_bit_for_bit(example_run):
         assert set(history["discriminator"]) == {"total", "real", "fake", "accuracy"}  # accuracy: watched
         assert set(history["generator"]) == {"total", "adversarial"}
         assert len(history["generator"]["total"]) == 8  # 4 steps an epoch, two epochs
+    elif model == "vae":
+        assert set(history) == {"generator"} and set(history["generator"]) == {"total", "reconstruction", "kl"}
+        assert len(history["generator"]["total"]) == 8
     else:
         assert set(history) == {"generators", "discriminators"}
         assert set(history["generators"]) == {"total", "adversarial_ab", "adversarial_ba", "cycle", "identity"}
@@ -72,9 +77,9 @@ def test_an_own_step_example_trains_and_resumes_bit_for_bit(example_run):
 @pytest.mark.slow
 def test_an_own_step_example_evaluates_traces_and_plots(example_run):
     model, repo, straight, _ = example_run
-    args = ["-t", cfg_path(model), *sets(*EXAMPLES[model], *COMMON, "saving.save_folder_name=straight")]
+    args = ["-t", cfg_path(model), *sets(*EXAMPLES[model], *COMMON)]
     evaluated = run(repo, "evaluate.py", *args, "-e", cfg_path(model, "evaluation"))
-    results = repo / f"results/{model}/straight"
+    results = repo / "results" / model / straight.parent.name
     pictures = sorted(path.name for path in results.rglob("*.png"))
     assert any(name.endswith("_rows.png") for name in pictures), pictures  # the flow's sample_rows picture
     assert any(name.endswith("_samples.png") for name in pictures), pictures
@@ -82,8 +87,11 @@ def test_an_own_step_example_evaluates_traces_and_plots(example_run):
     assert metrics["epoch"] == 2, evaluated.stdout
     traced = run(repo, "jit_trace_model.py", *args, "-c", "latest", "-i", "2")
     assert list((straight / "jit").glob("*.pt")), traced.stdout
-    run(repo, "evaluate_training.py", "-te", cfg_path(model, "training_evaluation"),
-        *sets("training_evaluation.runs=all"))
+    if model == "vae":  # its second inference path: latent codes in, images out
+        run(repo, "jit_trace_model.py", *args, "-c", "latest", "-i", "2", "--path", "sample", "--dynamic-batch")
+        assert list((straight / "jit").glob("*_sample_Nx8_traced.pt"))
+    plotted = run(repo, "evaluate_training.py", "-te", cfg_path(model, "training_evaluation"))
+    assert len(list(results.rglob("*.png"))) > len(pictures), plotted.stdout  # the loss curves' figure(s)
 
 
 def test_the_cycle_gans_trial_step_leaves_its_history_of_fakes_empty(tmp_path):
