@@ -455,7 +455,7 @@ def named_stages(trainer):
     try:
         for net in trainer.networks.values():
             name(net, "backward", "backward", net, check=functools.partial(check_loss_trains, trainer, net))
-            name(net, "step", "step", net)
+            name(net, "step", "step", net, check=functools.partial(check_gradients_reached, trainer, net))
             name(net, "step_schedule", "schedule", net)
             if net.ema is not None:
                 name(net.ema, "update_parameters", "ema", net)
@@ -484,12 +484,23 @@ def check_loss_trains(trainer, net, loss):
                     f"the {net.name}'s weights, so it cannot train on it{hint}")
 
 
+def check_gradients_reached(trainer, net):
+    """Before the optimizer's step: the loss reached some of the network's weights. A loss that
+    depends on weights, but only other networks' (a generator's term scored on fakes kept detached
+    in `step`), backpropagates without error and would train nothing, silently."""
+    if any(p.grad is not None for p in net.params):
+        return
+    raise UserError(f"{trainer.source}: model.model_flow_path: the {net.name}'s terms from {trainer.losses.what} reach "
+                    f"none of its weights ({', '.join(net.components)}, {net.section}), so it would never change: "
+                    "compute them through its components, not from values kept detached (in step, after .detach() "
+                    "or under torch.no_grad)")
+
+
 class TrainingState:
     """Everything a training step can change, copied, to put back after the trial step: the
     model's (ModelState, with the EMA's copy of the weights), the Trainer's and each Network's
     attributes, each optimizer's state and groups, each schedule's and fp16 scaler's state, the
-    gradients and the random number generators. (Under DDP the wrappers' own bookkeeping, their
-    gradient buckets, is torch's and stays as the trial left it: it shapes no value.)"""
+    gradients and the random number generators."""
 
     def __init__(self, trainer):
         nets = list(trainer.networks.values())

@@ -65,7 +65,7 @@ def train(cfg, placement, source):
         trainer.losses, first, source, trainer.update_order, Step(trainer.step, trainer.epoch + 1)))
     kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired)
     made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation_range)
-    check_step_gives(made, samples, trainer.best, source)
+    check_step_gives(made, samples, trainer.best, trainer.quality_network, source)
     check_classes_fit(made, trainer.classes, model, source)
     # Then the whole step, as training runs it, and everything it changed put back.
     held_out = first_samples(validation_loader.dataset, 2) if validation_loader is not None else None
@@ -123,15 +123,16 @@ def said_of_one_sample(loader, first, check):
                         f"them, or one sample fewer or more, avoids it)") from None
 
 
-def check_step_gives(made, samples, best, source):
+def check_step_gives(made, samples, best, quality_network, source):
     """What the trial step made (preflight.check_step) is what the sample metrics and
-    saving.keep_best need: outputs shaped like the real samples, the loss term named."""
+    saving.keep_best need: outputs shaped like the real samples, the loss term named (the
+    outputs' metrics are logged beside `quality_network`'s terms)."""
     if samples is not None and made["outputs"] != list(samples.real.shape[1:]):
         raise UserError(f"{source}: sample_metrics: the generator's outputs are {made['outputs']} per sample, the "
                         f"real samples {list(samples.real.shape[1:])}; sample metrics compare the two")
     if best and best["key"].startswith("validation/"):
         _, network, term = best["key"].split("/")
-        terms = made["terms"].get(network, []) + (made["metrics"] if network == "generator" else [])
+        terms = made["terms"].get(network, []) + (made["metrics"] if network == quality_network else [])
         if term not in terms:
             raise UserError(f"{source}: saving.keep_best: {best['key']}: no such term{did_you_mean(term, terms)}; "
                             f"the {network}'s validation logs {', '.join(terms)}")
@@ -201,7 +202,8 @@ def make_loaders(cfg, model, placement, source):
     data, seed, batch_size = cfg["dataset"], cfg["training"]["seed"], cfg["training"]["batch_size"]
     where = f"{source}: dataset"
     streams = load_streams(data, seed, source)
-    check_data_fits_model(streams, model, cfg["adversarial"]["enable_adversarial_training"], source)
+    unpaired = cfg["adversarial"]["enable_adversarial_training"] or callable(getattr(model, "losses", None))
+    check_data_fits_model(streams, model, unpaired, source)  # (a flow's own step pairs only where it says)
     train_indices, validation_indices = split_indices(len(streams[data["data_len_key"]]), data["validation_fraction"],
                                                       data["split_seed"], where)
     training = build_dataset(streams, data, train_indices, True, where)

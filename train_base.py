@@ -344,7 +344,7 @@ class Trainer:
         validation_history and in metrics.jsonl, and shown."""
         self.share_buffers()
         means, quality = self.validation_of(self.validation_loader)
-        means |= {("generator", name): value for name, value in quality.items()}  # beside its loss terms
+        means |= {(self.quality_network, name): value for name, value in quality.items()}  # beside its loss terms
         result = {name: {} for name in self.networks}
         for (name, term), mean in means.items():
             result[name][term] = mean
@@ -357,6 +357,12 @@ class Trainer:
                 f"{self.shown_name(name)}{terms['total']:.4f}" for name, terms in result.items())
                 + "".join(f", {name} {value:.4g}" for name, value in quality.items()))
         return result
+
+    @property
+    def quality_network(self):
+        """The network whose validation rows carry the outputs' metrics (validation/<it>/psnr, ...):
+        the generator, or the first network of a flow's own step that has none by that name."""
+        return "generator" if "generator" in self.networks else self.update_order[0].name
 
     def validation_of(self, batches):
         """({(network, term): mean loss}, {metric: value}) over `batches` (the validation loader,
@@ -822,7 +828,7 @@ def setup_placement(gpus, source):
     if gpus:
         torch.cuda.set_device(device)
     # Under torchrun a single process joins a process group too, so that --nproc_per_node=1
-    # rehearses a multi-GPU run: NCCL, the DDP wrappers and all.
+    # rehearses a multi-GPU run: NCCL, the gradient all-reduces and all.
     distributed = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if distributed:
         dist.init_process_group("nccl" if gpus else "gloo", device_id=device if gpus else None)

@@ -184,6 +184,7 @@ def test_the_trial_step_leaves_the_flows_buffer_and_every_network_as_they_were(t
     ("return {'l1': self(batch['gen_inputs']).abs().mean()}, {'l1': 1.0}", "a value to watch named 'l1'"),
     ("return {'l1': self(batch['gen_inputs']).abs().mean().detach()}", "do not depend on the weights"),
     ("return {'l1': self(batch['nope']).mean()}", "KeyError: 'nope'"),
+    ("return {'adversarial': self.score(self(batch['gen_inputs']).detach()).mean()}", "reach none of its weights"),
 ])
 def test_what_a_flows_losses_returns_is_checked_before_training(tmp_path, own_step, body, says):
     flow = tmp_path / "info_toy.py"

@@ -1,4 +1,5 @@
-"""A class-conditional GAN (Mirza & Osindero, 2014) on the 16x16 shapes, with a step of its own.
+"""A class-conditional GAN (Mirza & Osindero, 2014; a projection discriminator, Miyato & Koyama,
+2018) on the 16x16 shapes, with a step of its own.
 
 `forward` is the inference path: class labels and noise in, images of those classes out (what
 evaluate.py shows and jit_trace_model.py exports). `losses` is one training step's math, for
@@ -24,8 +25,11 @@ class CondGAN(PyNet):
         return g["gen_body"](torch.cat((noise, g["gen_label"](labels)), 1))
 
     def discriminate(self, images, labels):
+        """A projection discriminator's raw score: unconditional, plus how well the image's
+        features agree with the class's embedding."""
         d = self.model_components["discriminator"]
-        return d["disc_body"](torch.cat((images, d["disc_label"](labels)), 1))
+        features = d["disc_body"](images)
+        return d["disc_out"](features) + (features * d["disc_label"](labels)).sum(1, keepdim=True)
 
     def sample_rows(self, batch):
         """The sample picture (dashboard and evaluate.py): a row per class, the same noise down each
