@@ -176,10 +176,17 @@ def damaged_checkpoints(source, folder):
     save("history_text", loss_history="x")
     save("weights_true", model_state_dict=True)
     save("scheduler_nan", scheduler_state_dict=float("nan"))
-    save("ema_other", ema_state_dict={"a.weight": torch.zeros(3)}, ema_updates=3)
+    # the generator's EMA and optimizer state: in an older checkpoint's keys (no networks entry), and
+    # in a network's entry, which a checkpoint of now reads them from
+    other_ema = {"a.weight": torch.zeros(3)}
+    save("ema_other", ema_state_dict=other_ema, ema_updates=3, networks=DELETE)
     optimizer = copy.deepcopy(state["optimizer_state_dict"])  # a buffer of Adam's renamed, as a bit flip may
     optimizer["state"][0]["exp_avg_sqx"] = optimizer["state"][0].pop("exp_avg_sq")
-    save("optimizer_buffer", optimizer_state_dict=optimizer)
+    save("optimizer_buffer", optimizer_state_dict=optimizer, networks=DELETE)
+    generator = state["networks"]["generator"]
+    save("network_ema_other", networks={**state["networks"], "generator": {**generator, "ema": other_ema}})
+    save("network_optimizer_buffer", networks={**state["networks"], "generator": {**generator,
+                                                                                  "optimizer": optimizer}})
     save("weights_nan", model_state_dict={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                                           for k, v in state["model_state_dict"].items()})
     (folder / "random_bytes.pth").write_bytes(random.Random(0).randbytes(5000))
@@ -191,7 +198,9 @@ def damaged_checkpoints(source, folder):
 # and the optimizer's buffers, and evaluate_training.py reads a checkpoint's histories, not its
 # generator's EMA.
 UNREAD = {"no_epoch": {"evaluate", "evaluate_training", "jit_trace"}, "ema_other": {"evaluate_training"},
-          "optimizer_buffer": {"evaluate", "evaluate_training", "jit_trace"}}
+          "optimizer_buffer": {"evaluate", "evaluate_training", "jit_trace"},
+          "network_ema_other": {"evaluate_training"},
+          "network_optimizer_buffer": {"evaluate", "evaluate_training", "jit_trace"}}
 
 
 def checkpoint_cases(run_folder, tmp):
@@ -264,7 +273,7 @@ def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_p
 @pytest.mark.slow  # (the fast subset fuzzes checkpoints in every script: tests/test_fuzz.py)
 def test_damaged_checkpoints_are_refused_by_every_script_naming_them(repo, trained, tmp_path):
     _, run_folder = trained
-    assert_refused(run_refused(repo, checkpoint_cases(run_folder, tmp_path), tmp_path), 10 * 4 - 7)
+    assert_refused(run_refused(repo, checkpoint_cases(run_folder, tmp_path), tmp_path), 12 * 4 - 11)
 
 
 @pytest.mark.slow
