@@ -16,7 +16,7 @@ import preflight
 import runs
 import train
 import train_base
-from conftest import SRC, checkpoints, newest_run, run, run_folder_of
+from conftest import SRC, checkpoints, newest_run, run_folder_of, run_forked
 
 EXAMPLES = {  # model: the overrides that make its run small (4 steps an epoch)
     "cond_gan": ["dataset.images.n_inputs=256", "dataset.labels.n_inputs=256", "dataset.noise.n_inputs=256",
@@ -40,16 +40,54 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module", params=list(EXAMPLES))
-def example_run(repo, request):
-    """Two epochs straight (in the config's own save folder, which evaluate_training.py reads), and
-    one epoch resumed to two by the same command (latest)."""
-    model, small = request.param, [*EXAMPLES[request.param], *COMMON]
-    straight = run_folder_of(run(repo, "train.py", "-t", cfg_path(model), *sets(*small, "training.n_epochs=2")))
-    halves = [*small, "saving.save_folder_name=halves", "model.model_checkpoint_filename=latest"]
-    run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=1"))
-    run(repo, "train.py", "-t", cfg_path(model), *sets(*halves, "training.n_epochs=2"))
-    return model, repo, straight, newest_run(repo / f"models/{model}/model_checkpoints/halves")
+def checked(done):
+    """The CompletedProcesses of run_forked, each having exited 0 (else the test fails, showing it)."""
+    for name, proc in done.items():
+        if proc.returncode != 0:
+            pytest.fail(f"{name}: {' '.join(proc.args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}",
+                        pytrace=False)
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained_examples(repo, tmp_path_factory):
+    """Each example trained two epochs straight (in the config's own save folder, which
+    evaluate_training.py reads), and one epoch resumed to two by the same command (latest): every
+    first run side by side in children of one process that imported the pipeline once, then the
+    resumes. {model: (straight run folder, resumed run folder)}."""
+    logs = tmp_path_factory.mktemp("own_step_logs")
+    small = {model: [*overrides, *COMMON] for model, overrides in EXAMPLES.items()}
+    halves = {model: [*args, "saving.save_folder_name=halves", "model.model_checkpoint_filename=latest"]
+              for model, args in small.items()}
+    first = {f"{model}-straight": ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=2")]
+             for model, args in small.items()}
+    first |= {f"{model}-half": ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=1")]
+              for model, args in halves.items()}
+    done = checked(run_forked(repo, first, logs))
+    checked(run_forked(repo, {model: ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=2")]
+                              for model, args in halves.items()}, logs))
+    return {model: (run_folder_of(done[f"{model}-straight"]),
+                    newest_run(repo / f"models/{model}/model_checkpoints/halves")) for model in EXAMPLES}
+
+
+@pytest.fixture(scope="module")
+def used_examples(repo, trained_examples, tmp_path_factory):
+    """evaluate.py, jit_trace_model.py (the VAE's sampler too) and evaluate_training.py on each
+    example's straight run, side by side: {job: CompletedProcess}."""
+    jobs = {}
+    for model in EXAMPLES:
+        args = ["-t", cfg_path(model), *sets(*EXAMPLES[model], *COMMON)]
+        jobs[f"{model}-evaluate"] = ["evaluate.py", *args, "-e", cfg_path(model, "evaluation")]
+        jobs[f"{model}-trace"] = ["jit_trace_model.py", *args, "-c", "latest", "-i", "2"]
+        jobs[f"{model}-curves"] = ["evaluate_training.py", "-te", cfg_path(model, "training_evaluation")]
+    jobs["vae-trace-sample"] = ["jit_trace_model.py", "-t", cfg_path("vae"), *sets(*EXAMPLES["vae"], *COMMON), "-c",
+                                "latest", "-i", "2", "--path", "sample", "--dynamic-batch"]
+    return checked(run_forked(repo, jobs, tmp_path_factory.mktemp("own_step_use_logs")))
+
+
+@pytest.fixture(params=list(EXAMPLES))
+def example_run(request, repo, trained_examples):
+    return request.param, repo, *trained_examples[request.param]
 
 
 @pytest.mark.slow
@@ -75,23 +113,18 @@ def test_an_own_step_example_trains_and_resumes_bit_for_bit(example_run):
 
 
 @pytest.mark.slow
-def test_an_own_step_example_evaluates_traces_and_plots(example_run):
+def test_an_own_step_example_evaluates_traces_and_plots(example_run, used_examples):
     model, repo, straight, _ = example_run
-    args = ["-t", cfg_path(model), *sets(*EXAMPLES[model], *COMMON)]
-    evaluated = run(repo, "evaluate.py", *args, "-e", cfg_path(model, "evaluation"))
     results = repo / "results" / model / straight.parent.name
     pictures = sorted(path.name for path in results.rglob("*.png"))
     assert any(name.endswith("_rows.png") for name in pictures), pictures  # the flow's sample_rows picture
     assert any(name.endswith("_samples.png") for name in pictures), pictures
     metrics = json.loads(next(results.rglob("*_metrics.json")).read_text())
-    assert metrics["epoch"] == 2, evaluated.stdout
-    traced = run(repo, "jit_trace_model.py", *args, "-c", "latest", "-i", "2")
-    assert list((straight / "jit").glob("*.pt")), traced.stdout
+    assert metrics["epoch"] == 2, used_examples[f"{model}-evaluate"].stdout
+    assert len(pictures) > 2, used_examples[f"{model}-curves"].stdout  # the loss curves' figure(s) too
+    assert list((straight / "jit").glob("*_2x*_traced.pt")) or list((straight / "jit").glob("*-2*_traced.pt"))
     if model == "vae":  # its second inference path: latent codes in, images out
-        run(repo, "jit_trace_model.py", *args, "-c", "latest", "-i", "2", "--path", "sample", "--dynamic-batch")
         assert list((straight / "jit").glob("*_sample_Nx8_traced.pt"))
-    plotted = run(repo, "evaluate_training.py", "-te", cfg_path(model, "training_evaluation"))
-    assert len(list(results.rglob("*.png"))) > len(pictures), plotted.stdout  # the loss curves' figure(s)
 
 
 def test_the_cycle_gans_trial_step_leaves_its_history_of_fakes_empty(tmp_path):
