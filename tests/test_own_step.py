@@ -245,3 +245,20 @@ def test_training_steps_make_one_host_read_per_log_interval(tmp_path, own_step):
     finally:
         torch.Tensor.cpu = original
     assert len(reads) == 1
+
+
+def test_a_network_may_train_in_a_precision_of_its_own(tmp_path, own_step):
+    """networks.<name>.precision: the discriminator's terms under bf16 autocast, the others in fp32."""
+    networks = NETWORKS.replace("discriminator: {components: [discriminator]}",
+                                "discriminator: {components: [discriminator], precision: bf16}")
+    trainer = trainer_of(tmp_path, [*own_step, networks, "training.n_epochs=1"])
+    seen = {}
+    losses = trainer.model.losses
+
+    def spy(network, batch, step):  # the dtype autocast gives a matmul under each network's update
+        seen[network] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        return losses(network, batch, step)
+    trainer.model.losses = spy
+    assert trainer.run_epoch(1, tqdm(disable=True))
+    assert seen == {"discriminator": torch.bfloat16, "generator": torch.float32, "info": torch.float32}
+    assert all(torch.isfinite(torch.tensor(net.loss_history["total"])).all() for net in trainer.networks.values())
