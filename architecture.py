@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from errors import UserError, did_you_mean, shown
+from errors import UserError, did_you_mean, dtype_name, shown
 from registry import layer_types, lookup, parametrizations
 
 # torch.nn classes that cannot be a layer of a chain, and what to use instead.
@@ -477,4 +477,4 @@ class WiringReader(Reader):
 
 def described(data):
     """'[1, 4, 4] float32': a DataInput as the messages show it."""
-    return f"{list(data.size)} {str(data.dtype).removeprefix('torch.')}"
+    return f"{list(data.size)} {dtype_name(data.dtype)}"

@@ -6,7 +6,7 @@ command line with it, and answer --help, before importing torch (which takes sec
 import argparse
 import sys
 
-from errors import UserError, did_you_mean, shown
+from errors import UserError, did_you_mean, dtype_name, shown
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
             "(the value is read as YAML; repeat --set for several keys)")
@@ -71,8 +71,9 @@ def select_device(gpus, where, index=0):
 
 def targets_are_paired(model, adversarial):
     """Whether target i belongs to input i (a denoiser's clean image, a label), rather than being
-    just some real sample for a discriminator."""
-    return model.target_key is not None and (model.paired_targets or not adversarial)
+    just some real sample for a discriminator: in adversarial training (`adversarial`) and under
+    a flow's own step, only where the flow says so (paired_targets)."""
+    return model.target_key is not None and (model.paired_targets or not (adversarial or model.writes_own_step))
 
 
 def check_data_fits_model(streams, model, adversarial, source):
@@ -130,7 +131,7 @@ def check_stream_fits_model(batch, data, key, model, split, source):
         raise UserError(f"{source}: dataset.{key}: {split} samples have shape {list(shape)}{how}, but "
                         f"the architecture {model.architecture_path} expects input_size {list(size)}")
     if not dtype.is_floating_point and batch[key].dtype != dtype:
-        name, got = str(dtype).removeprefix("torch."), str(batch[key].dtype).removeprefix("torch.")
+        name, got = dtype_name(dtype), dtype_name(batch[key].dtype)
         raise UserError(f"{source}: dataset.{key}: {split} samples are {got}, but the architecture "
                         f"{model.architecture_path} declares {key} dtype {name} (indices, e.g. class labels an "
                         f"Embedding reads); read the stream as {name} (e.g. file_reader_args: {{dtype: {name}}})")

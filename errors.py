@@ -53,6 +53,11 @@ def shown(value, width=SHOWN_WIDTH):
     return head
 
 
+def dtype_name(dtype):
+    """A torch dtype as messages and file records name it: float32, int64."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cut(text, width=SHOWN_WIDTH):
     """Text that a message echoes as it is (not as a repr), cut past `width` characters as `shown` cuts."""
     return text if len(text) <= width else left_out(text[:width], len(text) - width)

@@ -60,14 +60,11 @@ def main(argv):
     cfg, model, path, state = load_trained_run(args.training_cfg, ev["model_checkpoint_filename"], where, train_sets,
                                                use_ema=ev["use_ema"])
     device = select_device(ev["gpus"], f"{args.evaluation_cfg}: evaluation.gpus")
-    # the built-in GAN step's discriminator (discriminate(samples, inputs)) scores samples; a flow that writes
-    # its own step pairs its targets with its inputs only where it says so (paired_targets), as a GAN does
     adversarial = cfg["adversarial"]["enable_adversarial_training"]
-    unpaired = adversarial or callable(getattr(model, "losses", None))
     check_same_classes(state.get("classes"), stream_classes(cfg["dataset"], args.training_cfg), cfg["dataset"],
                        f"the checkpoint {path.name}", args.training_cfg)  # (before reading every file)
     streams = load_streams(cfg["dataset"], cfg["training"]["seed"], args.training_cfg)
-    check_data_fits_model(streams, model, unpaired, args.training_cfg)
+    check_data_fits_model(streams, model, adversarial, args.training_cfg)
     data, split, batches = evaluation_data(streams, cfg["dataset"], state, ev["data_split"], args.training_cfg,
                                            f"{args.evaluation_cfg}: evaluation.data_split")
     check_batches_fit_model({split: data}, model, args.training_cfg)
@@ -81,7 +78,7 @@ def main(argv):
                 value_range=target_range)  # before generating
     model = model.to(device).eval()
     outputs = run_batched(model, inputs, ev["batch_size"], device, args.training_cfg)
-    paired = targets_are_paired(model, unpaired)
+    paired = targets_are_paired(model, adversarial)
     names = class_names(state, model, outputs.shape[-1])
     notes = []  # one line for each figure left out or null, and why
     metrics = compute_metrics(model, inputs, outputs, targets, device, paired, adversarial, names, target_range, notes)

@@ -93,7 +93,7 @@ import torch
 from config import stream_configs
 from dataset import build_dataset
 from dataset_base import load_streams
-from errors import UserError, cut, did_you_mean, run_main
+from errors import UserError, cut, did_you_mean, dtype_name, run_main
 from model_base import as_tuple, batch_size_of, index_inputs, inputs_to
 from runs import Run, load_trained_run
 
@@ -208,10 +208,6 @@ def check_forward_takes(model, flow_path):
     except TypeError as e:
         raise UserError(f"{flow_path}: {type(model).__name__}.forward must take one tensor per data stream its "
                         f"architecture reads, in this order: {', '.join(model.input_keys)} ({e})") from None
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 class ExampleInputs:

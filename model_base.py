@@ -28,7 +28,7 @@ from torch.func import functional_call
 import layers as custom_layers
 from architecture import ADV_TYPES, read_architecture
 from config import parse_yaml, read_yaml, resolve_path
-from errors import UserError, did_you_mean, kwargs_text, run_main, shown, user_code_error
+from errors import UserError, did_you_mean, dtype_name, kwargs_text, run_main, shown, user_code_error
 from registry import layer_types, parametrizations
 
 
@@ -203,6 +203,11 @@ class PyNet(nn.Module):
 
     # ---- helpers for the trainer and the scripts ----
     @property
+    def writes_own_step(self):
+        """Whether the flow writes its own training step (a `losses` method; docs/training.md)."""
+        return callable(getattr(self, "losses", None))
+
+    @property
     def has_discriminator(self):
         return "discriminator" in self.adv_types.values()
 
@@ -213,11 +218,15 @@ class PyNet(nn.Module):
         layers = list(self.submodels[names[-1]].layers.items())
         return names[-1], len(layers) - 1, *layers[-1]
 
+    def components_named(self, names):
+        """The components `names` as one module, sharing their weights: what a network's optimizer
+        trains and its EMA averages, and what their saved states load into (a name this model
+        lacks is left out)."""
+        return nn.ModuleDict({name: self.model_components[name] for name in names if name in self.model_components})
+
     def components_of(self, adv_type):
-        """The components of one kind (generator or discriminator) as one module, sharing their
-        weights: what an EMA of the generator averages, and what its saved weights load into."""
-        return nn.ModuleDict({name: comp for name, comp in self.model_components.items()
-                              if self.adv_types[name] == adv_type})
+        """The components of one kind (generator or discriminator) as one module (components_named)."""
+        return self.components_named([name for name, kind in self.adv_types.items() if kind == adv_type])
 
     def parameters_of(self, adv_type):
         return [p for name, comp in self.model_components.items()
@@ -287,21 +296,10 @@ def split_inputs(inputs, size):
     return list(zip(*(x.split(size) for x in inputs)))
 
 
-def cat_inputs(parts):
-    """A list of inputs of one form joined along the batch (what split_inputs split)."""
-    if not isinstance(parts[0], (tuple, list)):
-        return torch.cat(parts)
-    return tuple(torch.cat(xs) for xs in zip(*parts))
-
-
 def takes_indices(cls):
     """Whether a layer class reads integer indices: an Embedding or EmbeddingBag (or a subclass),
     or a class of layers.py that says so with `takes_indices = True`."""
     return issubclass(cls, (nn.Embedding, nn.EmbeddingBag)) or getattr(cls, "takes_indices", False) is True
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 def ref(source, kind):

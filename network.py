@@ -26,7 +26,15 @@ from registry import optimizers, schedulers
 # The settings that shape a network's learning-rate schedule (compared when resuming).
 SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
                  "learning_rate_gamma"]
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # training.precision -> autocast's dtype
+
+
+def autocast(device_type, dtype, cache_enabled=True):
+    """torch.autocast to `dtype` (AUTOCAST's), or for fp32 (None) no context at all: even a
+    disabled torch.autocast costs some microseconds, three times a step."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 @dataclass
@@ -92,7 +100,7 @@ class Network:
     def __init__(self, spec, model, cfg, placement, steps_per_epoch):
         train = cfg["training"]
         self.name, self.section, self.components = spec.name, spec.section, spec.components
-        self.module = module = torch.nn.ModuleDict({c: model.model_components[c] for c in spec.components})
+        self.module = module = model.components_named(spec.components)
         self.architecture_path = model.architecture_path
         self.settings = s = spec.settings  # validated values (null keys copy training's)
         self.source = cfg["config_path"]
@@ -141,11 +149,8 @@ class Network:
                 f"{every}, {n_params:,} parameters{trains}{', EMA of its weights' if self.ema is not None else ''}")
 
     def autocast(self):
-        """The precision context of its loss terms. (For fp32 none at all: even a disabled
-        torch.autocast costs some microseconds, three times a step.)"""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.autocast_cache)
+        """The precision context of its loss terms."""
+        return autocast(self.device_type, self.dtype, self.autocast_cache)
 
     # ---- one update ----
     def update(self, loss, sizes, skip_nonfinite):

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from errors import UserError, kwargs_text, user_frames
+from errors import UserError, dtype_name, kwargs_text, user_frames
 from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE, as_tuple, map_inputs
 from runs import first_line
 
@@ -151,7 +151,7 @@ def is_one_number(value):
 
 def kind_of_value(value):
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+        return f"a {dtype_name(value.dtype)} tensor of shape {list(value.shape)}"
     if isinstance(value, dict) and not value:
         return "an empty dict"
     return repr(value) if isinstance(value, (int, float, str, type(None))) else f"a {type(value).__name__}"
@@ -209,7 +209,7 @@ def input_samples(model, inputs):
 
 
 def samples(x):
-    return f"samples of shape {list(x.shape[1:])} ({str(x.dtype).removeprefix('torch.')})"
+    return f"samples of shape {list(x.shape[1:])} ({dtype_name(x.dtype)})"
 
 
 class LayerTrace:

@@ -646,9 +646,7 @@ def averaged_weights(state):
 def components_of(model, components):
     """The model's `components` (names; None: those of adv_type generator) as one module, keyed as
     a network's EMA and optimizer are."""
-    if components is None:
-        return model.components_of("generator")
-    return torch.nn.ModuleDict({c: model.model_components[c] for c in components if c in model.model_components})
+    return model.components_of("generator") if components is None else model.components_named(components)
 
 
 def saved_config(state, fallback):

@@ -202,8 +202,7 @@ def make_loaders(cfg, model, placement, source):
     data, seed, batch_size = cfg["dataset"], cfg["training"]["seed"], cfg["training"]["batch_size"]
     where = f"{source}: dataset"
     streams = load_streams(data, seed, source)
-    unpaired = cfg["adversarial"]["enable_adversarial_training"] or callable(getattr(model, "losses", None))
-    check_data_fits_model(streams, model, unpaired, source)  # (a flow's own step pairs only where it says)
+    check_data_fits_model(streams, model, cfg["adversarial"]["enable_adversarial_training"], source)
     train_indices, validation_indices = split_indices(len(streams[data["data_len_key"]]), data["validation_fraction"],
                                                       data["split_seed"], where)
     training = build_dataset(streams, data, train_indices, True, where)

@@ -37,7 +37,7 @@ from dashboard import use_tensorboard
 from dataset_base import check_same_classes, stream_classes, value_range
 from errors import UserError, did_you_mean, kwargs_text
 from model_base import inputs_to, run_model, split_inputs
-from network import Network, Step, checkpoint_entries, network_specs, network_state, update_order
+from network import AUTOCAST, Network, Step, autocast, checkpoint_entries, network_specs, network_state, update_order
 from preflight import eagerly
 from registry import loss_functions
 from runs import BEST, Run, first_line
@@ -93,7 +93,7 @@ class Trainer:
         self.classes = stream_classes(cfg["dataset"], self.source)  # {class_labels stream: class names}
         # validation's accuracy, PSNR and SSIM (metrics.py) for outputs paired with their targets,
         # PSNR's range the target stream's (held-out targets only for a guess, where none is declared)
-        self.paired = targets_are_paired(model, self.losses.adversarial or self.losses.own_step)
+        self.paired = targets_are_paired(model, self.losses.adversarial)
         self.validation_range = None
         if validation_loader is not None:
             targets = model.split_batch(first_samples(validation_loader.dataset, 256))[1]
@@ -489,7 +489,7 @@ class Losses:
     def __init__(self, model, cfg, device):
         self.model, self.source, self.device = model, cfg["config_path"], device
         self.adversarial = cfg["adversarial"]["enable_adversarial_training"]
-        self.own_step = callable(getattr(model, "losses", None))
+        self.own_step = model.writes_own_step
         flow, loss_fn = type(model).__name__, cfg["loss"]["loss_fn"]
         if self.own_step:
             if loss_fn is not None:
@@ -511,7 +511,7 @@ class Losses:
             # A loss that asks for the discriminator (a penalty on its gradient) gets a callable.
             self.wants_discriminator = "discriminator" in inspect.signature(self.fn).parameters
         # Inference passes (validation, the dashboard) under the run's precision; updates under each network's.
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["training"]["precision"]]
+        self.dtype = AUTOCAST[cfg["training"]["precision"]]
         self.channels_last = cfg["training"]["channels_last"]
         self.watched = {}  # {network: names of the values its flow logs beside its terms}
 
@@ -589,9 +589,7 @@ class Losses:
             return run_model(self.model, inputs)
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device.type, self.dtype)
 
 
 def flow_loss_args(model, args, source):

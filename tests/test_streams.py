@@ -27,7 +27,6 @@ from errors import UserError
 from model_base import (
     as_tuple,
     batch_size_of,
-    cat_inputs,
     index_inputs,
     inputs_to,
     map_inputs,
@@ -207,8 +206,6 @@ def test_input_helpers_keep_the_form_they_are_given(form):
     parts = split_inputs(inputs, 2)
     assert [batch_size_of(p) for p in parts] == [2, 2, 1]
     assert all(isinstance(p, torch.Tensor) == (form == "tensor") for p in parts)
-    joined = cat_inputs(parts)
-    assert all(torch.equal(a, b) for a, b in zip(as_tuple(joined), as_tuple(inputs)))
     picked = index_inputs(inputs, slice(1, 3))
     assert torch.equal(as_tuple(picked)[0], x[1:3])
     assert as_tuple(inputs_to(inputs, "meta"))[0].device.type == "meta"
