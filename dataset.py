@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from config import stream_configs
 from dataset_base import FileStream
-from errors import UserError, kwargs_text
-from registry import batch_transforms
+from engine.config import stream_configs
+from engine.errors import UserError, kwargs_text
+from engine.registry import batch_transforms
 
 
 class PipelineDataset(Dataset):

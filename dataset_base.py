@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from config import postprocessing_steps, resolve_path, stream_configs
-from dashboard import known_range
-from errors import UserError, kwargs_text, user_code_error
-from registry import batch_transforms, dataset_functions
+from engine.config import postprocessing_steps, resolve_path, stream_configs
+from engine.dashboard import known_range
+from engine.errors import UserError, kwargs_text, user_code_error
+from engine.registry import batch_transforms, dataset_functions
 
 
 def load_streams(dataset_cfg, seed, source):

@@ -13,7 +13,7 @@ evaluation.sample_metrics, a generator's FID, KID and precision/recall, see samp
 output and target for paired data; inputs titled with their predicted and true class for a
 classifier) and, for a classifier, <...>_confusion.png. Prints the metrics and the files' paths.
 """  # noqa: E501  (the command as the README gives it)
-from cli import add_training_cfg, answer_early, make_parser
+from engine.cli import add_training_cfg, answer_early, make_parser
 
 
 def parse_args(argv):
@@ -36,17 +36,23 @@ import matplotlib
 import torch
 from tqdm import tqdm
 
-from cli import check_batches_fit_model, check_data_fits_model, select_device, split_overrides, targets_are_paired
-from config import EVALUATION, load_config
-from dashboard import PAD, grid_columns, image_grid, scale_note, to_unit_range
 from dataset import FixedBatches, build_dataset
 from dataset_base import check_same_classes, load_streams, split_indices, stream_classes, value_range
-from errors import UserError, run_main
-from metrics import batch_sums, finish, ssim_window
-from model_base import as_tuple, batch_size_of, index_inputs, inputs_to, run_model
-from preflight import check_outputs
-from runs import Run, load_trained_run
-from sample_metrics import prepare
+from engine.cli import (
+    check_batches_fit_model,
+    check_data_fits_model,
+    select_device,
+    split_overrides,
+    targets_are_paired,
+)
+from engine.config import EVALUATION, load_config
+from engine.dashboard import PAD, grid_columns, image_grid, scale_note, to_unit_range
+from engine.errors import UserError, run_main
+from engine.metrics import batch_sums, finish, ssim_window
+from engine.model_base import as_tuple, batch_size_of, index_inputs, inputs_to, run_model
+from engine.preflight import check_outputs
+from engine.runs import Run, load_trained_run
+from engine.sample_metrics import prepare
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)

@@ -12,7 +12,7 @@ folder results/<model>/<save_folder_name>/run_<N>/: training_losses.png, trainin
 training_summary.csv; for several runs, compare_<runs>.png/.md/.csv under the first config's
 results/<model>/<save_folder_name>/. Prints the table.
 """
-from cli import add_overrides, answer_early, make_parser
+from engine.cli import add_overrides, answer_early, make_parser
 
 
 def parse_args(argv):
@@ -38,8 +38,8 @@ import matplotlib
 import numpy as np
 import yaml
 
-from cli import split_overrides
-from config import (
+from engine.cli import split_overrides
+from engine.config import (
     HIGHER_IS_BETTER,
     TRAINING_EVALUATION,
     flat_config,
@@ -48,8 +48,8 @@ from config import (
     resolve_path,
     results_dir,
 )
-from errors import UserError, run_main, shown
-from runs import (
+from engine.errors import UserError, run_main, shown
+from engine.runs import (
     Run,
     is_count,
     list_checkpoints,

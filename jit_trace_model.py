@@ -31,7 +31,7 @@ batch). Its file names give each stream as <stream>-<shape>, joined by _:
   jit/<checkpoint>_input_noise-1x16.raw and jit/<checkpoint>_input_labels-1.raw (one a stream)
 and the .json lists every stream under "inputs".
 """
-from cli import add_training_cfg, answer_early, make_parser
+from engine.cli import add_training_cfg, answer_early, make_parser
 
 FORMATS = {"torchscript": "_traced.pt", "export": "_exported.pt2", "onnx": ".onnx"}  # --format: file endings
 DYNAMIC_CHECK_BATCHES = (1, 7)  # --dynamic-batch: batch sizes every artifact is checked at; the last, per sample too
@@ -90,12 +90,12 @@ import warnings
 
 import torch
 
-from config import stream_configs
 from dataset import build_dataset
 from dataset_base import load_streams
-from errors import UserError, cut, did_you_mean, dtype_name, run_main
-from model_base import as_tuple, batch_size_of, index_inputs, inputs_to
-from runs import Run, load_trained_run
+from engine.config import stream_configs
+from engine.errors import UserError, cut, did_you_mean, dtype_name, run_main
+from engine.model_base import as_tuple, batch_size_of, index_inputs, inputs_to
+from engine.runs import Run, load_trained_run
 
 TOLERANCE = 1e-5  # max abs difference allowed between an artifact's outputs and eager ones
 # -i: the most values an example input may hold (1 GiB of float32). The checks run the model on it

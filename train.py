@@ -3,7 +3,7 @@
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """  # noqa: E501  (the commands as the README gives them)
-from cli import add_training_cfg, answer_early, make_parser
+from engine.cli import add_training_cfg, answer_early, make_parser
 
 
 def parse_args(argv):
@@ -17,18 +17,29 @@ answer_early(__name__, parse_args)  # --help in a fraction of a second: before t
 import torch
 import torch.distributed as dist
 
-import metrics
-from cli import check_batches_fit_model, check_data_fits_model
-from config import config_changes, load_training_config
 from dataset import EpochBatches, FixedBatches, build_dataset, loading_settings, make_loader, on_device
 from dataset_base import load_streams, split_indices, value_range
-from errors import UserError, did_you_mean, run_main
-from model_base import build_model
-from network import Step
-from preflight import check_step, check_whole_step
-from runs import BEST, Run, find_checkpoint, load_checkpoint, load_weights, newest_checkpoint, run_folders, saved_config
-from sample_metrics import prepare
-from train_base import Trainer, first_samples, seed_everything, set_num_threads, setup_placement
+from engine import metrics
+from engine.cli import check_batches_fit_model, check_data_fits_model
+from engine.config import config_changes, load_training_config
+from engine.errors import UserError, did_you_mean, run_main
+from engine.loop import Trainer
+from engine.model_base import build_model
+from engine.network import Step, describe
+from engine.placement import seed_everything, set_num_threads, setup_placement
+from engine.preflight import check_step, check_whole_step
+from engine.runs import (
+    BEST,
+    Run,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    newest_checkpoint,
+    run_folders,
+    saved_config,
+)
+from engine.sample_metrics import prepare
+from engine.sampling import first_samples
 
 
 def main(argv):
@@ -63,9 +74,9 @@ def train(cfg, placement, source):
     first = first_samples(loader.dataset, trial_size(loader))
     made = said_of_one_sample(trainer.loader, first, lambda: check_step(
         trainer.losses, first, source, trainer.update_order, Step(trainer.step, trainer.epoch + 1)))
-    kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.paired)
-    made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation_range)
-    check_step_gives(made, samples, trainer.best, trainer.quality_network, source)
+    kind = metrics.kind_of(made["outputs"], model.split_batch(first)[1], trainer.validation.paired)
+    made["metrics"] = metrics.names_of(kind, made["outputs"], trainer.validation.value_range)
+    check_step_gives(made, samples, trainer.best, trainer.validation.quality_network, source)
     check_classes_fit(made, trainer.classes, model, source)
     # Then the whole step, as training runs it, and everything it changed put back.
     held_out = first_samples(validation_loader.dataset, 2) if validation_loader is not None else None
@@ -75,8 +86,8 @@ def train(cfg, placement, source):
         if run.folder is None:
             run.claim()
         print(header(trainer, loader, validation_loader, run, path, placement))
-        if kind == "images" and trainer.validation_range is not None:
-            print(validation_range_line(trainer.validation_range, made["metrics"], model.target_key))
+        if kind == "images" and trainer.validation.value_range is not None:
+            print(validation_range_line(trainer.validation.value_range, made["metrics"], model.target_key))
         if resume:
             changes = config_changes(saved_config(resume, cfg), cfg)
             print(f"config changes since {path.name}:" + "".join(f"\n  {c}" for c in changes) if changes else
@@ -156,7 +167,7 @@ def header(trainer, loader, validation_loader, run, path, placement):
     else:  # see holds_run
         start = f"a new run, from {path} (a checkpoint of another save_folder_name)"
     lines = [trainer.model.summary(), f"run folder: {run.folder}", f"  {start}"]
-    lines += [f"  {net.describe()}" for net in trainer.networks.values()]
+    lines += [f"  {describe(net)}" for net in trainer.networks.values()]
     train = trainer.cfg["training"]
     lines.append(f"  precision {train['precision']}, batch {train['batch_size']} x {trainer.accumulate} batch(es) "
                  f"per step x {placement.world_size} process(es), {trainer.steps_per_epoch} steps per epoch, "

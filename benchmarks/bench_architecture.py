@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model_base import PyNet  # noqa: E402
+from engine.model_base import PyNet  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -47,9 +47,9 @@ import yaml
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import check_dataset, checkpoint_dir, load_training_config, raise_if, results_dir  # noqa: E402
 from dataset import EpochBatches, build_dataset, keep_batch, make_loader  # noqa: E402
 from dataset_base import split_indices  # noqa: E402
+from engine.config import check_dataset, checkpoint_dir, load_training_config, raise_if, results_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

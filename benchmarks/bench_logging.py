@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tqdm import tqdm  # noqa: E402  (after the repository is on the path)
 
-from config import load_training_config  # noqa: E402
-from model_base import build_model  # noqa: E402
-from runs import Run  # noqa: E402
+from engine.config import load_training_config  # noqa: E402
+from engine.loop import Trainer  # noqa: E402
+from engine.model_base import build_model  # noqa: E402
+from engine.placement import seed_everything, setup_placement
+from engine.runs import Run  # noqa: E402
 from train import make_loaders  # noqa: E402
-from train_base import Trainer, seed_everything, setup_placement  # noqa: E402
 
 
 def quartiles(values):
@@ -72,7 +73,8 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=5, help="epochs per side and round")
-    parser.add_argument("--only", choices=["on", "off"], help="train --epochs epochs of this side, time nothing")
+    parser.add_argument("--only", choices=["on", "off", "none"],
+                        help="train --epochs epochs of this side (none: no logging at all), time nothing")
     args = parser.parse_args()
     cfg = load_training_config(args.training_cfg, args.overrides + ["training.gpus=[]"])
     seed_everything(cfg["training"]["seed"])
@@ -84,9 +86,13 @@ def main():
     if args.only:
         with tempfile.TemporaryDirectory() as tmp:
             trainer.run = Run(Path(tmp) / "run", Path(tmp) / "results")
-            trainer.run.start(cfg, trainer.step, {}, args.only == "on")
+            if args.only != "none":  # none: no metrics.jsonl, no TensorBoard, no grid
+                trainer.run.start(cfg, trainer.step, {}, args.only == "on")
             for epoch in range(1, args.epochs + 1):
                 trainer.run_epoch(epoch, bar)
+                if args.only != "none" and epoch % trainer.image_every == 0:  # as Trainer.fit does at an epoch's end
+                    sampler = trainer.sampler
+                    trainer.run.log_images(epoch, trainer.step, *sampler.sample_outputs(), sampler.image_range)
             trainer.run.close()
         return
     print(f"{args.training_cfg}: {trainer.steps_per_epoch} steps per epoch, metrics every "
@@ -107,7 +113,7 @@ def main():
                     trainer.run_epoch(epoch, bar)
                 elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
                 start = time.perf_counter()
-                trainer.run.log_images(1, trainer.step, trainer.sample_outputs())
+                trainer.run.log_images(1, trainer.step, trainer.sampler.sample_outputs())
                 images[tensorboard].append(time.perf_counter() - start)
                 if round_:  # the first round warms up
                     times[tensorboard].append(elapsed)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sample_metrics import measure  # noqa: E402
+from engine.sample_metrics import measure  # noqa: E402
 
 
 def timed(metric, real, generated, rounds):

@@ -44,9 +44,11 @@ def run(repo, *args, check=True, timeout=TIMEOUT, cwd=None):
 
     With check, a non-zero exit fails the test and shows everything the script printed."""
     cmd = [sys.executable, *map(str, args)]
+    env = script_env()
+    if cwd is not None:  # (a script's own folder is on its path; `-m engine.<module>` needs the repository's)
+        env["PYTHONPATH"] = str(repo)
     try:
-        proc = subprocess.run(cmd, cwd=cwd or repo, capture_output=True, text=True, timeout=timeout,
-                              env=script_env())
+        proc = subprocess.run(cmd, cwd=cwd or repo, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} ran past {timeout} s\n--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}",
                     pytrace=False)

@@ -13,13 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-import architecture
-import config
 import dataset_functions
 import layers as custom_layers
-import model_base
 from conftest import SRC, TRAIN_CFG, run
-from errors import UserError
+from engine import architecture, config, model_base
+from engine.errors import UserError
 from test_model import HandWrittenGenerator
 
 UNET_CFG = "configs/unet_gan/unet_gan_training_cfg.yaml"
@@ -534,7 +532,7 @@ def test_unet_summary_rows_and_totals(unet):
 @pytest.mark.slow
 def test_model_base_cli_prints_the_summary(repo, unet):
     """`python model_base.py ARCH` prints the same summary as model.summary(), totals included."""
-    proc = run(repo, "model_base.py", UNET_ARCH)
+    proc = run(repo, "-m", "engine.model_base", UNET_ARCH)
     assert proc.stdout.strip() == unet.summary()
     assert f"total: {n_params(unet):,} parameters" in proc.stdout
 
@@ -546,7 +544,7 @@ def test_model_base_cli_on_a_broken_architecture(repo, tmp_path):
     assert text.count("{Tanh: null}") == 1
     path = tmp_path / "broken_unet.yaml"
     path.write_text(text.replace("{Tanh: null}", "{TanH: null}"))
-    proc = run(repo, "model_base.py", path, check=False)
+    proc = run(repo, "-m", "engine.model_base", path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     for part in (str(path), "unet_dec.layers[10].layer_type", "did you mean 'Tanh'"):
@@ -660,7 +658,7 @@ def test_layer_norm_over_a_whole_conv_map_when_asked(tmp_path):
 
 @pytest.mark.slow
 def test_model_base_cli_reads_paths_relative_to_the_current_folder(repo, tmp_path):
-    """Like every other command-line path, `python model_base.py ARCH` reads ARCH from where it runs."""
+    """Like every other command-line path, `python -m engine.model_base ARCH` reads ARCH from where it runs."""
     (tmp_path / "mine.yaml").write_text((SRC / UNET_ARCH).read_text())
-    proc = run(repo, repo / "model_base.py", "mine.yaml", cwd=tmp_path)
+    proc = run(repo, "-m", "engine.model_base", "mine.yaml", cwd=tmp_path)
     assert "total: 289,682 parameters" in proc.stdout

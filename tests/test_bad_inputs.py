@@ -17,13 +17,10 @@ import pytest
 import torch
 import yaml
 
-import config
-import errors
 import evaluate_training
-import model_base
-import runs
 from conftest import ARCH_YAML, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_forked
-from errors import UserError
+from engine import config, errors, model_base, runs
+from engine.errors import UserError
 
 CLASSIFIER_CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
 
@@ -278,7 +275,7 @@ def test_damaged_checkpoints_are_refused_by_every_script_naming_them(repo, train
 
 @pytest.mark.slow
 def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):
-    """runs.CHECKPOINT lists what Trainer.state writes; a key added there and not here would go unchecked."""
+    """runs.CHECKPOINT lists what resume.training_state writes; a key added there and not here would go unchecked."""
     _, run_folder = trained
     state = runs.read_checkpoint(checkpoints(run_folder)[-1])
     assert set(state) <= set(runs.CHECKPOINT), set(state) - set(runs.CHECKPOINT)

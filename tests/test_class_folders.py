@@ -12,11 +12,11 @@ import pytest
 import torch
 import torchvision
 
-import config
-import metrics
 from conftest import SRC, newest_run, run
 from dataset_base import class_folder_files, load_streams
-from errors import UserError
+from engine import config, metrics
+from engine.errors import UserError
+from engine.placement import Placement, set_num_threads
 
 CLASSES = ["b_square", "a_circle", "c_triangle"]  # sorted: a_circle 0, b_square 1, c_triangle 2
 ARCH = "models/shape_classifier/shape_classifier_architecture.yaml"
@@ -198,7 +198,7 @@ def test_kind_of_outputs():
 
 # ---- devices and threads ------------------------------------------------------------------------
 def test_gpus_auto_on_a_machine_without_gpus_is_the_cpu(monkeypatch):
-    from cli import resolve_gpus, select_device
+    from engine.cli import resolve_gpus, select_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_gpus("auto", 2) == [] and select_device("auto", "x").type == "cpu"
     assert resolve_gpus([1], 1) == [1]
@@ -208,7 +208,7 @@ def test_gpus_auto_on_a_machine_without_gpus_is_the_cpu(monkeypatch):
 
 
 def test_num_threads_shares_cores_among_cpu_processes(monkeypatch):
-    from train_base import Placement, set_num_threads
+
     before = torch.get_num_threads()
     try:
         assert set_num_threads(1, Placement(torch.device("cpu"))) == 1

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import evaluate
 import loss
 from conftest import SRC, checkpoints, newest_run, run
-from errors import UserError
+from engine.errors import UserError
 
 CFG = "configs/shape_classifier/shape_classifier_training_cfg.yaml"
 EVAL_CFG = "configs/shape_classifier/shape_classifier_evaluation_cfg.yaml"

@@ -20,10 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-import config
-import model_base
 import train
-import train_base
 from conftest import (
     ARCH_YAML,
     CHECKPOINTS,
@@ -41,7 +38,9 @@ from conftest import (
     run_forked,
     script_env,
 )
-from runs import read_metrics
+from engine import config, loop, model_base
+from engine.placement import Placement, seed_everything
+from engine.runs import read_metrics
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -555,12 +554,12 @@ def one_process_weights(*overrides):
     """The weights after one epoch of one process, trained in this process (nothing is saved),
     on the multi-GPU config on the CPU with `overrides`."""
     cfg = config.load_training_config(SRC / MULTIGPU_CFG, overrides=list(overrides))
-    train_base.seed_everything(cfg["training"]["seed"])
+    seed_everything(cfg["training"]["seed"])
     model = model_base.build_model(cfg["model"])
     # One process reads the union of the two shards (a one-replica DistributedSampler order).
-    placement = train_base.Placement(torch.device("cpu"))
+    placement = Placement(torch.device("cpu"))
     loader, _ = train.make_loaders(cfg, model, placement, MULTIGPU_CFG)
-    trainer = train_base.Trainer(cfg, model, loader, placement)
+    trainer = loop.Trainer(cfg, model, loader, placement)
     assert trainer.run_epoch(1, tqdm(disable=True))
     return model.state_dict()
 
@@ -625,7 +624,7 @@ def test_ddp_trains_a_flow_that_leaves_parameters_unused(repo, tmp_path):
     flow = tmp_path / "skips_gen_dec.py"
     flow.write_text(textwrap.dedent("""\
         import torch
-        from model_base import PyNet
+        from engine.model_base import PyNet
 
 
         class SkipsDecoder(PyNet):
@@ -1063,7 +1062,7 @@ README_COMMANDS = [
     "python evaluate_training.py -te configs/unet_gan/unet_gan_training_evaluation_cfg.yaml",
     "python evaluate.py -t configs/unet_gan/unet_gan_training_cfg.yaml -e configs/unet_gan/unet_gan_evaluation_cfg.yaml",  # noqa: E501
     "python jit_trace_model.py -t configs/unet_gan/unet_gan_training_cfg.yaml -c latest -i",
-    "python model_base.py models/unet_gan/unet_gan_architecture.yaml",
+    "python -m engine.model_base models/unet_gan/unet_gan_architecture.yaml",
 ]
 
 

@@ -4,11 +4,10 @@ import math
 import pytest
 import yaml
 
-import config
 import dataset_base
-import model_base
 from conftest import ARCH_YAML, FLOW_PY, SRC, TRAIN_CFG
-from errors import UserError
+from engine import config, model_base
+from engine.errors import UserError
 
 CONFIGS = sorted((SRC / "configs").rglob("*.yaml"))
 ARCHITECTURES = sorted(p for p in (SRC / "models").rglob("*.yaml") if "model_checkpoints" not in p.parts)
@@ -343,7 +342,7 @@ def test_rules_keep_their_messages():
 
 
 def test_registry_tables_resolve_names_with_did_you_mean():
-    import registry
+    from engine import registry
     assert "Adam" in registry.optimizers() and "StepLR" in registry.schedulers()
     assert "LambdaLR" not in registry.schedulers() and "Compose" not in registry.batch_transforms()
     with pytest.raises(UserError, match=r"x\.yaml: k: 'adamw': unknown optimizer \(did you mean 'AdamW'\?\); valid: "):

@@ -4,12 +4,12 @@ cut on the device, and CUDA graphs that train exactly as eager steps do. Skipped
 import pytest
 import torch
 
-import train_base
+from engine.placement import Placement
 from test_training_options import toy_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU = train_base.Placement(torch.device("cuda", 0))
+GPU = Placement(torch.device("cuda", 0))
 ON_GPU = ["training.gpus=[0]", "dataset.on_device=true"]
 
 
@@ -59,7 +59,7 @@ def test_cuda_graphs_train_as_eager_steps_do(tmp_path, precision):
     for batch in steps:
         eager_terms, _ = eager.train_step(batch)
         graphed_terms, _ = graphed.train_step(batch)
-    assert graphed.graphed.graph is not None and not graphed.graphed.failed
+    assert graphed.stepper.graphed.graph is not None and not graphed.stepper.graphed.failed
     tolerance = {"fp32": {"rtol": 1e-4, "atol": 1e-5}, "bf16": {"rtol": 1e-2, "atol": 1e-3}}[precision]
     for (key, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), **tolerance), key

@@ -4,8 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-import dashboard
-from errors import UserError
+from engine import dashboard
+from engine.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

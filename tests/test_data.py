@@ -19,17 +19,15 @@ import pytest
 import torch
 import torchvision.io
 
-import cli
-import config
 import dataset
 import dataset_base
 import dataset_functions
-import model_base
-import runs
 import train
-import train_base
 from conftest import ARCH_YAML, CHECKPOINTS, FLOW_PY, SRC, TRAIN_CFG, run
-from errors import UserError
+from engine import cli, config, loop, model_base, runs
+from engine.errors import UserError
+from engine.network import step_epoch_schedules
+from engine.placement import Placement, seed_everything
 
 # torchvision.io (used by read_image and to write the test's PNGs) warns that it is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -38,7 +36,7 @@ UNET_CFG = SRC / "configs/unet_gan/unet_gan_training_cfg.yaml"
 UNET_MODEL = {"architecture_cfg_path": "models/unet_gan/unet_gan_architecture.yaml",
               "model_flow_path": "models/unet_gan/unet_gan.py"}
 EXAMPLE_MODEL = {"architecture_cfg_path": ARCH_YAML, "model_flow_path": FLOW_PY}
-CPU = train_base.Placement(torch.device("cpu"))
+CPU = Placement(torch.device("cpu"))
 # A stream the config checks accept; tests that build datasets from their own tensors use it to
 # validate the dataset section (only its name and data_batch_transform matter then).
 ANY_STREAM = {"data_read_type": "function", "data_generating_function": "blobs", "n_inputs": 1}
@@ -979,18 +977,18 @@ def small_trainer(tmp_path, *overrides):
     saving into tmp_path."""
     cfg = unet_cfg("training.batch_size=3", "dataset.validation_fraction=0.25", "training.n_epochs=2",
                    "saving.save_epoch_increment=1", *overrides, n=8)
-    train_base.seed_everything(0)
+    seed_everything(0)
     model = model_base.build_model(cfg["model"])
     loader, validation = train.make_loaders(cfg, model, CPU, "unet.yaml")
     run = runs.Run.of(cfg, folder=tmp_path / "run")  # (the config's own folder is in the source tree)
-    return train_base.Trainer(cfg, model, loader, CPU, None, validation, run)
+    return loop.Trainer(cfg, model, loader, CPU, None, validation, run)
 
 
 def test_training_validates_after_every_epoch(tmp_path):
     trainer = small_trainer(tmp_path)
     assert len(trainer.loader) == 2 and len(trainer.validation_loader.dataset) == 2
     last = trainer.fit()
-    history = trainer.validation_history
+    history = trainer.validation.history
     assert history["step"] == [2, 4]  # the steps at the end of epochs 1 and 2
     for net in ("generator", "discriminator"):
         assert "total" in history[net] and len(history[net]) > 1
@@ -1031,7 +1029,7 @@ def test_reduce_lr_on_plateau_follows_the_validation_loss(tmp_path):
                 net.loss_history.setdefault("total", []).extend([3.0 - epoch] * 2)  # falling
             validation = None if validation_total is None else \
                 {name: {"total": validation_total} for name in trainer.networks}
-            trainer.step_epoch_schedules(validation)
+            step_epoch_schedules(trainer.networks, validation, trainer.steps_per_epoch, trainer.placement)
         return trainer.networks["generator"].lr
     lr = 0.0002
     assert lr_after([1.0, 2.0, 3.0]) == pytest.approx(lr * 0.25)  # worse twice: halved twice

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import jit_trace_model
-import runs
 import train
 from conftest import SRC, TRAIN_CFG, checkpoints, newest_run
 from dataset_base import load_streams
-from errors import UserError
+from engine import config, runs
+from engine.errors import UserError
 
 ONNX_READY = all(importlib.util.find_spec(name) for name in jit_trace_model.ONNX_PACKAGES)
 SUFFIX = jit_trace_model.FORMATS
@@ -130,7 +129,7 @@ FLOWS = {  # forward of the toy GAN, spoilt for a dynamic batch
     "fixed_batch": "return self.generate(inputs).view(2, -1).view(2, 1, 4, 4)  # the batch of -i 2, as a constant",
     "batch_statistics": "return self.generate(inputs) - self.generate(inputs).mean(0)  # minus the batch's mean",
 }
-FLOW = """from model_base import PyNet
+FLOW = """from engine.model_base import PyNet
 
 
 class Spoilt(PyNet):

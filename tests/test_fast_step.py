@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import cuda_graphs
 import dataset
-import network
-import train_base
 from conftest import SRC, TRAIN_CFG
-from errors import UserError
+from engine import config, cuda_graphs, network
+from engine.errors import UserError
+from engine.placement import Placement
 from test_training_options import CPU, toy_trainer
 
-CUDA = train_base.Placement(torch.device("cuda"))  # (a placement only: nothing here touches a GPU)
+CUDA = Placement(torch.device("cuda"))  # (a placement only: nothing here touches a GPU)
 
 
 def settings(optimizer="Adam", **args):
@@ -134,7 +132,7 @@ def test_cuda_graphs_refuse_what_they_cannot_record(overrides, says):
     placement = CPU if not overrides else CUDA
     networks = [train | {"every": 1}]  # (the generator's settings, as network.network_specs gives them)
     assert says in cuda_graphs.refusal(train, train["on_nonfinite_loss"], placement, networks)
-    ddp = train_base.Placement(torch.device("cuda"), distributed=True)
+    ddp = Placement(torch.device("cuda"), distributed=True)
     plain = cfg_with()["training"]
     assert "DDP" in cuda_graphs.refusal(plain, "stop", ddp, [plain | {"every": 1}])
     assert cuda_graphs.refusal(plain, "stop", CUDA, [plain | {"every": 1}]) is None

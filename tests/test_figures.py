@@ -17,15 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import dataset_functions
 import evaluate
-import metrics
-import registry
-import train_base
 from conftest import run_forked
 from dataset_base import ValueRange, value_range
-from errors import UserError
+from engine import config, metrics, registry
+from engine.errors import UserError
+from engine.validation import validation_means
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -100,7 +98,7 @@ def test_pix2pix_targets_past_their_range_give_the_psnr_of_the_clamped_outputs()
 
 
 def test_validation_clamps_the_outputs_as_evaluate_does():
-    """train_base.validation_means (the rows validation/generator/psnr and ssim) on the same
+    """validation_means (the rows validation/generator/psnr and ssim) on the same
     outputs gives the PSNR by hand; without a known range it gives neither PSNR nor SSIM."""
     outputs, targets = overshooting_targets(1)
 
@@ -108,7 +106,7 @@ def test_validation_clamps_the_outputs_as_evaluate_does():
         def split_batch(self, batch):
             return batch["inputs"], batch["targets"]
 
-    class Losses:  # what validation_means asks of train_base.Losses: the outputs, and a loss term
+    class Losses:  # what validation_means asks of Losses: the outputs, and a loss term
         model, wants_discriminator, own_step = Model(), False, False
 
         def to_device(self, batch):
@@ -123,11 +121,11 @@ def test_validation_clamps_the_outputs_as_evaluate_does():
     placement = SimpleNamespace(device=torch.device("cpu"), world_size=1)
     networks = {"generator": SimpleNamespace(autocast=contextlib.nullcontext)}
     batches = [{"inputs": targets, "targets": targets}]
-    _, found = train_base.validation_means(Losses(), batches, networks, placement, True, SYMMETRIC)
+    _, found = validation_means(Losses(), batches, networks, placement, True, SYMMETRIC)
     assert found["psnr"] == pytest.approx(psnr_by_hand(outputs, targets, -1.0, 1.0), abs=1e-4)
     assert found["ssim"] == pytest.approx(quality(outputs, targets, SYMMETRIC)["ssim"])
     unknown = ValueRange(None, None, "not known: a test")
-    assert train_base.validation_means(Losses(), batches, networks, placement, True, unknown)[1] == {}
+    assert validation_means(Losses(), batches, networks, placement, True, unknown)[1] == {}
 
 
 def test_targets_that_overshoot_slightly_are_guessed_onto_their_range_not_255():

@@ -28,7 +28,7 @@ import evaluate_training  # noqa: E402
 import jit_trace_model  # noqa: E402
 import train  # noqa: E402
 from conftest import ARCH_YAML, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG  # noqa: E402
-from errors import run_main  # noqa: E402
+from engine.errors import run_main  # noqa: E402
 
 FAST = dict(max_examples=12, deadline=None, derandomize=True,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

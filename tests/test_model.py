@@ -7,9 +7,9 @@ import torch
 import yaml
 from torch import nn
 
-import model_base
 from conftest import ARCH_YAML, FLOW_PY, SRC
-from errors import UserError
+from engine import model_base
+from engine.errors import UserError
 
 EXAMPLE_MODEL = {"architecture_cfg_path": ARCH_YAML, "model_flow_path": FLOW_PY}
 
@@ -140,7 +140,7 @@ def write_flow(tmp_path, body, name="flow_under_test.py"):
 
 def test_seed_readme_snippet_works_in_a_flow(tmp_path, model):
     flow = write_flow(tmp_path, """
-        from model_base import PyNet
+        from engine.model_base import PyNet
 
 
         class SnippetFlow(PyNet):
@@ -164,7 +164,7 @@ def test_seed_readme_snippet_works_in_a_flow(tmp_path, model):
 
 def test_get_model_instance_is_used(tmp_path):
     flow = write_flow(tmp_path, """
-        from model_base import PyNet
+        from engine.model_base import PyNet
 
 
         class Flow(PyNet):

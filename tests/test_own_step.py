@@ -10,17 +10,16 @@ import pytest
 import torch
 from tqdm import tqdm
 
-import config
-import model_base
-import preflight
-import runs
 import train
-import train_base
 from conftest import SRC
-from errors import UserError
+from engine import config, loop, model_base, preflight, runs
+from engine.errors import UserError
+from engine.network import Step
+from engine.placement import Placement, seed_everything
+from engine.sampling import first_samples
 
 TRAIN_CFG = "configs/example_model/example_training_cfg.yaml"
-CPU = train_base.Placement(torch.device("cpu"))
+CPU = Placement(torch.device("cpu"))
 
 ARCHITECTURE = """\
 model_components:
@@ -54,7 +53,7 @@ FLOW = '''\
 import torch
 import torch.nn.functional as F
 
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class InfoToy(PyNet):
@@ -110,12 +109,12 @@ def own_step(tmp_path):
 
 def trainer_of(tmp_path, overrides, resume=None, folder="run"):
     cfg = config.load_training_config(SRC / TRAIN_CFG, overrides)
-    train_base.seed_everything(0)
+    seed_everything(0)
     model = model_base.build_model(cfg["model"])
     loader, _ = train.make_loaders(cfg, model, CPU, TRAIN_CFG)
     if resume is not None:
         runs.load_weights(model, resume, "checkpoint")
-    return train_base.Trainer(cfg, model, loader, CPU, resume, run=runs.Run.of(cfg, folder=tmp_path / folder))
+    return loop.Trainer(cfg, model, loader, CPU, resume, run=runs.Run.of(cfg, folder=tmp_path / folder))
 
 
 def test_each_network_updates_when_its_settings_say_and_logs_what_the_flow_watches(tmp_path, own_step):
@@ -170,7 +169,7 @@ def test_a_flow_defined_step_resumes_bit_for_bit(tmp_path, own_step):
 def test_the_trial_step_leaves_the_flows_buffer_and_every_network_as_they_were(tmp_path, own_step):
     trainer = trainer_of(tmp_path, [*own_step, "training.n_epochs=1"])
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    batch = train_base.first_samples(trainer.loader.dataset, 2)
+    batch = first_samples(trainer.loader.dataset, 2)
     preflight.check_whole_step(trainer, batch, None, "cfg.yaml")
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     assert all(not net.loss_history and not net.optimizer.state for net in trainer.networks.values())
@@ -198,8 +197,8 @@ def test_what_a_flows_losses_returns_is_checked_before_training(tmp_path, own_st
 def trial(tmp_path, overrides):
     """The checks train.py makes before it writes anything: the step phase by phase, then whole."""
     trainer = trainer_of(tmp_path, [*overrides, "training.n_epochs=1"])
-    batch = train_base.first_samples(trainer.loader.dataset, 2)
-    preflight.check_step(trainer.losses, batch, "cfg.yaml", trainer.update_order, train_base.Step(0, 1))
+    batch = first_samples(trainer.loader.dataset, 2)
+    preflight.check_step(trainer.losses, batch, "cfg.yaml", trainer.update_order, Step(0, 1))
     preflight.check_whole_step(trainer, batch, None, "cfg.yaml")
 
 

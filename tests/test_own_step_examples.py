@@ -10,13 +10,11 @@ import pytest
 import torch
 from tqdm import tqdm
 
-import config
-import model_base
-import preflight
-import runs
 import train
-import train_base
 from conftest import SRC, checkpoints, newest_run, run_folder_of, run_forked
+from engine import config, loop, model_base, preflight, runs
+from engine.placement import Placement
+from engine.sampling import first_samples
 
 EXAMPLES = {  # model: the overrides that make its run small (4 steps an epoch)
     "cond_gan": ["dataset.images.n_inputs=256", "dataset.labels.n_inputs=256", "dataset.noise.n_inputs=256",
@@ -130,10 +128,10 @@ def test_an_own_step_example_evaluates_traces_and_plots(example_run, used_exampl
 def test_the_cycle_gans_trial_step_leaves_its_history_of_fakes_empty(tmp_path):
     cfg = config.load_training_config(SRC / cfg_path("cycle_gan"), [*EXAMPLES["cycle_gan"], *COMMON])
     model = model_base.build_model(cfg["model"])
-    placement = train_base.Placement(torch.device("cpu"))
+    placement = Placement(torch.device("cpu"))
     loader, _ = train.make_loaders(cfg, model, placement, "cfg.yaml")
-    trainer = train_base.Trainer(cfg, model, loader, placement, run=runs.Run.of(cfg, folder=tmp_path))
-    preflight.check_whole_step(trainer, train_base.first_samples(loader.dataset, 2), None, "cfg.yaml")
+    trainer = loop.Trainer(cfg, model, loader, placement, run=runs.Run.of(cfg, folder=tmp_path))
+    preflight.check_whole_step(trainer, first_samples(loader.dataset, 2), None, "cfg.yaml")
     assert model.pooled_a == 0 and model.pool_a.abs().sum() == 0
     assert trainer.run_epoch(1, tqdm(disable=True))
     assert model.pooled_a == 50 and model.pooled_b == 50  # 64 fakes shown: the first 50 fill it

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import model_base
-import preflight
-import train_base
 from conftest import CHECKPOINTS, SRC, TRAIN_CFG, run
-from errors import UserError
+from engine import config, model_base, preflight
+from engine.errors import UserError
+from engine.placement import compile_submodels
+from engine.step import Losses, check_training_setup
 
 WHERE = "configs/my_gan/my_gan_training_cfg.yaml"
 
@@ -71,9 +70,9 @@ def build(tmp_path, flow, text):
 
 
 def losses_of(model, *overrides):
-    """A train_base.Losses for `model`, with the toy GAN's config and `overrides` (--set items)."""
+    """A Losses for `model`, with the toy GAN's config and `overrides` (--set items)."""
     cfg = config.load_training_config(SRC / TRAIN_CFG, list(overrides))
-    return train_base.Losses(model, cfg, torch.device("cpu"))
+    return Losses(model, cfg, torch.device("cpu"))
 
 
 def gan_batch(noise=(2, 4, 4), real=(1, 4, 4), n=8):
@@ -165,7 +164,7 @@ def test_loss_on_outputs_and_targets_that_do_not_fit_names_the_loss(tmp_path):
     assert not any(line.startswith("  layer:") for line in lines)  # no layer was running
     # then where in loss.py (a file users edit) it failed, its frames alone: none of the pipeline's or torch's
     assert lines[3] == "  in your code:" and "loss.py" in lines[4] and "weighted_reconstruction_loss" in message
-    assert not any("train_base.py" in line or "site-packages" in line for line in lines)
+    assert not any("engine" in line or "site-packages" in line for line in lines)
     assert_unchanged(model, before)
 
 
@@ -203,7 +202,7 @@ def test_compiled_submodels_run_eagerly_in_the_check(tmp_path):
     """Hooks inside a compiled submodel would see nothing; the check runs them eagerly (and compiles nothing)."""
     model = build(tmp_path, Gan, GAN_YAML)
     losses = losses_of(model)
-    train_base.compile_submodels(model, {}, "training.compile_args")
+    compile_submodels(model, {}, "training.compile_args")
     message = failure(losses, gan_batch(real=(1, 8, 8)))
     assert "layer: component discriminator, submodel disc, layer disc_Linear_4 (Linear)" in message
     assert message.endswith("torch: mat1 and mat2 shapes cannot be multiplied (2x256 and 64x8)")
@@ -238,7 +237,6 @@ def sigmoid_architecture(tmp_path):
 
 def test_a_bounded_discriminator_with_a_loss_on_raw_scores_is_refused(tmp_path):
     import loss
-    check_training_setup = train_base.check_training_setup
 
     class Flow(model_base.PyNet):
         target_key = "real_images"

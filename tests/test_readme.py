@@ -184,6 +184,23 @@ def test_relative_links_lead_somewhere(doc):
     assert not broken, f"{doc.relative_to(SRC)}: " + "; ".join(broken)
 
 
+def test_quick_start_is_two_blocks_that_install_what_they_run():
+    """README's quick start is the two blocks .ci/quickstart runs in a fresh environment: the first
+    installs the pipeline and trains the toy GAN, the second installs what the tests import
+    (pytest among it) and runs the fast subset."""
+    blocks = [text for _, _, text in fenced_blocks(section(README.read_text(), "## Quick start"))]
+    assert len(blocks) == 2, blocks
+    install, train = [line for line in blocks[0].splitlines() if line.strip()]
+    assert install.startswith("pip install torch torchvision") and "-r requirements.txt" in install
+    assert train == "python train.py -t configs/example_model/example_training_cfg.yaml"
+    install_dev, test = [line.split("#")[0].strip() for line in blocks[1].splitlines() if line.strip()]
+    assert install_dev == "pip install -r requirements-dev.txt"
+    assert test == 'python -m pytest -q -m "not slow" tests'
+    dev = (SRC / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev and any(re.match(r"pytest\b", line) for line in dev)
+    assert "bash .ci/quickstart" in (SRC / ".ci" / "run").read_text().splitlines()
+
+
 def test_readme_is_short():
     words = len(README.read_text().split())  # what `wc -w README.md` counts, code blocks included
     assert words <= MAX_WORDS, f"README.md has {words} words; keep it to {MAX_WORDS} and move detail to docs/"

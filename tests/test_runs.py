@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import runs
 from conftest import CHECKPOINTS, TRAIN_CFG, newest_run, run, run_folder_of
-from errors import UserError
+from engine import runs
+from engine.errors import UserError
 from test_cli import sets, train_args
 
 

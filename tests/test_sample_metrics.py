@@ -14,12 +14,13 @@ from unittest import mock
 import pytest
 import torch
 
-from config import load_training_config, resolve_path
 from conftest import CHECKPOINTS, EVAL_CFG, TRAIN_CFG, newest_run, run, run_folder_of
 from dataset_base import ValueRange
-from errors import UserError
-from runs import find_checkpoint, read_metrics
-from sample_metrics import INCEPTION_URL, METRICS, SampleMetrics, build_features, measure
+from engine.config import load_training_config, resolve_path
+from engine.errors import UserError
+from engine.registry import SAMPLE_METRICS as METRICS
+from engine.runs import find_checkpoint, read_metrics
+from engine.sample_metrics import INCEPTION_URL, SampleMetrics, build_features, measure
 
 UNIT, SYMMETRIC = ValueRange(0.0, 1.0, "test", True), ValueRange(-1.0, 1.0, "test", True)
 

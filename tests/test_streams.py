@@ -13,18 +13,15 @@ import torch
 import yaml
 from torch.optim.swa_utils import AveragedModel
 
-import cli
-import config
 import evaluate
 import jit_trace_model
-import model_base
-import preflight
 import train
 from conftest import ARCH_YAML, SRC, TRAIN_CFG, checkpoints, newest_run
 from dataset import build_dataset
 from dataset_base import load_streams
-from errors import UserError
-from model_base import (
+from engine import cli, config, model_base, preflight
+from engine.errors import UserError
+from engine.model_base import (
     as_tuple,
     batch_size_of,
     index_inputs,
@@ -70,7 +67,7 @@ disc:
     - {layer_type: Linear, layer_params: {out_features: 1},
        parametrization: {spectral_norm: {n_power_iterations: 2}}}
 """
-FLOW = """from model_base import PyNet
+FLOW = """from engine.model_base import PyNet
 
 
 class ConditionalGAN(PyNet):  # PyNet's default forward and discriminate, for any number of streams

@@ -23,11 +23,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import config
 import dataset as dataset_mod
 import loss
-import registry
-import runs
 from conftest import (
     ARCH_YAML,
     CHECKPOINTS,
@@ -39,6 +36,7 @@ from conftest import (
     run_forked,
     script_env,
 )
+from engine import config, registry, runs
 from test_cli import RunsCode, by_epoch, load, sets, train_args
 
 STEPS = 512 // 32  # steps per epoch of the toy config
@@ -183,7 +181,7 @@ import os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
-import runs
+from engine import runs
 folder = Path(sys.argv[2])
 torch.manual_seed(0)
 state = {"weights": torch.randn(1_000_000), "epoch": 0}  # 4 MB: a save takes a while

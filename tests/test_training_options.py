@@ -12,27 +12,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import config
-import model_base
-import runs
 import train
-import train_base
 from conftest import SRC, TRAIN_CFG
+from engine import config, loop, model_base, runs
+from engine.placement import Placement, prepare_model, seed_everything, setup_placement
 
-CPU = train_base.Placement(torch.device("cpu"))
+CPU = Placement(torch.device("cpu"))
 
 
 def toy_trainer(tmp_path, *overrides, resume=None, placement=CPU):
     """The toy GAN on 64 real images in batches of 16 (4 steps an epoch), saving into tmp_path."""
     cfg = config.load_training_config(SRC / TRAIN_CFG, ["dataset.real_images.n_inputs=64", "training.batch_size=16",
                                                          "training.n_epochs=1", *overrides])
-    train_base.seed_everything(0)
+    seed_everything(0)
     model = model_base.build_model(cfg["model"])
     loader, _ = train.make_loaders(cfg, model, placement, TRAIN_CFG)
     if resume is not None:
         runs.load_weights(model, resume, "checkpoint")
     run = runs.Run.of(cfg, folder=tmp_path / "run")  # (the config's own folder is in the source tree)
-    return train_base.Trainer(cfg, model, loader, placement, resume, run=run)
+    return loop.Trainer(cfg, model, loader, placement, resume, run=run)
 
 
 def finite_history(trainer):
@@ -185,7 +183,7 @@ def test_one_process_under_torchrun_trains_through_ddp_as_without(tmp_path, proc
                  "loss.loss_args={r1_weight: 1.0}"]
     plain = toy_trainer(tmp_path, *overrides)
     assert plain.run_epoch(1, tqdm(disable=True))
-    wrapped = toy_trainer(tmp_path, *overrides, placement=train_base.Placement(torch.device("cpu"), distributed=True))
+    wrapped = toy_trainer(tmp_path, *overrides, placement=Placement(torch.device("cpu"), distributed=True))
     sizes, all_reduce = [], dist.all_reduce
 
     def counted(tensor, *args, **kwargs):
@@ -208,7 +206,7 @@ def test_torchrun_with_one_process_joins_a_process_group(monkeypatch):
     for key, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)
-    placement = train_base.setup_placement([], "config.yaml")
+    placement = setup_placement([], "config.yaml")
     try:
         assert placement.distributed and dist.is_initialized() and dist.get_backend() == "gloo"
     finally:
@@ -219,9 +217,9 @@ def test_sync_batchnorm_is_refused_for_cpu_processes():
     """torch's SyncBatchNorm needs GPUs: several CPU processes asking for it get a user error."""
     cfg = config.load_training_config(SRC / TRAIN_CFG, ["training.sync_batchnorm=true"])
     model = model_base.build_model(cfg["model"])
-    two_cpu_processes = train_base.Placement(torch.device("cpu"), rank=0, world_size=2)
+    two_cpu_processes = Placement(torch.device("cpu"), rank=0, world_size=2)
     with pytest.raises(config.UserError, match=r"training\.sync_batchnorm: .*GPUs only"):
-        train_base.prepare_model(model, cfg["training"], two_cpu_processes, "cfg.yaml")
+        prepare_model(model, cfg["training"], two_cpu_processes, "cfg.yaml")
 
 
 def test_accumulating_two_half_batches_steps_as_one_whole_batch(tmp_path):

@@ -7,23 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-import config
-import model_base
-import preflight
-import runs
 import train
-import train_base
 from conftest import SRC, TRAIN_CFG
+from engine import config, loop, model_base, preflight, runs
+from engine.placement import Placement, seed_everything
+from engine.sampling import first_samples
 from test_bad_inputs import architecture, assert_refused, run_refused
 
-CPU = train_base.Placement(torch.device("cpu"))
+CPU = Placement(torch.device("cpu"))
 
 # The toy GAN's flow, keeping state of its own as flows do: a call counter in a buffer, a pool of
 # its past outputs in an object of its own (pix2pix's and CycleGAN's image pool), a (mean, std)
 # pair it updates in place, and a generator of its own random numbers, which it draws from.
 STATEFUL_FLOW = '''
 import torch
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class ImagePool:
@@ -74,18 +72,18 @@ def stateful_trainer(tmp_path, name):
     flow = tmp_path / "stateful.py"
     flow.write_text(STATEFUL_FLOW)
     cfg = config.load_training_config(SRC / TRAIN_CFG, [*EVERYTHING, f"model.model_flow_path={flow}"])
-    train_base.seed_everything(0)
+    seed_everything(0)
     model = model_base.build_model(cfg["model"])
     loader, validation = train.make_loaders(cfg, model, CPU, TRAIN_CFG)
     run = runs.Run.of(cfg, folder=tmp_path / name)  # (the config's own folder is in the source tree)
-    return train_base.Trainer(cfg, model, loader, CPU, None, validation, run)
+    return loop.Trainer(cfg, model, loader, CPU, None, validation, run)
 
 
 def trial(trainer):
     """The checks train.py makes before writing: the phases, then the whole step."""
-    first = train_base.first_samples(trainer.loader.dataset, train.trial_size(trainer.loader))
+    first = first_samples(trainer.loader.dataset, train.trial_size(trainer.loader))
     preflight.check_step(trainer.losses, first, TRAIN_CFG)
-    held_out = train_base.first_samples(trainer.validation_loader.dataset, 2)
+    held_out = first_samples(trainer.validation_loader.dataset, 2)
     preflight.check_whole_step(trainer, first, held_out, TRAIN_CFG)
 
 
@@ -98,7 +96,7 @@ def everything_of(trainer):
     model = trainer.model
     return copy.deepcopy((model.state_dict(), nets, model.calls, model.pool.images, model.moments,
                           model.noise.get_state(), torch.get_rng_state(), np.random.get_state()[1], trainer.step,
-                          trainer.skipped_updates))  # (copies: the step changes tensors in place)
+                          trainer.stepper.skipped_updates))  # (copies: the step changes tensors in place)
 
 
 def assert_same(a, b, path="state"):
@@ -197,9 +195,9 @@ def test_an_adversarial_setting_copied_from_training_is_named_by_training_key(tm
     cfg = config.load_training_config(SRC / TRAIN_CFG, ["training.optimizer_args={capturable: true}"])
     model = model_base.build_model(cfg["model"])
     loader, _ = train.make_loaders(cfg, model, CPU, TRAIN_CFG)
-    trainer = train_base.Trainer(cfg, model, loader, CPU, run=runs.Run.of(cfg, folder=tmp_path / "run"))
+    trainer = loop.Trainer(cfg, model, loader, CPU, run=runs.Run.of(cfg, folder=tmp_path / "run"))
     with pytest.raises(preflight.UserError) as e:
-        preflight.check_whole_step(trainer, train_base.first_samples(loader.dataset, 2), None, TRAIN_CFG)
+        preflight.check_whole_step(trainer, first_samples(loader.dataset, 2), None, TRAIN_CFG)
     message = str(e.value)  # the discriminator updates first (train_disc_first): its optimizer copies training's
     assert message.startswith(f"{TRAIN_CFG}: training.optimizer (adversarial.optimizer copies it), training."
                               "optimizer_args (adversarial.optimizer_args copies it): Adam(lr=0.001, "), message

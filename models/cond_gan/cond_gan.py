@@ -11,7 +11,7 @@ would make, with their graph.
 import torch
 import torch.nn.functional as F
 
-from model_base import PyNet
+from engine.model_base import PyNet
 
 CLASSES = ("circle", "square", "triangle")  # the label values 0, 1, 2 of the shapes data
 

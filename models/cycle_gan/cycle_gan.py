@@ -10,7 +10,7 @@ The engine runs everything around it (docs/training.md, "Write your own step").
 import torch
 import torch.nn.functional as F
 
-from model_base import PyNet
+from engine.model_base import PyNet
 
 POOL = 50  # past fakes a discriminator may be shown instead of the newest (the paper's 50)
 

@@ -4,7 +4,7 @@ The layers come from example_model_architecture.yaml; this class only wires them
 is the inference path (noise in, image out) that evaluate.py runs and jit_trace_model.py
 traces; `discriminate` scores real or generated images during adversarial training.
 """
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class ExampleModel(PyNet):

@@ -5,7 +5,7 @@ returns one raw score (logit) per class, not probabilities; cross_entropy_loss a
 softmax, and evaluate.py takes the highest score as the prediction. The labels are the class
 indices of dataset_functions.SHAPE_KINDS (0 circle, 1 square, 2 triangle).
 """
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class ShapeClassifier(PyNet):

@@ -7,7 +7,7 @@ an image together with the noisy input it should have come from.
 """
 import torch
 
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class UNetGAN(PyNet):

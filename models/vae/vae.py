@@ -8,7 +8,7 @@ reparameterisation trick, plus the KL divergence of the code's distribution from
 """
 import torch
 
-from model_base import PyNet
+from engine.model_base import PyNet
 
 
 class VAE(PyNet):

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from errors import UserError, did_you_mean, dtype_name, shown
-from registry import layer_types, lookup, parametrizations
+from engine.errors import UserError, did_you_mean, dtype_name, shown
+from engine.registry import layer_types, lookup, parametrizations
 
 # torch.nn classes that cannot be a layer of a chain, and what to use instead.
 CONTAINERS = ("Module", "Container", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
@@ -146,6 +146,11 @@ def read_architecture(path, arch):
 
 
 # ---- reading -----------------------------------------------------------------------------------
+def fail_at(path, key_path, message):
+    """A user error at `key_path` of the architecture file `path`."""
+    raise UserError(f"{path}: {key_path}: {message}")
+
+
 class Reader:
     """What both readers share: the file, its dict, and a way to fail at a key path."""
 
@@ -153,7 +158,7 @@ class Reader:
         self.path, self.arch = path, arch
 
     def fail(self, key_path, message):
-        raise UserError(f"{self.path}: {key_path}: {message}")
+        fail_at(self.path, key_path, message)
 
     def check_name(self, key_path, name, what):
         """Component, submodel and layer names become torch module names and YAML keys that flows
@@ -286,31 +291,8 @@ class LayerReader(Reader):
         if not isinstance(params, dict):
             self.fail(f"{where}.layer_params", f"expected a mapping of arguments, got {shown(params)}")
         self.check_layer_type(type_name, where)
-        return LayerPlan(type_name, params, self.parse_parametrization(layer.get("parametrization"),
-                                                                       f"{where}.parametrization"))
-
-    def parse_parametrization(self, spec, where):
-        """(name, arguments) of a layer's `parametrization` (a function of
-        torch.nn.utils.parametrizations, applied to the built layer): a name, or {name: {args}}."""
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            name, args = spec, {}
-        elif isinstance(spec, dict) and len(spec) == 1:
-            (name, args), = spec.items()
-        else:
-            self.fail(where, f"expected a name ({', '.join(parametrizations())}) or a name with its arguments, e.g. "
-                      f"{{spectral_norm: {{n_power_iterations: 1}}}}; got {shown(spec)}")
-        fn = lookup(name, parametrizations(), "parametrization", f"{self.path}: {where}")
-        args = {} if args is None else args
-        if not isinstance(args, dict):
-            self.fail(f"{where}.{name}", f"expected a mapping of arguments, got {shown(args)}")
-        valid = [n for n in inspect.signature(fn).parameters if n != "module"]
-        for arg in args:
-            if arg not in valid:
-                self.fail(f"{where}.{name}.{arg}", f"{name} takes no argument {shown(arg)}{did_you_mean(arg, valid)}; "
-                          f"valid: {', '.join(valid)}")
-        return name, args
+        parametrization = parse_parametrization(layer.get("parametrization"), f"{where}.parametrization", self.path)
+        return LayerPlan(type_name, params, parametrization)
 
     def check_layer_type(self, type_name, where):
         """A class an architecture may name, and one that works as a layer of a chain."""
@@ -324,6 +306,30 @@ class LayerReader(Reader):
         if issubclass(cls, nn.modules.loss._Loss):
             self.fail(f"{where}.layer_type", f"{type_name} is a loss, not a layer; losses are functions in loss.py, "
                       "named by the training config's loss.loss_fn")
+
+
+def parse_parametrization(spec, where, path):
+    """(name, arguments) of a layer's `parametrization` (a function of
+    torch.nn.utils.parametrizations, applied to the built layer): a name, or {name: {args}}."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        name, args = spec, {}
+    elif isinstance(spec, dict) and len(spec) == 1:
+        (name, args), = spec.items()
+    else:
+        fail_at(path, where, f"expected a name ({', '.join(parametrizations())}) or a name with its arguments, e.g. "
+                  f"{{spectral_norm: {{n_power_iterations: 1}}}}; got {shown(spec)}")
+    fn = lookup(name, parametrizations(), "parametrization", f"{path}: {where}")
+    args = {} if args is None else args
+    if not isinstance(args, dict):
+        fail_at(path, f"{where}.{name}", f"expected a mapping of arguments, got {shown(args)}")
+    valid = [n for n in inspect.signature(fn).parameters if n != "module"]
+    for arg in args:
+        if arg not in valid:
+            fail_at(path, f"{where}.{name}.{arg}", f"{name} takes no argument {shown(arg)}{did_you_mean(arg, valid)}; "
+                      f"valid: {', '.join(valid)}")
+    return name, args
 
 
 class WiringReader(Reader):

@@ -26,10 +26,10 @@ from torch import nn
 from torch.func import functional_call
 
 import layers as custom_layers
-from architecture import ADV_TYPES, read_architecture
-from config import parse_yaml, read_yaml, resolve_path
-from errors import UserError, did_you_mean, dtype_name, kwargs_text, run_main, shown, user_code_error
-from registry import layer_types, parametrizations
+from engine.architecture import ADV_TYPES, fail_at, read_architecture
+from engine.config import parse_yaml, read_yaml, resolve_path
+from engine.errors import UserError, did_you_mean, dtype_name, kwargs_text, run_main, shown, user_code_error
+from engine.registry import layer_types, parametrizations
 
 
 def channels(shape):
@@ -127,7 +127,7 @@ class PyNet(nn.Module):
     # them pairwise; a GAN's real samples are not paired with its noise.
     paired_targets = False
     # Whether a discriminator that ends on a bounding layer (Sigmoid, Tanh, ...) is meant with a
-    # loss that takes raw scores; train.py refuses the pair otherwise (see train_base.BOUNDING).
+    # loss that takes raw scores; train.py refuses the pair otherwise (see step.BOUNDING).
     bounded_scores = False
 
     def __init__(self, architecture_cfg_path):
@@ -368,7 +368,7 @@ class ArchitectureBuilder:
             where, type_name = sub.layer_where(i), layer_plan.type_name
             layer = self.make_layer(type_name, layer_plan.params, self.shapes[previous], where)
             self.check_input_dtype(layer, type_name, previous, where)
-            layer = self.parametrize(layer, layer_plan.parametrization, type_name, where)
+            layer = parametrize(layer, layer_plan.parametrization, type_name, where, self.plan.path)
             shape, self.dtypes[name] = self.output_of(layer, previous, where, type_name)
             self.streams[name] = [] if self.dtypes[name].is_floating_point else self.streams[previous]
             notes = []
@@ -399,25 +399,6 @@ class ArchitectureBuilder:
             self.fail(where, f"{type_name} reads float inputs, but {what}; put an Embedding first (or declare the "
                       "stream float32, if its values are numbers rather than indices)")
 
-    def parametrize(self, layer, spec, type_name, where):
-        """The layer with its `parametrization` (name, arguments) applied by its function in
-        torch.nn.utils.parametrizations: the layer then computes that weight from parameters of its
-        own at every pass."""
-        if spec is None:
-            return layer
-        name, args = spec
-        target = args.get("name", "weight")
-        own = dict(layer.named_parameters(recurse=False))
-        if not isinstance(target, str) or target not in own:
-            has = f"its own parameters are {', '.join(own)}" if own else "it has no parameters of its own"
-            self.fail(f"{where}.parametrization", f"{name} reparametrizes a layer's {shown(target)}, but {type_name} "
-                      f"has no parameter {shown(target)} ({has}); parametrize a layer with weights (Conv2d, Linear, "
-                      "...)")
-        try:
-            return parametrizations()[name](layer, **args)
-        except Exception as e:  # the parametrization's own check of its arguments and of the weight
-            self.fail(f"{where}.parametrization", f"{name}({kwargs_text(args)}) failed on {type_name}: {e}")
-
     def make_layer(self, type_name, params, shape, where):
         """The layer, its input-size arguments filled in from `shape` (the previous output's)."""
         for name in SET_BY_PIPELINE:
@@ -429,14 +410,14 @@ class ArchitectureBuilder:
         except (TypeError, ValueError) as e:  # (a class whose constructor inspect cannot read)
             self.fail(f"{where}.layer_type", f"{type_name}'s constructor cannot be read: {e}")
         rules = input_size_rules(type_name, cls, signature) if shape else {}  # (one index a sample: no sizes)
-        self.check_input_rank(type_name, cls, params, shape, where)
+        check_input_rank(type_name, cls, params, shape, where, self.plan.path)
         if not any(p.kind is p.VAR_KEYWORD for p in signature.values()):
             for name in params:
                 if name not in signature:
                     valid = [n for n in signature if n != "self" and n not in rules]
                     self.fail(f"{where}.layer_params.{name}", f"{type_name} takes no argument {shown(name)}"
                               f"{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
-        kwargs = self.layer_kwargs(params, rules, shape, where)
+        kwargs = layer_kwargs(params, rules, shape, where, self.plan.path)
         missing = [n for n, p in signature.items() if n != "self" and p.default is p.empty
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs]
         if missing:
@@ -445,36 +426,6 @@ class ArchitectureBuilder:
             return cls(**kwargs)
         except Exception as e:  # the layer's own check of its arguments
             self.fail(f"{where}.layer_params", f"{type_name}({kwargs_text(kwargs)}) failed: {e}")
-
-    def layer_kwargs(self, params, rules, shape, where):
-        """`params` with the input-size arguments that `rules` read off `shape`; one the YAML gives
-        must agree with the input."""
-        kwargs = dict(params)
-        for name, rule in rules.items():
-            inferred = rule(shape)
-            if name not in kwargs:
-                kwargs[name] = inferred
-            elif isinstance(kwargs[name], int) and kwargs[name] != inferred:
-                self.fail(f"{where}.layer_params.{name}", f"{kwargs[name]}, but the input (per-sample shape "
-                          f"{list(shape)}) gives {inferred}; leave {name} out to have it filled in")
-        return kwargs
-
-    def check_input_rank(self, type_name, cls, params, shape, where):
-        """Inputs that torch would accept but read in a way nobody means."""
-        if not shape and issubclass(cls, nn.EmbeddingBag):
-            self.fail(where, f"{type_name} reads a bag of indices, [bag size] per sample, but gets one index a sample; "
-                      "use Embedding")
-        if not shape and not takes_indices(cls):
-            self.fail(where, f"{type_name} gets a scalar per sample; give it at least one dimension (input_size [1] "
-                      "for a stream of one value a sample; Unflatten after a layer)")
-        if type_name in SEQUENCE_LAYERS and len(shape) != 2:
-            hint = ("; with one dimension, torch would take the whole batch as one sequence "
-                    "(Unflatten it to [time, features])") if len(shape) == 1 else ""
-            self.fail(where, f"{type_name} reads a sequence [time, features] per sample, but its input has per-sample "
-                      f"shape {list(shape)}{hint}")
-        if type_name in LAST_DIM_NORMS and len(shape) >= 3 and "normalized_shape" not in params:
-            self.fail(f"{where}.layer_params", f"{type_name} would normalise only the last dim of {list(shape)}; give "
-                      f"normalized_shape (e.g. {list(shape)} for all of it), or use GroupNorm with num_groups: 1")
 
     def output_of(self, layer, previous, where, type_name):
         """The layer's per-sample output shape and its dtype, worked out on the meta device (no real
@@ -506,6 +457,58 @@ class ArchitectureBuilder:
 def init_parameters(cls):
     """The parameters of a layer class's constructor (read once per class)."""
     return inspect.signature(cls.__init__).parameters
+
+
+def parametrize(layer, spec, type_name, where, path):
+    """The layer with its `parametrization` (name, arguments) applied by its function in
+    torch.nn.utils.parametrizations: the layer then computes that weight from parameters of its
+    own at every pass."""
+    if spec is None:
+        return layer
+    name, args = spec
+    target = args.get("name", "weight")
+    own = dict(layer.named_parameters(recurse=False))
+    if not isinstance(target, str) or target not in own:
+        has = f"its own parameters are {', '.join(own)}" if own else "it has no parameters of its own"
+        fail_at(path, f"{where}.parametrization", f"{name} reparametrizes a layer's {shown(target)}, but {type_name} "
+                  f"has no parameter {shown(target)} ({has}); parametrize a layer with weights (Conv2d, Linear, "
+                  "...)")
+    try:
+        return parametrizations()[name](layer, **args)
+    except Exception as e:  # the parametrization's own check of its arguments and of the weight
+        fail_at(path, f"{where}.parametrization", f"{name}({kwargs_text(args)}) failed on {type_name}: {e}")
+
+
+def layer_kwargs(params, rules, shape, where, path):
+    """`params` with the input-size arguments that `rules` read off `shape`; one the YAML gives
+    must agree with the input."""
+    kwargs = dict(params)
+    for name, rule in rules.items():
+        inferred = rule(shape)
+        if name not in kwargs:
+            kwargs[name] = inferred
+        elif isinstance(kwargs[name], int) and kwargs[name] != inferred:
+            fail_at(path, f"{where}.layer_params.{name}", f"{kwargs[name]}, but the input (per-sample shape "
+                      f"{list(shape)}) gives {inferred}; leave {name} out to have it filled in")
+    return kwargs
+
+
+def check_input_rank(type_name, cls, params, shape, where, path):
+    """Inputs that torch would accept but read in a way nobody means."""
+    if not shape and issubclass(cls, nn.EmbeddingBag):
+        fail_at(path, where, f"{type_name} reads a bag of indices, [bag size] per sample, but gets one index a sample; "
+                  "use Embedding")
+    if not shape and not takes_indices(cls):
+        fail_at(path, where, f"{type_name} gets a scalar per sample; give it at least one dimension (input_size [1] "
+                  "for a stream of one value a sample; Unflatten after a layer)")
+    if type_name in SEQUENCE_LAYERS and len(shape) != 2:
+        hint = ("; with one dimension, torch would take the whole batch as one sequence "
+                "(Unflatten it to [time, features])") if len(shape) == 1 else ""
+        fail_at(path, where, f"{type_name} reads a sequence [time, features] per sample, but its input has per-sample "
+                  f"shape {list(shape)}{hint}")
+    if type_name in LAST_DIM_NORMS and len(shape) >= 3 and "normalized_shape" not in params:
+        fail_at(path, f"{where}.layer_params", f"{type_name} would normalise only the last dim of {list(shape)}; give "
+                  f"normalized_shape (e.g. {list(shape)} for all of it), or use GroupNorm with num_groups: 1")
 
 
 def input_size_rules(type_name, cls, signature):

@@ -34,12 +34,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from errors import UserError, did_you_mean
+from engine.config import resolve_path
+from engine.errors import UserError, did_you_mean
+from engine.model_base import architecture_text_for, build_model
+from engine.registry import EXTRACTORS
+from engine.runs import load_checkpoint, load_weights
 
-METRICS = ("fid", "kid", "precision_recall")
-# metrics.jsonl / metrics JSON keys each metric gives
-RESULT_KEYS = {"fid": ("fid",), "kid": ("kid_mean", "kid_std"), "precision_recall": ("precision", "recall")}
-EXTRACTORS = ("inception", "pixels", "checkpoint:<path>")
 MAX_PIXEL_FEATURES = 4096  # FID's covariances are D x D: beyond this, slow and memory-hungry
 NEIGHBOURHOOD = 3  # precision/recall's k, as in the paper and torch-fidelity
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' defaults
@@ -55,10 +55,6 @@ def optional(module, pip, why):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{why} needs the {module} package, which is not installed: pip install {pip}") from None
-
-
-def result_keys(metrics):
-    return [key for metric in metrics for key in RESULT_KEYS[metric]]
 
 
 # ---- features ----------------------------------------------------------------------------------
@@ -107,7 +103,6 @@ def inception_weights_path(given, where):
     copy, downloaded there on first use; a user error, naming the file and where it goes, when
     neither can be had."""
     if given is not None:
-        from config import resolve_path
         path = resolve_path(given)
         if not path.is_file():
             raise UserError(f"{where}: inception_weights: {path} is not a file; download {INCEPTION_URL}")
@@ -159,10 +154,6 @@ def inception_features(where, shape, weights, value_range, device):
 def checkpoint_features(path_text, where, shape, feature_layer, device):
     """A network trained with this pipeline as the feature extractor: its generator (the only
     network of a classifier), cut at the input of `feature_layer` (default: its last layer)."""
-    from config import resolve_path
-    from model_base import architecture_text_for, build_model
-    from runs import load_checkpoint, load_weights
-
     path = resolve_path(path_text)
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not isinstance(state.get("config"), str):

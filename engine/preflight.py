@@ -28,16 +28,16 @@ import warnings
 import numpy as np
 import torch
 
-from errors import UserError, dtype_name, kwargs_text, user_frames
-from model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE, as_tuple, map_inputs
-from runs import first_line
+from engine.errors import UserError, dtype_name, kwargs_text, user_frames
+from engine.model_base import CUSTOM_INPUT_SIZE, INPUT_SIZE, as_tuple, map_inputs
+from engine.runs import first_line
 
 SAMPLES = 2  # enough for a BatchNorm in train mode, few enough to cost nothing
 
 
 def check_step(losses, batch, where, networks=(), step=None):
     """Run one training step's forward passes and loss terms (no backward, no optimizer step)
-    with `losses` (a train_base.Losses; for a flow's own step, of the network.Networks
+    with `losses` (a step.Losses; for a flow's own step, of the network.Networks
     `networks` in update order, sharing the network.Step `step`) on the first samples of
     `batch` ({stream: tensor}, as the training loader makes them). A failure is a UserError
     starting with `where` (the training config's path) that names the phase, the data stream
@@ -313,23 +313,25 @@ def check_whole_step(trainer, batch, validation_batch, where):
     for net in trainer.networks.values():
         if net.scaler is not None:  # fp16's first scale (2^16) overflows: the optimizer's step would be skipped
             net.scaler.load_state_dict(net.scaler.state_dict() | {"scale": 1.0})
-    on_nonfinite, trainer.on_nonfinite = trainer.on_nonfinite, "ignore"  # (the optimizer steps, whatever the loss)
+    stepper = trainer.stepper
+    on_nonfinite, stepper.on_nonfinite = stepper.on_nonfinite, "ignore"  # (the optimizer steps, whatever the loss)
     try:
         # (compiled submodels run eagerly: compiling for the trial's batch of two would make torch
         # recompile the run's steps for any batch size, with slower code)
         with named_stages(trainer), eagerly():
             # (eagerly, also with training.cuda_graphs: nothing is recorded yet; every network, also one
             # updated every k-th step only)
-            terms = trainer.updates(micro, every_network=True)
+            terms = stepper.updates(micro, (trainer.step, trainer.epoch, trainer.batches_done), every_network=True)
             check_finite(trainer, terms, batch, on_nonfinite, where)
-            validation = trainer.validation_of([validation_batch]) if validation_batch is not None else None
+            validation = trainer.validation.means([validation_batch], trainer.step, trainer.epoch) \
+                if validation_batch is not None else None
             for net in trainer.networks.values():
                 net.step_schedule(epoch_end=False)
                 net.step_schedule(epoch_end=True, plateau_loss=lambda net=net: plateau_value(net, terms, validation))
                 step_through_schedule(trainer, net)
-            trainer.generate(map_inputs(lambda x: x[:SAMPLES].cpu(), trainer.model.split_batch(micro[0])[0]))
-            if trainer.fixed_batch is not None:  # (a flow's own sample picture, sample_rows)
-                trainer.sample_outputs()
+            trainer.sampler.generate(map_inputs(lambda x: x[:SAMPLES].cpu(), trainer.model.split_batch(micro[0])[0]))
+            if trainer.sampler.fixed_batch is not None:  # (a flow's own sample picture, sample_rows)
+                trainer.sampler.sample_outputs()
     except StageFailed as failure:
         raise UserError(failure.message(where, trainer)) from None
     except UserError:
@@ -505,7 +507,8 @@ class TrainingState:
     def __init__(self, trainer):
         nets = list(trainer.networks.values())
         self.model = ModelState([trainer.model, *(net.ema for net in nets if net.ema is not None)])
-        objects = [trainer, *nets, *(net.optimizer for net in nets), *(net.scheduler for net in nets),
+        objects = [trainer, trainer.stepper, trainer.validation, *nets, *(net.optimizer for net in nets),
+                   *(net.scheduler for net in nets),
                    *(net.scaler for net in nets if net.scaler is not None)]
         self.attributes = [(obj, copied(vars(obj))) for obj in objects]
         self.grads = [(p, p.grad) for p in trainer.model.parameters()]

@@ -6,7 +6,7 @@ command line with it, and answer --help, before importing torch (which takes sec
 import argparse
 import sys
 
-from errors import UserError, did_you_mean, dtype_name, shown
+from engine.errors import UserError, did_you_mean, dtype_name, shown
 
 SET_HELP = ("override a config key without editing the file, e.g. --set training.n_epochs=3 "
             "(the value is read as YAML; repeat --set for several keys)")

@@ -22,12 +22,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from errors import UserError, did_you_mean, shown
-from registry import batch_transforms, dataset_functions, loss_functions, optimizers, schedulers, unknown_name
-from sample_metrics import METRICS as SAMPLE_METRICS
-from sample_metrics import result_keys
+from engine.errors import UserError, did_you_mean, shown
+from engine.registry import (
+    SAMPLE_METRICS,
+    batch_transforms,
+    dataset_functions,
+    loss_functions,
+    optimizers,
+    result_keys,
+    schedulers,
+    unknown_name,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = object()
 
 
@@ -93,7 +100,7 @@ def existing_path(v):
 
 # Room a checkpoint's file name needs beyond its prefix, so that the whole name fits the file
 # systems' 255 bytes: "_epoch123456_et_20261203-120430.pth" (35), and while it is written
-# runs.atomic_write's temporary ".<name>.<8 random>.tmp" (14 more); with a margin.
+# files.atomic_write's temporary ".<name>.<8 random>.tmp" (14 more); with a margin.
 NAME_MAX = 255
 NAME_ROOM = 56
 
@@ -1222,19 +1229,19 @@ def config_changes(old, new):
 
 # ---- the reference: docs/config.md -------------------------------------------------------------
 DOCS_PATH = REPO_ROOT / "docs" / "config.md"
-DOCS_COMMAND = "python config.py --write-docs"
+DOCS_COMMAND = "python -m engine.config --write-docs"
 DOCS_INTRO = f"""# Config reference
 
-<!-- Generated from config.py by `{DOCS_COMMAND}`: edit the schemas there, not this file. -->
+<!-- Generated from engine/config.py by `{DOCS_COMMAND}`: edit the schemas there, not this file. -->
 
-Every key of every config file, generated from the schemas in `config.py` (each key's `Key(default,
-*types, check=..., doc=...)`). To change this file, change `config.py` and regenerate it:
+Every key of every config file, generated from the schemas in `engine/config.py` (each key's `Key(default,
+*types, check=..., doc=...)`). To change this file, change `engine/config.py` and regenerate it:
 
 ```
 {DOCS_COMMAND}
 ```
 
-(`python config.py` prints it instead; `tests/test_configs.py` fails while the two disagree.)
+(`python -m engine.config` prints it instead; `tests/test_configs.py` fails while the two disagree.)
 
 A key left out or `null` takes its default; a required key has none. An unknown key, a wrong type, a
 value its rule refuses, a name that is not defined or a path that does not exist is an error, and every

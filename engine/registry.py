@@ -13,7 +13,7 @@ they read (torch, torchvision, the repository's own) are imported when a table i
 import functools
 import inspect
 
-from errors import UserError, did_you_mean, shown
+from engine.errors import UserError, did_you_mean, shown
 
 
 def lookup(name, table, what, where, valid=None):
@@ -125,3 +125,14 @@ def batch_transforms():
     functions = {n: f for n, f in dataset_functions().items()
                  if next(iter(inspect.signature(f).parameters), None) == "batch"}
     return classes | functions
+
+
+# The sample metrics (sample_metrics.py), the keys each writes into metrics.jsonl and the metrics
+# JSON, and the feature extractors they may compare samples with.
+SAMPLE_METRICS = ("fid", "kid", "precision_recall")
+RESULT_KEYS = {"fid": ("fid",), "kid": ("kid_mean", "kid_std"), "precision_recall": ("precision", "recall")}
+EXTRACTORS = ("inception", "pixels", "checkpoint:<path>")
+
+
+def result_keys(metrics):
+    return [key for metric in metrics for key in RESULT_KEYS[metric]]

@@ -4,7 +4,7 @@ schedule, fp16 gradient scaler, gradient clipping, its moving average (EMA) and 
 A network is a name and the architecture's components it trains (`network_specs`): by default the
 generator (`training.*`) and, in adversarial training, the discriminator (`adversarial.*`); or
 any networks the training config's `networks` section lists for a flow's own step, each with its
-own settings. The Trainer (train_base.py) says what each loss is and when each network updates;
+own settings. The Trainer (loop.py) and its Stepper (step.py) say what each loss is and when each network updates;
 a Network turns that loss into one optimizer step: zero the gradients, run backward over the
 micro-batches under its precision, average the gradients over the processes (one all-reduce),
 clip, step (or skip a non-finite update) and update the EMA. `state_dict()` /
@@ -16,12 +16,13 @@ import inspect
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from errors import UserError, did_you_mean, kwargs_text
-from registry import optimizers, schedulers
+from engine.errors import UserError, did_you_mean, kwargs_text
+from engine.registry import optimizers, schedulers
 
 # The settings that shape a network's learning-rate schedule (compared when resuming).
 SCHEDULE_KEYS = ["learning_rate", "scheduler", "scheduler_args", "scheduler_interval", "learning_rate_step",
@@ -133,21 +134,6 @@ class Network:
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
 
-    def describe(self):
-        """One line of train.py's start-up header: what this network trains with, as resolved
-        (a key the config left out shows the value it got, e.g. one copied from training)."""
-        s, args = self.settings, kwargs_text(self.settings["optimizer_args"])
-        schedule = {k: v for k, v in self.scheduler.state_dict().items()
-                    if k in ("step_size", "gamma", "T_max", "eta_min", "total_steps", "max_lr", "factor", "patience")}
-        n_params = sum(p.numel() for p in self.params)
-        fused = ", fused=True" if self.optimizer.defaults.get("fused") and "fused" not in s["optimizer_args"] else ""
-        optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''}{fused})"
-        every = f" every {self.every} steps" if self.every > 1 else " per step"
-        trains = f" of {', '.join(self.components)}" if self.section.startswith("networks.") else ""
-        return (f"{self.name} ({self.section}.*): {optimizer}, {s['scheduler']}({kwargs_text(schedule)}) per "
-                f"{s['scheduler_interval']}, clip {self.clip if self.clip else 'none'}, {self.iterations} update(s)"
-                f"{every}, {n_params:,} parameters{trains}{', EMA of its weights' if self.ema is not None else ''}")
-
     def autocast(self):
         """The precision context of its loss terms."""
         return autocast(self.device_type, self.dtype, self.autocast_cache)
@@ -179,7 +165,7 @@ class Network:
                 finite = torch.isfinite(total.detach())
                 bad = ~finite if bad is None else bad | ~finite
         if self.distributed:  # (also as torchrun's only process: a rehearsal of a multi-GPU run)
-            self.average_gradients()
+            average_gradients(self)
         if bad is not None and self.world_size > 1:  # a NaN on any process skips the step on all
             bad = bad.float()
             dist.all_reduce(bad)
@@ -219,34 +205,6 @@ class Network:
         else:
             self.scheduler.step()
 
-    # ---- DDP ----
-    def average_gradients(self):
-        """Average this network's gradients over the processes: one all-reduce of them all, laid
-        end to end, whatever forward passes the loss ran (as StyleGAN3's training loop does), so
-        a flow's step needs no DDP wrapper. Each is divided by the process count first, as DDP
-        does, and then summed. A parameter no loss reached keeps no gradient on any process."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not self.grads_checked:
-            self.check_same_gradients(len(grads))
-        for dtype in {g.dtype for g in grads}:  # (one flat tensor per dtype)
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in group]).div_(self.world_size)
-            dist.all_reduce(flat)
-            for g, averaged in zip(group, flat.split([g.numel() for g in group])):
-                g.copy_(averaged.view_as(g))
-
-    def check_same_gradients(self, count):
-        """Every process has gradients for the same parameters: a flow whose forward passes depend on
-        the process's data (a branch taken on some processes only) would pair one process's gradient
-        with another's parameter. Checked at the network's first update."""
-        counts = torch.tensor([count, -count], device=self.params[0].device if self.params else "cpu")
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        if counts[0] != -counts[1]:
-            raise UserError(f"{self.source}: model.model_flow_path: under DDP every process must reach the same "
-                            f"parameters of the {self.name} in its loss, but one reached {int(-counts[1])} and another "
-                            f"{int(counts[0])}; take the same forward passes on every process")
-        self.grads_checked = True
-
     # ---- checkpoints ----
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -262,7 +220,7 @@ class Network:
         point of the run (`steps_done` optimizer steps, `epochs_done` epochs). A part the state
         lacks (a run switched to fp16 or to an EMA) starts afresh. Returns what changed, for the
         user, or None."""
-        note = self.load_schedule(state, saved_cfg, steps_done, epochs_done) if state["optimizer"] else None
+        note = load_schedule(self, state, saved_cfg, steps_done, epochs_done) if state["optimizer"] else None
         if self.ema is not None and state["ema"]:
             self.ema.module.load_state_dict(state["ema"])
             self.ema.n_averaged.fill_(state["ema_updates"])
@@ -272,37 +230,104 @@ class Network:
         self.validation_history = state["validation_history"] or {}
         return note
 
-    def load_schedule(self, state, saved_cfg, steps_done, epochs_done):
-        saved = section_of(saved_cfg, self.section)
-        if self.settings["optimizer"] != saved.get("optimizer"):
-            return (f"{self.section}.optimizer changed ({saved.get('optimizer')} -> {self.settings['optimizer']}): the "
-                    f"{self.name}'s optimizer starts afresh")
-        fresh = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in fresh]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, implementation in zip(self.optimizer.param_groups, built):
-            # load_state_dict copies the saved groups' settings, including how the update ran
-            # (fused on the GPU that saved it, say): keep this run's, and the config's arguments.
-            group.update(implementation | self.settings["optimizer_args"])
-        place_step_counts(self.optimizer)
-        check_loaded_state(self.optimizer, fresh)
-        before = {path: read_key(saved_cfg, path) for path in self.schedule_settings}
-        changed = [path for path, value in self.schedule_settings.items() if value != before[path]]
-        if not changed and isinstance(state["scheduler"], dict):
-            self.scheduler.load_state_dict(state["scheduler"])
-            return None
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = self.settings["learning_rate"]
-        self.scheduler = make_scheduler(self.optimizer, self.settings, self.steps_per_epoch, self.n_epochs, self.where)
-        done = steps_done if self.every_step else epochs_done
-        with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
-            warnings.simplefilter("ignore")
-            if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                for _ in range(done):
-                    self.scheduler.step()
-        why = f"{', '.join(changed)} changed" if changed else "the checkpoint holds no schedule state"
-        return (f"{why}: the {self.name}'s {self.settings['scheduler']} schedule is rebuilt "
-                f"and advanced {done} {'steps' if self.every_step else 'epochs'} (learning rate now {self.lr:.4g})")
+def describe(net):
+    """One line of train.py's start-up header: what this network trains with, as resolved
+    (a key the config left out shows the value it got, e.g. one copied from training)."""
+    s, args = net.settings, kwargs_text(net.settings["optimizer_args"])
+    schedule = {k: v for k, v in net.scheduler.state_dict().items()
+                if k in ("step_size", "gamma", "T_max", "eta_min", "total_steps", "max_lr", "factor", "patience")}
+    n_params = sum(p.numel() for p in net.params)
+    fused = ", fused=True" if net.optimizer.defaults.get("fused") and "fused" not in s["optimizer_args"] else ""
+    optimizer = f"{s['optimizer']}(lr={s['learning_rate']:g}{', ' + args if args else ''}{fused})"
+    every = f" every {net.every} steps" if net.every > 1 else " per step"
+    trains = f" of {', '.join(net.components)}" if net.section.startswith("networks.") else ""
+    return (f"{net.name} ({net.section}.*): {optimizer}, {s['scheduler']}({kwargs_text(schedule)}) per "
+            f"{s['scheduler_interval']}, clip {net.clip if net.clip else 'none'}, {net.iterations} update(s)"
+            f"{every}, {n_params:,} parameters{trains}{', EMA of its weights' if net.ema is not None else ''}")
+
+
+# ---- DDP ----
+def average_gradients(net):
+    """Average this network's gradients over the processes: one all-reduce of them all, laid
+    end to end, whatever forward passes the loss ran (as StyleGAN3's training loop does), so
+    a flow's step needs no DDP wrapper. Each is divided by the process count first, as DDP
+    does, and then summed. A parameter no loss reached keeps no gradient on any process."""
+    grads = [p.grad for p in net.params if p.grad is not None]
+    if not net.grads_checked:
+        check_same_gradients(net, len(grads))
+    for dtype in {g.dtype for g in grads}:  # (one flat tensor per dtype)
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group]).div_(net.world_size)
+        dist.all_reduce(flat)
+        for g, averaged in zip(group, flat.split([g.numel() for g in group])):
+            g.copy_(averaged.view_as(g))
+
+def check_same_gradients(net, count):
+    """Every process has gradients for the same parameters: a flow whose forward passes depend on
+    the process's data (a branch taken on some processes only) would pair one process's gradient
+    with another's parameter. Checked at the network's first update."""
+    counts = torch.tensor([count, -count], device=net.params[0].device if net.params else "cpu")
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    if counts[0] != -counts[1]:
+        raise UserError(f"{net.source}: model.model_flow_path: under DDP every process must reach the same "
+                        f"parameters of the {net.name} in its loss, but one reached {int(-counts[1])} and another "
+                        f"{int(counts[0])}; take the same forward passes on every process")
+    net.grads_checked = True
+
+
+def load_schedule(net, state, saved_cfg, steps_done, epochs_done):
+    """The optimizer and schedule of a checkpoint's network state, or, where the settings changed,
+    the optimizer afresh or the schedule rebuilt and advanced (see Network.load_state_dict)."""
+    saved = section_of(saved_cfg, net.section)
+    if net.settings["optimizer"] != saved.get("optimizer"):
+        return (f"{net.section}.optimizer changed ({saved.get('optimizer')} -> {net.settings['optimizer']}): the "
+                f"{net.name}'s optimizer starts afresh")
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in net.optimizer.param_groups]
+    built = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in fresh]
+    net.optimizer.load_state_dict(state["optimizer"])
+    for group, implementation in zip(net.optimizer.param_groups, built):
+        # load_state_dict copies the saved groups' settings, including how the update ran
+        # (fused on the GPU that saved it, say): keep this run's, and the config's arguments.
+        group.update(implementation | net.settings["optimizer_args"])
+    place_step_counts(net.optimizer)
+    check_loaded_state(net.optimizer, fresh)
+    before = {path: read_key(saved_cfg, path) for path in net.schedule_settings}
+    changed = [path for path, value in net.schedule_settings.items() if value != before[path]]
+    if not changed and isinstance(state["scheduler"], dict):
+        net.scheduler.load_state_dict(state["scheduler"])
+        return None
+    for group in net.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = net.settings["learning_rate"]
+    net.scheduler = make_scheduler(net.optimizer, net.settings, net.steps_per_epoch, net.n_epochs, net.where)
+    done = steps_done if net.every_step else epochs_done
+    with warnings.catch_warnings():  # stepping a schedule without optimizer steps is the point here
+        warnings.simplefilter("ignore")
+        if not isinstance(net.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            for _ in range(done):
+                net.scheduler.step()
+    why = f"{', '.join(changed)} changed" if changed else "the checkpoint holds no schedule state"
+    return (f"{why}: the {net.name}'s {net.settings['scheduler']} schedule is rebuilt "
+            f"and advanced {done} {'steps' if net.every_step else 'epochs'} (learning rate now {net.lr:.4g})")
+
+
+def step_epoch_schedules(networks, validation, steps_per_epoch, placement):
+    """Advance the per-epoch schedules of `networks` ({name: Network}) at an epoch's end.
+    ReduceLROnPlateau follows the network's validation loss (`validation`: {name: {term: mean}})
+    where there is one, else its mean training loss over the epoch."""
+    for name, net in networks.items():
+        net.step_schedule(epoch_end=True, plateau_loss=lambda name=name, net=net: validation[name]["total"]
+                          if validation else epoch_mean_loss(net, steps_per_epoch, placement))
+
+
+def epoch_mean_loss(net, steps_per_epoch, placement):
+    """The mean total loss of `net` over the epoch just trained, over all DDP processes: what
+    ReduceLROnPlateau follows where there is no validation loss."""
+    history = net.loss_history["total"][-max(1, steps_per_epoch // net.every):]
+    mean = torch.tensor(float(np.mean(history)), device=placement.device)
+    if placement.world_size > 1:
+        dist.all_reduce(mean)
+        mean /= placement.world_size
+    return mean.item()
 
 
 def section_of(cfg, path):

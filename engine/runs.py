@@ -30,7 +30,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from config import (
+from engine.config import (
     REPO_ROOT,
     checkpoint_dir,
     is_number,
@@ -49,8 +48,10 @@ from config import (
     results_dir,
     to_yaml,
 )
-from errors import UserError, did_you_mean, shown
-from model_base import architecture_text_for, build_model
+from engine.dashboard import Dashboard
+from engine.errors import UserError, did_you_mean, shown
+from engine.files import atomic_write
+from engine.model_base import architecture_text_for, build_model
 
 NAME = re.compile(r"^(?P<prefix>.+)_epoch(?P<epoch>\d+)(?P<et>_et)?_(?P<stamp>\d{8}-\d{6})\.pth$")
 RUN = re.compile(r"^run_(?P<n>\d+)$")
@@ -138,8 +139,6 @@ class Run:
         open metrics.jsonl and the dashboard. A resumed run redoes the steps after its
         checkpoint: their rows (and any line cut short) are dropped, so that every step appears
         once."""
-        from dashboard import Dashboard  # (imports TensorBoard only when it is used)
-
         if self.folder is None:
             self.claim()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -401,31 +400,6 @@ def timestamp():
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def atomic_write(path, write):
-    """Call `write(file)` on a temp file in `path`'s folder, fsync it, then rename it to `path`:
-    readers see the old file or the whole new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def read_metrics(path):
     """The rows of a metrics.jsonl (none if there is no file), skipping a line a kill cut short.
     Read it elsewhere with e.g. pandas.read_json(path, lines=True)."""
@@ -530,7 +504,7 @@ def either_none(check):
     return lambda v: v is None or check(v)
 
 
-# What this pipeline writes into a checkpoint (train_base.Trainer.state): key -> (what a resume
+# What this pipeline writes into a checkpoint (resume.training_state): key -> (what a resume
 # needs, the check of its value, what it should be). Keys a checkpoint lacks are fine where they
 # are not needed (older checkpoints lack newer keys); a key of the wrong kind is never fine.
 CHECKPOINT = {
@@ -539,7 +513,7 @@ CHECKPOINT = {
     "step": (True, is_count, "the completed steps, an integer >= 0"),
     "batches_done_in_epoch": (True, is_count, "an integer >= 0"),
     "loss_history": (True, is_history, "{network: {term: [numbers]}}"),
-    "rng_state": (True, is_rng_state, "the random generators' states, as train_base.rng_state writes them"),
+    "rng_state": (True, is_rng_state, "the random generators' states, as placement.rng_state writes them"),
     "config": (True, is_yaml_mapping, "the training config as YAML text"),
     "optimizer_state_dict": (False, either_none(is_optimizer_state), "an optimizer's state_dict"),
     "disc_optimizer_state_dict": (False, either_none(is_optimizer_state), "an optimizer's state_dict or null"),

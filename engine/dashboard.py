@@ -13,8 +13,9 @@ import math
 
 import torch
 
-import config
-from errors import UserError
+from engine import config
+from engine.errors import UserError
+from engine.files import atomic_write
 
 BOOKKEEPING = ("epoch", "step", "time", "nonfinite")  # row keys that are not metrics
 
@@ -162,15 +163,13 @@ def image_grid(images, columns):
 
 
 def save_png(path, grid, title):
-    """The grid as a titled PNG, written atomically (runs.atomic_write). The figure is sized to the
+    """The grid as a titled PNG, written atomically (files.atomic_write). The figure is sized to the
     grid, each image pixel a whole number of the PNG's pixels and the grid at least 400 wide (so
     that the title fits above it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from runs import atomic_write
 
     image = grid.permute(1, 2, 0).numpy()
     zoom = max(1, math.ceil(400 / image.shape[1]))  # a whole number: every image pixel the same size

@@ -1,6 +1,6 @@
 """How close a model's outputs are to their targets, the numbers papers report: top-1 (and
 top-5) accuracy for class scores against class labels, PSNR and SSIM for images against paired
-images. Validation computes them every epoch (train_base.validation_means, logged as
+images. Validation computes them every epoch (validation.validation_means, logged as
 validation/generator/<name>); evaluate.py computes them on the samples it evaluates.
 
 Validation adds up per-batch sums on the device (no host sync per batch; one all-reduce under

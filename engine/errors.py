@@ -121,7 +121,7 @@ def cut_middle(text, limit=MESSAGE_LIMIT):
     return f"{text[:keep]}\n... ({len(text) - 2 * keep:,} characters left out) ...\n{text[-keep:]}"
 
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 # The repository's own files that a user edits: their frames are the user's, like a flow's.
 USER_MODULES = {ROOT / name for name in ("layers.py", "loss.py", "dataset_functions.py")}
 LIBRARIES = [Path(p).resolve() for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
@@ -134,7 +134,7 @@ def is_users(filename):
     path = Path(filename).resolve()
     if path in USER_MODULES:
         return True
-    pipeline = path.parent == ROOT or ROOT / "benchmarks" in path.parents or ROOT / "tests" in path.parents
+    pipeline = path.parent == ROOT or any(ROOT / folder in path.parents for folder in ("engine", "benchmarks", "tests"))
     return not pipeline and not filename.startswith("<") and not any(lib in path.parents for lib in LIBRARIES)
 
 

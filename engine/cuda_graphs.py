@@ -18,7 +18,20 @@ say) falls back to eager steps, with a message.
 import torch
 from tqdm import tqdm
 
+from engine.errors import UserError
+
 WARMUP_STEPS = 3  # eager steps before the capture
+
+
+def graphed_step(train, placement, networks, updates, source):
+    """With training.cuda_graphs, the step (`updates([batch])` of the `networks`, Network objects)
+    as a GraphedStep; None without it. A setting it cannot record is a user error."""
+    if not train["cuda_graphs"]:
+        return None
+    why = refusal(train, train["on_nonfinite_loss"], placement, [net.settings for net in networks])
+    if why:
+        raise UserError(f"{source}: training.cuda_graphs: {why}")
+    return GraphedStep(lambda batch: updates([batch]), [net.optimizer for net in networks], f"{source}: training")
 
 
 def refusal(train, on_nonfinite, placement, networks):
