@@ -3,8 +3,8 @@
     python benchmarks/bench_logging.py                  # the toy GAN: tiny steps, the worst case (about 1 min)
     python benchmarks/bench_logging.py -t configs/unet_gan/unet_gan_training_cfg.yaml --rounds 8
     python benchmarks/bench_logging.py --set training.log_interval=1   # a row per step, the most logging
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null python benchmarks/bench_logging.py --only on --epochs 2
-                                                        # instructions, which the machine's noise does not move
+    OMP_NUM_THREADS=1 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python benchmarks/bench_logging.py --only on --epochs 2   # instructions, which the noise does not move
 
 A Trainer is built as train.py builds it (the config, the model, the loaders), and two runs are
 started in temporary folders, one with logging.tensorboard off and one with it on. Every round
@@ -21,12 +21,17 @@ As that difference of two noisy times is itself noisy, also the time the trainin
 inside Dashboard.scalars (building and queueing the events; all TensorBoard adds to the loop, its
 writer thread aside), as a share of the side's time, which the noise barely moves.
 
---only on|off trains --epochs epochs of one side and times nothing, for counting instructions:
-run it under callgrind with --epochs K and 2K for each side; the difference of the two counts is
-what K epochs cost, start-up cancelled, and on / off of those differences is TensorBoard's cost
-in instructions (including its writer thread's). Give valgrind the Python binary itself
-(python -c 'import sys; print(sys.executable)'), not a wrapper script such as a pyenv shim,
-which valgrind would follow no further.
+--only on|off|none trains --epochs epochs of one side and times nothing, for counting
+instructions; as Trainer.fit does, each epoch's end draws the sample grid (on: a TensorBoard
+image; off: a PNG; none: no metrics.jsonl, no TensorBoard and no grid, the logging all off).
+Run it under callgrind with --epochs K and 2K for each side; the difference of the two counts is
+what K epochs cost, start-up cancelled, and on / none of those differences is the default
+logging's cost in instructions (the writer thread's included). Count with OMP_NUM_THREADS=1:
+torch's OpenMP threads spin while they wait for work, and under valgrind, which runs one thread
+at a time, that spinning grows with wall time, not with work (seen: +42% on against none with two
+threads, nearly all of it in libgomp). Give valgrind the Python binary itself (python -c 'import
+sys; print(sys.executable)'), not a wrapper script such as a pyenv shim, which valgrind would
+follow no further.
 Also the cost of the grid of generated samples at an epoch's end (TensorBoard image, or the PNG
 written without it), which runs once per logging.image_every epochs, outside the steps.
 """

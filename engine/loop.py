@@ -33,6 +33,8 @@ from engine.validation import Validation
 
 
 class Trainer:
+    """Trains a built model on its loaders into a run (see the module's docstring); `fit` is the loop."""
+
     def __init__(self, cfg, model, loader, placement, resume_state=None, validation_loader=None, run=None,
                  samples=None, resume_path=None):
         train, logging = cfg["training"], cfg["logging"]

@@ -1,8 +1,9 @@
-"""The math of a training step: each network's loss terms on a batch. A flow that writes its own
-step gives them (its `losses(network, batch, step)` method, docs/training.md); otherwise the
-built-in GAN/supervised step does, from the model's forward pass, the discriminator's scores and
-the config's loss function (loss.py). What is done with the terms (backward, the optimizer, the
-order and count of updates) is the loop's (loop.py) and each network's (network.py)."""
+"""A training step. `Losses` is its math: each network's loss terms on a batch, given by a flow
+that writes its own step (its `losses(network, batch, step)` method, docs/training.md), or else by
+the built-in GAN/supervised step, from the model's forward pass, the discriminator's scores and
+the config's loss function (loss.py). `Stepper` is its order: which network updates when, and how
+often. What one update does with its terms (backward, averaging, clipping, the optimizer, the
+EMA) is the network's (network.py)."""
 import functools
 import inspect
 import operator
