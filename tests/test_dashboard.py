@@ -97,16 +97,38 @@ def test_scalars_leave_out_bookkeeping_and_nulls(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs tensorboard (requirements-dev.txt)")
+def test_a_write_of_rows_is_one_point_their_mean_on_the_last_step(tmp_path):
+    """TensorBoard gets one event per write of metrics.jsonl rows (per log_interval steps), each
+    key's mean over the rows that hold it; the hparams' last values are the last row's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = dashboard.Dashboard(tmp_path, True, CFG)
+    written = rows([1, 2, 3])
+    written[1]["discriminator/total"] = 4.0  # (a network updated on one of the steps only)
+    board.scalars(written)
+    board.scalars(rows([4]))
+    assert board.last == {"generator/total": 4.0, "generator/lr": 0.001, "data_wait": 0.1,
+                          "discriminator/total": 4.0}
+    board.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("generator/total")] == [(3, 2.0), (4, 4.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("discriminator/total")] == [(3, 4.0)]
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs tensorboard (requirements-dev.txt)")
 def test_a_resumed_run_replaces_the_steps_it_trains_again(tmp_path):
     """A run resumed from step 10 trains steps 11.. again: TensorBoard shows each step once, with
     the resumed run's values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = dashboard.Dashboard(tmp_path, True, CFG)
-    first.scalars(rows(range(1, 21)))
+    for step in range(1, 21):  # (log_interval 1: a write per step)
+        first.scalars(rows([step]))
     first.close()
     resumed = dashboard.Dashboard(tmp_path, True, CFG, resumed_at=10)
-    resumed.scalars(rows(range(11, 16), offset=0.5))
+    for step in range(11, 16):
+        resumed.scalars(rows([step], offset=0.5))
     resumed.images(1, 15, torch.rand(4, 1, 4, 4))
     resumed.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
