@@ -18,6 +18,11 @@ sys.dont_write_bytecode = True  # in-process imports of the pipeline leave no __
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's processes (pyproject.toml's -n auto):
+    import torch  # one torch thread each, as the scripts run here; two per worker on two cores ran slower
+
+    torch.set_num_threads(1)
+
 TIMEOUT = 300  # seconds any one script may run
 IGNORE = shutil.ignore_patterns(".git", "results", "model_checkpoints", "__pycache__", ".pytest_cache", ".hypothesis")
 

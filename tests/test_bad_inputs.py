@@ -282,6 +282,7 @@ def test_the_checkpoint_layout_check_knows_every_key_a_run_writes(trained):
     runs.check_checkpoint(state, "x.pth", resume=True)  # and a real one passes it
 
 
+@pytest.mark.slow
 def test_the_longest_checkpoint_prefix_allowed_still_saves(repo, tmp_path):
     """saving.save_filename_prefix is refused past the length whose checkpoint names (and their
     temporary names while written) still fit a file system's 255 bytes; at that length it saves."""

@@ -107,6 +107,7 @@ def test_recipe_is_complete():
         assert any(script in shlex.split(line)[:2] for line in commands), f"{SECTION}: no {script} command"
 
 
+@pytest.mark.slow
 def test_recipe_runs_as_written(tmp_path):
     files, commands = recipe()
     assert files and commands, f"{SECTION}: no file blocks or no commands"

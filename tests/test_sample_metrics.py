@@ -137,6 +137,7 @@ def test_missing_inception_weights_say_which_file_to_fetch_and_where(monkeypatch
     assert "inception_weights" in message
 
 
+@pytest.mark.slow
 def test_evaluate_stops_before_generating_when_the_weights_cannot_be_had(trained, tmp_path):
     """Offline (a proxy that refuses every connection), with no cached copy: exit 2, no file."""
     pytest.importorskip("torch_fidelity")
@@ -168,6 +169,7 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_inception_features_take_grey_images_in_the_datas_range(random_inception_weights):
     grey = torch.rand(6, 1, 12, 12) * 2 - 1  # [-1, 1], as the pipeline's GANs make them
     features = build_features("inception", "test", grey, inception_weights=str(random_inception_weights),
