@@ -18,9 +18,10 @@ class Sampler:
     def __init__(self, model, networks, losses, placement, batch_size, dataset, n_images, data_cfg, source):
         self.model, self.networks, self.losses, self.source = model, networks, losses, source
         self.device, self.is_main, self.batch_size = placement.device, placement.is_main, batch_size
-        self.fixed_inputs = model.split_batch(first_samples(dataset, n_images))[0]
+        batch = first_samples(dataset, n_images)
+        self.fixed_inputs = model.split_batch(batch)[0]
         # a flow that draws its own sample picture (sample_rows) gets the fixed samples' every stream
-        self.fixed_batch = first_samples(dataset, n_images) if callable(getattr(model, "sample_rows", None)) else None
+        self.fixed_batch = batch if callable(getattr(model, "sample_rows", None)) else None
         # what the dashboard shows the outputs on: the range the target stream declares, if it does
         declared = value_range(data_cfg, model.target_key) if model.target_key is not None else None
         self.image_range = (declared.low, declared.high) if declared is not None and declared.declared else None
