@@ -18,10 +18,19 @@ from engine.cli import add_overrides, answer_early, make_parser
 def parse_args(argv):
     parser = make_parser(__doc__.splitlines()[0],
                          "python evaluate_training.py -te configs/example_model/example_training_evaluation_cfg.yaml")
-    parser.add_argument("-te", "--training_evaluation_cfg", required=True, metavar="YAML",
+    parser.add_argument("-te", "--training_evaluation_cfg", metavar="YAML",
                         help="the training-evaluation config (which runs and checkpoints, smoothing window)")
+    parser.add_argument("--sweep", metavar="DIR", help="a sweep's folder (train.py --sweep prints it): draw its "
+                        "runs, one colour per configuration, and rank the configurations (instead of -te)")
+    parser.add_argument("--rank-by", metavar="KEY", help="with --sweep: the metrics.jsonl key to rank by, e.g. "
+                        "sample/fid (default: saving.keep_best's, else the first validation loss, else FID)")
     add_overrides(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.training_evaluation_cfg is None) == (args.sweep is None):
+        parser.error("give -te YAML (runs a config names) or --sweep DIR (a sweep's runs), one of them")
+    if args.rank_by and not args.sweep:
+        parser.error("--rank-by ranks a sweep's configurations: it goes with --sweep")
+    return args
 
 
 answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
@@ -50,6 +59,7 @@ from engine.config import (
 )
 from engine.errors import UserError, run_main, shown
 from engine.runs import (
+    BOOKKEEPING,
     Run,
     is_count,
     list_checkpoints,
@@ -61,11 +71,13 @@ from engine.runs import (
     saved_config,
     select_runs,
 )
+from engine.sweep import SEED_KEY, STATE, rank_key, ranked_table, read_state, resolve_sweep, sweep_runs
+from engine.sweep import csv_text as sweep_csv
+from engine.sweep import markdown as sweep_markdown
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-NOT_PLOTTED = ("epoch", "step", "time", "nonfinite", "samples_per_s", "data_wait")  # metrics.jsonl bookkeeping
 MAX_STEP = 2 ** 62  # steps a run may log (a larger one is a damaged file, beyond numpy's integers)
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the largest loss a run logs
 STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))  # one per loss term in a panel
@@ -84,6 +96,8 @@ METRIC_PANELS = {"psnr": ("validation PSNR (higher is better)", "PSNR (dB)"),
 
 def main(argv):
     args = parse_args(argv)
+    if args.sweep:
+        return evaluate_sweep(args)
     own_sets, train_sets = split_overrides(args.overrides, "training_evaluation")
     te = load_config(args.training_evaluation_cfg, TRAINING_EVALUATION, own_sets,
                      "training-evaluation config")["training_evaluation"]
@@ -108,6 +122,38 @@ def main(argv):
     md, rows = markdown(table).encode(), csv_text(table).encode()
     print(f"saved {writer.write_result(files[1] + '.md', lambda f: f.write(md))}")
     print(f"saved {writer.write_result(files[1] + '.csv', lambda f: f.write(rows))}")
+
+
+def evaluate_sweep(args):
+    """--sweep: the runs of a sweep drawn (a colour per configuration, its seeds alike) and its
+    configurations ranked, into results/<model>/<save_folder_name>/sweep_<N>/."""
+    folder = resolve_sweep(args.sweep, Path.cwd(), "--sweep")
+    state = read_state(folder)
+    spec, where = state["spec"], f"{folder / STATE}"
+    done = [run for run in state["runs"] if run["state"] == "done"]
+    if not done:
+        raise UserError(f"{where}: no run of the sweep is done yet ({len(state['runs'])} runs); train them with the "
+                        "command that made it")
+    runs = []
+    for run in done:
+        cfg = load_training_config(spec["training_cfg"], [*spec["overrides"], *args.overrides, *run["overrides"]])
+        runs.append(read_run(cfg, Path(run["folder"]), where) | {"group": " ".join(
+            item for item in run["overrides"] if not item.startswith(f"{SEED_KEY}="))})
+    label_runs(runs)
+    keys = {k for run in runs for k in run["curves"]}
+    if args.rank_by is not None and args.rank_by not in keys:
+        raise UserError(f"--rank-by {shown(args.rank_by)}: no run of {folder} logs it; keys: {', '.join(sorted(keys))}")
+    table = ranked_table(sweep_runs(state), args.rank_by or rank_key(load_training_config(spec["training_cfg"],
+                                                                                          spec["overrides"])))
+    print(sweep_markdown(table))
+    base = load_training_config(spec["training_cfg"], spec["overrides"])
+    writer = Run(results_dir(base) / folder.name, results_dir(base) / folder.name)
+    fig = plot(runs, TRAINING_EVALUATION["training_evaluation"]["loss_average_window"].default)
+    print(f"saved {writer.save_figure(folder.name + '.png', fig)}")
+    plt.close(fig)
+    md, rows = sweep_markdown(table).encode(), sweep_csv(table).encode()
+    print(f"saved {writer.write_result(folder.name + '.md', lambda f: f.write(md))}")
+    print(f"saved {writer.write_result(folder.name + '.csv', lambda f: f.write(rows))}")
 
 
 def gather_runs(cfgs, te, where):
@@ -246,7 +292,7 @@ def curves(rows):
         if not is_count(row["step"]) or row["step"] >= MAX_STEP:
             continue
         for key, value in row.items():
-            if key not in NOT_PLOTTED and (value is None or isinstance(value, (int, float))):
+            if key not in BOOKKEEPING and (value is None or isinstance(value, (int, float))):
                 found.setdefault(key, ([], []))
                 found[key][0].append(row["step"])
                 found[key][1].append(plotted(value))
@@ -402,6 +448,9 @@ def plot(runs, window):
     if n == 0:  # learning rates alone, that never change or are never finite: the legend and the table say them
         axes[0][0].text(0.5, 0.5, "no loss term or metric to draw", ha="center", va="center", color="0.4")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = list(dict.fromkeys(run.get("group", run["label"]) for run in runs))  # (a sweep's seeds: one group)
+    for run in runs:
+        run["colour"] = colours[groups.index(run.get("group", run["label"])) % len(colours)]
     for ax, panel in zip(axes[0], panels):
         draw(ax, runs, [k for k in keys if panel_of(k) == panel], window, colours)
         if isinstance(panel, tuple):  # a metric's (title, y label)
@@ -411,12 +460,24 @@ def plot(runs, window):
     if with_lr:
         draw(axes[0][n - 1], runs, lr_keys, window, colours)
         axes[0][n - 1].set(title="learning rate", xlabel="step", ylabel="learning rate")
-    handles = [plt.Line2D([], [], color=colours[j % len(colours)], linewidth=2.5) for j in range(len(runs))]
-    labels = [run["label"] if with_lr else run["label"] + constant_rates(run) for run in runs]
-    fig.legend(handles, labels, loc="outside right upper", title="run", fontsize="small")
+    firsts = {run.get("group", run["label"]): run for run in reversed(runs)}  # each group's first run
+    shown_runs = [firsts[group] for group in groups]
+    handles = [plt.Line2D([], [], color=run["colour"], linewidth=2.5) for run in shown_runs]
+    labels = [legend_label(run, runs) if with_lr else legend_label(run, runs) + constant_rates(run)
+              for run in shown_runs]
+    fig.legend(handles, labels, loc="outside right upper", title="run" if len(groups) == len(runs) else
+               "configuration", fontsize="small")
     if any(is_training_term(k) for k in keys):
         smoothing_legend(fig, window)
     return fig
+
+
+def legend_label(run, runs):
+    """A run's legend entry: its label; for a group of runs (a sweep's seeds), the group and its runs."""
+    if "group" not in run:
+        return run["label"]
+    members = [r["label"] for r in runs if r["group"] == run["group"]]
+    return f"{run['group'] or '(the config as it is)'}\n({', '.join(members)})"
 
 
 def smoothing_legend(fig, window):
@@ -468,7 +529,7 @@ def draw(ax, runs, keys, window, colours):
         for j, run in enumerate(runs):
             if key not in run["curves"]:
                 continue
-            style = {"color": colours[j % len(colours)], "linestyle": STYLES[i % len(STYLES)]}
+            style = {"color": run.get("colour", colours[j % len(colours)]), "linestyle": STYLES[i % len(STYLES)]}
             steps, values = run["curves"][key]
             if is_training_term(key):  # (add_artist: not in the data limits, which the smoothed curves set)
                 ax.add_artist(plt.Line2D(steps, values, linewidth=0.6, alpha=0.25, gid="raw", **style))

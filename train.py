@@ -3,13 +3,39 @@
     python train.py -t configs/example_model/example_training_cfg.yaml
     torchrun --standalone --nnodes=1 --nproc_per_node=2 train.py -t configs/example_model/example_multigpu_training_cfg.yaml
 """  # noqa: E501  (the commands as the README gives them)
+import argparse
+from pathlib import Path
+
 from engine.cli import add_training_cfg, answer_early, make_parser
 
 
 def parse_args(argv):
     parser = make_parser(__doc__.splitlines()[0], "python train.py -t configs/example_model/example_training_cfg.yaml")
     add_training_cfg(parser)
-    return parser.parse_args(argv)
+    sweep = parser.add_argument_group("sweeps (docs/runs.md)")
+    sweep.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="train one run per value (YAML; repeat for a grid over several keys), e.g. --sweep "
+                            "training.learning_rate=1e-4,5e-4 --sweep training.seed=0,1,2; with --sweep-trials, "
+                            "also KEY=loguniform(LOW,HIGH), uniform(LOW,HIGH), randint(LOW,HIGH) or choice(V1,V2)")
+    sweep.add_argument("--sweep-trials", type=positive, metavar="K",
+                       help="draw K configurations of the drawn keys (each crossed with the listed values)")
+    sweep.add_argument("--sweep-seed", type=int, default=0, metavar="S", help="seed of the draws (default 0)")
+    sweep.add_argument("--jobs", type=positive, default=1, metavar="N",
+                       help="train up to N of a sweep's runs at once, as separate processes (default 1)")
+    parser.add_argument("--run-folder", metavar="DIR", help="train into this run folder: resume its newest "
+                        "checkpoint, or start there (how a sweep starts its runs)")
+    args = parser.parse_args(argv)
+    if not args.sweep and (args.sweep_trials or args.jobs != 1):
+        parser.error("--sweep-trials and --jobs go with --sweep")
+    if args.sweep and args.run_folder:
+        parser.error("--run-folder is one run's; a sweep gives each run its own")
+    return args
+
+
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 answer_early(__name__, parse_args)  # --help in a fraction of a second: before torch is imported
@@ -32,6 +58,7 @@ from engine.runs import (
     BEST,
     Run,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_weights,
     newest_checkpoint,
@@ -40,34 +67,48 @@ from engine.runs import (
 )
 from engine.sample_metrics import prepare
 from engine.sampling import first_samples
+from engine.sweep import run_sweep
 
 
 def main(argv):
     args = parse_args(argv)
+    if args.sweep:
+        run_sweep(args.training_cfg, args.overrides, args.sweep, args.sweep_trials, args.sweep_seed, args.jobs,
+                  check=lambda cfg: train(cfg, setup_placement(cfg["training"]["gpus"], args.training_cfg),
+                                          args.training_cfg, check_only=True),
+                  script=str(Path(__file__).resolve()))
+        return
     cfg = load_training_config(args.training_cfg, args.overrides)
     placement = setup_placement(cfg["training"]["gpus"], args.training_cfg)
     set_num_threads(cfg["training"]["num_threads"], placement)
     try:
-        train(cfg, placement, args.training_cfg)
+        train(cfg, placement, args.training_cfg, args.run_folder)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(cfg, placement, source):
+def train(cfg, placement, source, run_folder=None, check_only=False):
+    """Train `cfg` (into `run_folder` when given); with `check_only`, stop once every check and
+    the trial step have passed, before anything is written."""
     seed = cfg["training"]["seed"]
     seed_everything(seed)
     model = build_model(cfg["model"])
     loader, validation_loader = make_loaders(cfg, model, placement, source)
-    path = resume_path(cfg, source)
+    path = folder_checkpoint(run_folder) or resume_path(cfg, source, quiet=check_only or run_folder is not None)
     resume = load_checkpoint(path, resume=True) if path else None
     if resume:
         load_weights(model, resume, path)
-    run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)
+    if run_folder is not None:
+        run = Run.of(cfg, Path(run_folder))
+    else:
+        run = Run.of(cfg, path.parent) if path and holds_run(cfg, path.parent) else Run.new(cfg)
     samples = sample_metrics(cfg, model, loader, validation_loader, placement, source)
     trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run, samples, resume_path=path)
     if trainer.finished:
-        print(f"{path} is already at epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs}); nothing to do")
+        budget = f"step {trainer.step} (training.max_steps: {trainer.max_steps})" if trainer.out_of_steps else \
+            f"epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs})"
+        print(f"{path} is already at {budget}; nothing to do")
         return
     # The first samples through one step, phase by phase (naming the stream and layer that does
     # not fit), as many as the smallest batch of an epoch holds, up to two (enough for a BatchNorm).
@@ -82,6 +123,8 @@ def train(cfg, placement, source):
     held_out = first_samples(validation_loader.dataset, 2) if validation_loader is not None else None
     said_of_one_sample(trainer.loader, first, lambda: check_whole_step(trainer, first, held_out, source))
     # Everything is checked; only now is anything written.
+    if check_only:
+        return
     if placement.is_main:
         if run.folder is None:
             run.claim()
@@ -234,12 +277,24 @@ def make_loaders(cfg, model, placement, source):
                                                         device), **loading)
 
 
-def resume_path(cfg, source):
+def folder_checkpoint(run_folder):
+    """The newest checkpoint of --run-folder, or None (a folder without one starts there)."""
+    if run_folder is None:
+        return None
+    if Path(run_folder).exists() and not Path(run_folder).is_dir():
+        raise UserError(f"--run-folder {run_folder}: a file, not a folder")
+    found = list_checkpoints(run_folder) if Path(run_folder).is_dir() else []
+    return found[-1] if found else None
+
+
+def resume_path(cfg, source, quiet=False):
     """The checkpoint to resume from, if any. `latest` with no checkpoint yet starts a new run,
-    so one command both starts a (preemptible) job and resumes it."""
+    so one command both starts a (preemptible) job and resumes it; `quiet` (a check, or a run
+    folder of its own): and says nothing, as `latest` of another run is never this run's."""
     spec = cfg["model"]["model_checkpoint_filename"]
-    if spec == "latest" and newest_checkpoint(cfg) is None:
-        print("model.model_checkpoint_filename: latest, but there is no checkpoint yet: starting a new run")
+    if spec == "latest" and (quiet or newest_checkpoint(cfg) is None):
+        if not quiet:
+            print("model.model_checkpoint_filename: latest, but there is no checkpoint yet: starting a new run")
         return None
     return find_checkpoint(cfg, spec, f"{source}: model.model_checkpoint_filename")
 

@@ -21,6 +21,7 @@ checks it):
     model_base     PyNet: that plan built into modules, the flow's base class
     metrics        outputs against targets: accuracy, PSNR, SSIM
     runs           a run's folder: checkpoints, metrics.jsonl, run.json; finding and loading them
+    sweep          a grid or draws of runs, trained one or several at a time, and their ranked table
     sample_metrics FID, KID, precision/recall of generated samples
     network        one trained network: its optimizer, schedule, precision, EMA, checkpoint entry
     placement      where a process trains (device, DDP rank), its threads and random numbers

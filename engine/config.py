@@ -292,6 +292,10 @@ STREAM = {
 TRAINING = {
     "training": {
         "n_epochs": Key(10, int, check=at_least(1), doc="total epochs of the run (a resumed run ends here too)"),
+        "max_steps": Key(None, int, check=at_least(1),
+                         doc="stop after this many optimizer steps in all (null: after n_epochs), part way through an "
+                             "epoch if need be, saving a checkpoint there; a resume with a larger budget goes on from "
+                             "it exactly as an unbroken run would"),
         "learning_rate": Key(2e-4, float, check=at_least(0),
                              doc="the generator's (or the only network's) learning rate"),
         "learning_rate_gamma": Key(1.0, float, check=between(0, 1, "(]"),

@@ -51,10 +51,11 @@ class Trainer:
         self.stepper = Stepper(self.losses, self.update_order, placement, train, self.source)
         if train["compile"]:  # in place, after the EMA's copy: the modules and their state_dict keys stay as they are
             compile_submodels(model, train["compile_args"], f"{self.source}: training.compile_args")
-        self.n_epochs, self.log_interval = train["n_epochs"], train["log_interval"]
+        self.n_epochs, self.max_steps, self.log_interval = train["n_epochs"], train["max_steps"], train["log_interval"]
         self.save_every, self.image_every = cfg["saving"]["save_epoch_increment"], logging["image_every"]
         self.epoch, self.step = 0, 0  # completed epochs, steps
         self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
+        self.saved_step = None  # the step of the newest checkpoint this start wrote
         self.stop = StopSignal(placement)
         # sample_metrics.SampleMetrics on fixed inputs, measured every sample_every epochs (rank 0)
         self.samples, self.sample_every = samples, cfg["sample_metrics"]["every_epochs"]
@@ -84,16 +85,18 @@ class Trainer:
 
     # ---- the loop ----
     def fit(self):
-        """Train epochs epoch+1 .. n_epochs; Ctrl-C or SIGTERM ends the step, saves `_et`, exits.
-        A non-finite loss (on_nonfinite_loss: stop) ends training without saving, exit status 3."""
+        """Train epochs epoch+1 .. n_epochs, or up to training.max_steps (saving where it stops);
+        Ctrl-C or SIGTERM ends the step, saves `_et`, exits. A non-finite loss (on_nonfinite_loss:
+        stop) ends training without saving, exit status 3."""
         main = self.placement.is_main
-        bar = tqdm(total=self.n_epochs * self.steps_per_epoch, disable=not main, dynamic_ncols=True, unit="step",
+        bar = tqdm(total=self.total_steps, disable=not main, dynamic_ncols=True, unit="step",
                    initial=self.epoch * self.steps_per_epoch + self.batches_done)
         last = None
         try:
             with self.stop:
                 if main:  # (run.json records where this start ran, and where it went on from)
-                    about = {**self.placement.about(), "resumed_at_step": self.step, "resumed_at_epoch": self.epoch}
+                    about = {**self.placement.about(), "resumed_at_step": self.step, "resumed_at_epoch": self.epoch,
+                             "total_steps": self.total_steps}
                     self.run.start(self.cfg, self.step, about, self.tensorboard)
                 last = self.save() if self.step == 0 else self.run.latest()  # the initial weights
                 if self.step == 0 and self.samples is not None:  # where the curves start
@@ -104,6 +107,10 @@ class Trainer:
                         break
                     self.epoch = epoch
                     last = self.end_epoch(bar) or last
+                    if self.out_of_steps:
+                        break
+                if self.out_of_steps and self.stop.signum is None and self.saved_step != self.step:
+                    last = self.save(early_stop=self.batches_done > 0)  # where the step budget ran out
         except NonFiniteLoss as e:
             bar.close()
             if main:
@@ -118,7 +125,10 @@ class Trainer:
                 print(f"stopped by {signal.Signals(self.stop.signum).name}; saved {last}")
             raise SystemExit(128 + self.stop.signum)
         if main:
-            print(f"trained to epoch {self.epoch}; latest checkpoint: {last}" + best_line(self.best, self.run))
+            where = f"step {self.step} (training.max_steps), epoch {self.epoch}" + \
+                (f" and {self.batches_done} steps" if self.batches_done else "") if self.out_of_steps else \
+                f"epoch {self.epoch}"
+            print(f"trained to {where}; latest checkpoint: {last}" + best_line(self.best, self.run))
         return last
 
     def run_epoch(self, epoch, bar):
@@ -140,13 +150,13 @@ class Trainer:
                 self.logbook.record(self.run, bar, pending, epoch, self.step, self.batches_done, waited,
                                     time.perf_counter() - since)
                 pending, waited, since = [], 0.0, time.perf_counter()
-            if self.stop.requested(agree=not pending):
+            if self.stop.requested(agree=not pending) or self.out_of_steps:
                 break
         if pending:
             self.logbook.record(self.run, bar, pending, epoch, self.step, self.batches_done, waited,
                                 time.perf_counter() - since)
-        if self.stop.requested(agree=True):
-            return False
+        if self.stop.requested(agree=True) or (self.out_of_steps and self.batches_done < self.steps_per_epoch):
+            return False  # (stopped, or out of steps part way)
         self.batches_done = 0
         return True
 
@@ -175,11 +185,22 @@ class Trainer:
 
     @property
     def finished(self):
-        return self.epoch >= self.n_epochs
+        return self.epoch >= self.n_epochs or self.out_of_steps
+
+    @property
+    def out_of_steps(self):
+        """Whether training.max_steps steps are done."""
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    @property
+    def total_steps(self):
+        """Steps the run trains in all: n_epochs', or fewer by training.max_steps."""
+        return min(self.n_epochs * self.steps_per_epoch, self.max_steps or self.n_epochs * self.steps_per_epoch)
 
     def save(self, early_stop=False):
         """Every process calls this; rank 0 writes the checkpoint."""
         share_buffers(self.model, self.placement)
+        self.saved_step = self.step
         return self.run.save(training_state(self, early_stop), self.epoch, early_stop) if self.placement.is_main \
             else None
 

@@ -58,6 +58,7 @@ RUN = re.compile(r"^run_(?P<n>\d+)$")
 BEST = "{prefix}_best.pth"  # not a NAME: keep_last and `latest` pass it by
 METRICS = "metrics.jsonl"
 RECORD = "run.json"
+BOOKKEEPING = ("epoch", "step", "time", "nonfinite", "samples_per_s", "data_wait")  # metrics.jsonl keys no metric
 
 
 class Run:

@@ -4,11 +4,16 @@ The end-to-end tests run the real scripts in a subprocess inside a copy of the r
 user on a fresh clone would), so nothing they write lands in the working tree. In-process tests
 import the pipeline's modules from the source tree; they only read from it.
 """
+import atexit
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,16 +49,23 @@ def script_env():
     return env
 
 
-def run(repo, *args, check=True, timeout=TIMEOUT, cwd=None):
+def run(repo, *args, check=True, timeout=TIMEOUT, cwd=None, fresh=False):
     """Run `python *args` in `repo` (or `cwd`); return the CompletedProcess (text stdout/stderr).
 
-    With check, a non-zero exit fails the test and shows everything the script printed."""
+    The script runs in a process of its own, forked from this test process's Zygote, which has
+    imported the libraries every script imports (torch and torchvision alone take seconds): what a
+    test sees is the script's own work, output and exit status. `fresh` (and any interpreter
+    option but -m) starts a new interpreter instead, for tests of start-up itself. With check, a
+    non-zero exit fails the test and shows everything the script printed."""
     cmd = [sys.executable, *map(str, args)]
     env = script_env()
     if cwd is not None:  # (a script's own folder is on its path; `-m engine.<module>` needs the repository's)
         env["PYTHONPATH"] = str(repo)
     try:
-        proc = subprocess.run(cmd, cwd=cwd or repo, capture_output=True, text=True, timeout=timeout, env=env)
+        if fresh or (cmd[1].startswith("-") and cmd[1] != "-m"):
+            proc = subprocess.run(cmd, cwd=cwd or repo, capture_output=True, text=True, timeout=timeout, env=env)
+        else:
+            proc = Zygote.run_job(cmd[1:], cwd or repo, env, timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} ran past {timeout} s\n--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}",
                     pytrace=False)
@@ -61,6 +73,106 @@ def run(repo, *args, check=True, timeout=TIMEOUT, cwd=None):
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout}\n"
                     f"--- stderr ---\n{proc.stderr}", pytrace=False)
     return proc
+
+
+# The Zygote: a Python process that imports the third-party libraries (not the pipeline, whose
+# files differ between repository copies), then, for each job on its stdin, forks a child that
+# runs `python <script> <args>` or `python -m <module> <args>` as the interpreter would (runpy, as
+# __main__, with the script's folder first on sys.path), its stdin /dev/null, its stdout and
+# stderr in files, its exit status the script's. It answers each job with the child's pid, then
+# its exit status.
+ZYGOTE = r"""
+import json, os, runpy, sys, traceback
+import numpy, yaml, tqdm, PIL.Image, matplotlib.pyplot, torch, torchvision, torchvision.transforms.v2  # noqa: F401
+import torchvision.io, torchvision.utils  # noqa: F401
+try:
+    import torch.utils.tensorboard  # noqa: F401  (optional)
+except ImportError:
+    pass
+sys.path = [p for p in sys.path if p not in ("", os.getcwd())]
+
+
+def child(job):
+    os.chdir(job["cwd"])
+    os.environ.clear()
+    os.environ.update(job["env"])
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, path in ((1, job["out"]), (2, job["err"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    extra = [p for p in job["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    args = job["args"]
+    try:
+        if args[0] == "-m":
+            sys.argv, sys.path[:0] = [args[1], *args[2:]], [os.getcwd(), *extra]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv, sys.path[:0] = list(args), [os.path.dirname(os.path.abspath(args[0])), *extra]
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit:
+        raise  # (the interpreter's own exit: None is 0, a message goes to stderr as status 1)
+    except BaseException:
+        traceback.print_exc()
+        raise SystemExit(1)
+    raise SystemExit(0)
+
+
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        child(job)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Zygote:
+    """A Zygote (see ZYGOTE) of this test process, started on first use and ended with the process;
+    one per thread that runs scripts at once (each runs one job at a time)."""
+    idle, lock = [], threading.Lock()
+
+    @classmethod
+    def run_job(cls, args, cwd, env, timeout):
+        with cls.lock:
+            zygote = cls.idle.pop() if cls.idle else None
+        if zygote is None or zygote.proc.poll() is not None:
+            zygote = cls()
+        try:
+            return zygote.run(args, cwd, env, timeout)
+        finally:
+            with cls.lock:
+                cls.idle.append(zygote)
+
+    def __init__(self):
+        self.logs, self.answers = Path(tempfile.mkdtemp(prefix="zygote-")), b""
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=script_env(), cwd=self.logs)
+        atexit.register(self.proc.kill)
+
+    def run(self, args, cwd, env, timeout):
+        out, err = self.logs / "out", self.logs / "err"
+        job = {"args": args, "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+        pid = self.answer(None)
+        code = self.answer(timeout)
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            self.answer(None)
+            raise subprocess.TimeoutExpired(args, timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(), err.read_text())
+
+    def answer(self, timeout):
+        """The Zygote's next line, as a number (None: none within `timeout` seconds)."""
+        while b"\n" not in self.answers:
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("the test Zygote ended; see the test output above")
+            self.answers += chunk
+        line, self.answers = self.answers.split(b"\n", 1)
+        return int(line)
 
 
 # One Python process imports the pipeline (and torch: seconds) once, then forks a child per job,
