@@ -106,8 +106,9 @@ def train(cfg, placement, source, run_folder=None, check_only=False):
     samples = sample_metrics(cfg, model, loader, validation_loader, placement, source)
     trainer = Trainer(cfg, model, loader, placement, resume, validation_loader, run, samples, resume_path=path)
     if trainer.finished:
-        budget = f"step {trainer.step} (training.max_steps: {trainer.max_steps})" if trainer.out_of_steps else \
-            f"epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs})"
+        budget = f"epoch {trainer.epoch} (training.n_epochs: {trainer.n_epochs})"
+        if trainer.budget.out_of_steps(trainer.step):
+            budget = f"step {trainer.step} (training.max_steps: {trainer.budget.max_steps})"
         print(f"{path} is already at {budget}; nothing to do")
         return
     # The first samples through one step, phase by phase (naming the stream and layer that does

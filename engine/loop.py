@@ -10,6 +10,7 @@ one's `updates` and `every` say. Around the steps: the logbook (metrics.jsonl, t
 the non-finite stop), validation, the dashboard's picture (sampling.py), sample metrics, the best
 checkpoint, and checkpoints whose contents resume.py writes and reads back.
 """
+import dataclasses
 import itertools
 import signal
 import sys
@@ -25,7 +26,7 @@ from engine.dashboard import use_tensorboard
 from engine.logbook import Logbook, NonFiniteLoss, nonfinite_message
 from engine.network import Network, network_specs, step_epoch_schedules, update_order
 from engine.placement import compile_submodels, prepare_model, share_buffers
-from engine.resume import best_line, improves, restore, training_state
+from engine.resume import best_line, keep_if_best, restore, training_state
 from engine.runs import Run
 from engine.sampling import Sampler
 from engine.step import Losses, Stepper
@@ -51,21 +52,20 @@ class Trainer:
         self.stepper = Stepper(self.losses, self.update_order, placement, train, self.source)
         if train["compile"]:  # in place, after the EMA's copy: the modules and their state_dict keys stay as they are
             compile_submodels(model, train["compile_args"], f"{self.source}: training.compile_args")
-        self.n_epochs, self.max_steps, self.log_interval = train["n_epochs"], train["max_steps"], train["log_interval"]
+        self.n_epochs, self.log_interval = train["n_epochs"], train["log_interval"]
+        self.budget = Budget(self.n_epochs, train["max_steps"], self.steps_per_epoch)
         self.save_every, self.image_every = cfg["saving"]["save_epoch_increment"], logging["image_every"]
         self.epoch, self.step = 0, 0  # completed epochs, steps
         self.batches_done = 0  # steps of the current epoch (non-zero only in a run stopped part way)
         self.saved_step = None  # the step of the newest checkpoint this start wrote
         self.stop = StopSignal(placement)
-        # sample_metrics.SampleMetrics on fixed inputs, measured every sample_every epochs (rank 0)
-        self.samples, self.sample_every = samples, cfg["sample_metrics"]["every_epochs"]
+        self.samples, self.sample_every = samples, cfg["sample_metrics"]["every_epochs"]  # SampleMetrics (rank 0)
         best = keep_best(cfg)  # the best checkpoint so far by saving.keep_best: its value and epoch
         self.best = None if best is None else {"key": best[0], "mode": best[1], "value": None, "epoch": None}
         self.classes = stream_classes(cfg["dataset"], self.source)  # {class_labels stream: class names}
         self.sampler = Sampler(model, self.networks, self.losses, placement, train["batch_size"],
                                (validation_loader or loader).dataset, logging["n_images"], cfg["dataset"], self.source)
-        # samples per optimizer step, over all processes (a short last batch counts as a full one)
-        samples_per_step = train["batch_size"] * self.accumulate * placement.world_size
+        samples_per_step = train["batch_size"] * self.accumulate * placement.world_size  # (a short batch as full)
         self.logbook = Logbook(self.networks, self.losses.watched, placement, samples_per_step,
                               train["on_nonfinite_loss"])
         self.validation = Validation(cfg, model, self.losses, self.networks, placement, validation_loader,
@@ -73,14 +73,12 @@ class Trainer:
         self.notes = []  # what resuming changed, for train.py to show
         if resume_state is not None:
             restore(self, resume_state, resume_path or "the checkpoint")
-        # Under DDP every process starts from rank 0's weights and buffers; from then on each
-        # network's gradients are averaged at each update (network.average_gradients).
+        # Under DDP every process starts from rank 0's weights (then gradients are averaged: network.py)
         share_buffers(model, placement, parameters=True)
 
     # ---- one step ----
     def train_step(self, batches):
-        """Update every network once on a batch or a step's micro-batches (Stepper): ({network: its
-        loss terms}, {network: lr})."""
+        """Update every network once on a step's batch(es) (Stepper): ({network: its terms}, {network: lr})."""
         return self.stepper(batches, (self.step, self.epoch, self.batches_done))
 
     # ---- the loop ----
@@ -89,27 +87,27 @@ class Trainer:
         Ctrl-C or SIGTERM ends the step, saves `_et`, exits. A non-finite loss (on_nonfinite_loss:
         stop) ends training without saving, exit status 3."""
         main = self.placement.is_main
-        bar = tqdm(total=self.total_steps, disable=not main, dynamic_ncols=True, unit="step",
+        bar = tqdm(total=self.budget.total_steps, disable=not main, dynamic_ncols=True, unit="step",
                    initial=self.epoch * self.steps_per_epoch + self.batches_done)
         last = None
         try:
             with self.stop:
                 if main:  # (run.json records where this start ran, and where it went on from)
                     about = {**self.placement.about(), "resumed_at_step": self.step, "resumed_at_epoch": self.epoch,
-                             "total_steps": self.total_steps}
+                             "total_steps": self.budget.total_steps}
                     self.run.start(self.cfg, self.step, about, self.tensorboard)
                 last = self.save() if self.step == 0 else self.run.latest()  # the initial weights
                 if self.step == 0 and self.samples is not None:  # where the curves start
-                    self.keep_if_best(self.sampler.measure(self.samples, self.run, bar, self.epoch, self.step), bar)
+                    keep_if_best(self, self.sampler.measure(self.samples, self.run, bar, self.epoch, self.step), bar)
                 for epoch in range(self.epoch + 1, self.n_epochs + 1):
                     bar.set_description(f"epoch {epoch}/{self.n_epochs}")
                     if not self.run_epoch(epoch, bar):
                         break
                     self.epoch = epoch
                     last = self.end_epoch(bar) or last
-                    if self.out_of_steps:
+                    if self.budget.out_of_steps(self.step):
                         break
-                if self.out_of_steps and self.stop.signum is None and self.saved_step != self.step:
+                if self.budget.out_of_steps(self.step) and self.stop.signum is None and self.saved_step != self.step:
                     last = self.save(early_stop=self.batches_done > 0)  # where the step budget ran out
         except NonFiniteLoss as e:
             bar.close()
@@ -125,10 +123,8 @@ class Trainer:
                 print(f"stopped by {signal.Signals(self.stop.signum).name}; saved {last}")
             raise SystemExit(128 + self.stop.signum)
         if main:
-            where = f"step {self.step} (training.max_steps), epoch {self.epoch}" + \
-                (f" and {self.batches_done} steps" if self.batches_done else "") if self.out_of_steps else \
-                f"epoch {self.epoch}"
-            print(f"trained to {where}; latest checkpoint: {last}" + best_line(self.best, self.run))
+            print(f"trained to {self.budget.reached(self.epoch, self.step, self.batches_done)}; latest checkpoint: "
+                  f"{last}" + best_line(self.best, self.run))
         return last
 
     def run_epoch(self, epoch, bar):
@@ -150,12 +146,13 @@ class Trainer:
                 self.logbook.record(self.run, bar, pending, epoch, self.step, self.batches_done, waited,
                                     time.perf_counter() - since)
                 pending, waited, since = [], 0.0, time.perf_counter()
-            if self.stop.requested(agree=not pending) or self.out_of_steps:
+            if self.stop.requested(agree=not pending) or self.budget.out_of_steps(self.step):
                 break
         if pending:
             self.logbook.record(self.run, bar, pending, epoch, self.step, self.batches_done, waited,
                                 time.perf_counter() - since)
-        if self.stop.requested(agree=True) or (self.out_of_steps and self.batches_done < self.steps_per_epoch):
+        part_way = self.budget.out_of_steps(self.step) and self.batches_done < self.steps_per_epoch
+        if self.stop.requested(agree=True) or part_way:
             return False  # (stopped, or out of steps part way)
         self.batches_done = 0
         return True
@@ -170,32 +167,15 @@ class Trainer:
         step_epoch_schedules(self.networks, validation, self.steps_per_epoch, self.placement)
         if self.placement.is_main and self.epoch % self.image_every == 0:
             self.run.log_images(self.epoch, self.step, *self.sampler.sample_outputs(), self.sampler.image_range)
-        self.keep_if_best({f"validation/{name}/{term}": value for name, terms in (validation or {}).items()
+        keep_if_best(self, {f"validation/{name}/{term}": value for name, terms in (validation or {}).items()
                            for term, value in terms.items()} | measured, bar)
         if self.epoch % self.save_every == 0 or self.epoch == self.n_epochs:
             return self.save()
         return None
 
-    def keep_if_best(self, values, bar):
-        """Save the best checkpoint when saving.keep_best's key beats the best so far (rank 0 writes it)."""
-        if improves(self.best, values, self.epoch) and self.placement.is_main:
-            path = self.run.save_best(training_state(self, early_stop=False))
-            bar.write(f"epoch {self.epoch}: best {self.best['key']} so far ({self.best['value']:.6g}): "
-                      f"saved {path.name}")
-
     @property
     def finished(self):
-        return self.epoch >= self.n_epochs or self.out_of_steps
-
-    @property
-    def out_of_steps(self):
-        """Whether training.max_steps steps are done."""
-        return self.max_steps is not None and self.step >= self.max_steps
-
-    @property
-    def total_steps(self):
-        """Steps the run trains in all: n_epochs', or fewer by training.max_steps."""
-        return min(self.n_epochs * self.steps_per_epoch, self.max_steps or self.n_epochs * self.steps_per_epoch)
+        return self.budget.finished(self.epoch, self.step)
 
     def save(self, early_stop=False):
         """Every process calls this; rank 0 writes the checkpoint."""
@@ -203,6 +183,31 @@ class Trainer:
         self.saved_step = self.step
         return self.run.save(training_state(self, early_stop), self.epoch, early_stop) if self.placement.is_main \
             else None
+
+
+@dataclasses.dataclass
+class Budget:
+    """How long a run trains: training.n_epochs, cut short by training.max_steps (None: no cut)."""
+    n_epochs: int
+    max_steps: int | None
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self):
+        return min(self.n_epochs * self.steps_per_epoch, self.max_steps or self.n_epochs * self.steps_per_epoch)
+
+    def out_of_steps(self, step):
+        return self.max_steps is not None and step >= self.max_steps
+
+    def finished(self, epoch, step):
+        return epoch >= self.n_epochs or self.out_of_steps(step)
+
+    def reached(self, epoch, step, batches_done):
+        """Where training stopped, in words."""
+        if not self.out_of_steps(step):
+            return f"epoch {epoch}"
+        part = f" and {batches_done} steps" if batches_done else ""
+        return f"step {step} (training.max_steps), epoch {epoch}{part}"
 
 
 class StopSignal:

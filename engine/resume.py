@@ -79,6 +79,14 @@ def improves(best, values, epoch):
     return True
 
 
+def keep_if_best(trainer, values, bar):
+    """Save the best checkpoint when saving.keep_best's key beats the best so far (rank 0 writes it)."""
+    if improves(trainer.best, values, trainer.epoch) and trainer.placement.is_main:
+        path = trainer.run.save_best(training_state(trainer, early_stop=False))
+        bar.write(f"epoch {trainer.epoch}: best {trainer.best['key']} so far ({trainer.best['value']:.6g}): "
+                  f"saved {path.name}")
+
+
 def best_line(best, run):
     """The best checkpoint's line at the end of training ('' without one)."""
     if not best or best["epoch"] is None:

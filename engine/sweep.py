@@ -294,8 +294,10 @@ class Launcher:
             print(f"\n[sweep {self.folder.name}: run {index} of {len(self.state['runs'])}, {done} done] "
                   f"{' '.join(run['overrides'])} -> {run['folder']}", flush=True)
         log = open(self.folder / "logs" / f"run{index}_{Path(run['folder']).name}.log", "ab")
+        # (a session of its own: Ctrl-C in the terminal reaches the sweep only, which passes one SIGTERM
+        # on; a second signal would stop the run without saving)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=die_with_parent)
+                                env=env, preexec_fn=die_with_parent, start_new_session=True)
         output = Output(proc.stdout, log, echo=self.jobs == 1)
         run.update(state="running", error=None)
         self.running[slot] = (run, proc, output)

@@ -245,7 +245,7 @@ def test_best_with_no_best_checkpoint_says_how_to_keep_one(trained):
 SAMPLED = ["--set", "sample_metrics.every_epochs=10", "--set", "sample_metrics.feature_extractor=pixels",
            "--set", "sample_metrics.metrics=[fid,kid,precision_recall]", "--set", "saving.keep_best=fid",
            "--set", "saving.save_folder_name=sampled",
-           "--set", "logging.tensorboard=false"]
+           "--set", "logging.tensorboard=false", "--set", "logging.image_every=50"]
 
 
 @pytest.fixture(scope="module")

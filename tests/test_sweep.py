@@ -181,8 +181,8 @@ def test_runs_in_parallel_give_the_weights_of_runs_one_at_a_time(grid, repo):
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_retraining_finished_runs(repo, tmp_path):
-    # the first run stops after 8 steps, the second, killed part way, after 400 (4 steps per epoch)
-    args = sweep_args("sweep_killed", "--sweep", "training.max_steps=8,400",
+    # the first run stops after 8 steps, the second, killed part way, after 200 (4 steps per epoch)
+    args = sweep_args("sweep_killed", "--sweep", "training.max_steps=8,200",
                       sets=["logging.tensorboard=false", "training.num_threads=1", "logging.image_every=100",
                             "training.n_epochs=400", "training.batch_size=128"])
     folder = repo / CHECKPOINTS / "sweep_killed"
