@@ -452,9 +452,10 @@ def is_higher_better(key):
 
 def final_and_best(rows, key, window=10):
     """(final, best) of `key` in one run's rows: a validation or sample metric's last and best
-    value; a training term's mean over its last `window` steps, and no best (a GAN's lowest loss is
-    no best)."""
-    values = np.array([row[key] for row in rows if isinstance(row.get(key), (int, float))], dtype=float)
+    value after training began (step 0's measures the untrained model); a training term's mean over
+    its last `window` steps, and no best (a GAN's lowest loss is no best)."""
+    values = np.array([row[key] for row in rows if isinstance(row.get(key), (int, float)) and row.get("step")],
+                      dtype=float)
     if not len(values):
         return math.nan, math.nan
     if not key.startswith(("validation/", "sample/")):
