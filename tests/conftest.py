@@ -268,3 +268,29 @@ def trained_run(repo):
 def trained(repo, trained_run):
     """(repository copy, run folder) of the tiny training run."""
     return repo, run_folder_of(trained_run)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the tests that share a module-scoped fixture (a training run many
+    tests read) go to one worker, so that the fixture is built once rather than on each worker:
+    tests linked through such fixtures form one xdist_group (pyproject.toml's --dist loadgroup);
+    the rest are shared out one by one."""
+    parent = {}
+
+    def root(name):
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        names = [f"{item.module.__name__}::{name}" for name, defs in (info.name2fixturedefs if info else {}).items()
+                 if defs and defs[-1].scope == "module"]
+        for name in names[1:]:
+            parent[root(name)] = root(names[0])
+        if names:
+            shared[item] = names[0]
+    for item, name in shared.items():
+        item.add_marker(pytest.mark.xdist_group(root(name)))

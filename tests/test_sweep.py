@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,22 +122,55 @@ def test_a_bad_value_fails_the_sweep_before_any_run_trains(repo):
     assert not (repo / CHECKPOINTS / "sweep_bad").exists()  # no run, no sweep folder
 
 
+def start_and_stop(repo, args, log, ready):
+    """Start `train.py *args` (a sweep), send it SIGTERM once `ready()`; its exit status."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=repo, stdout=out, stderr=subprocess.STDOUT,
+                                env=script_env())
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 @pytest.fixture(scope="module")
-def grid(repo):
-    """A 2 x 2 grid (learning rate x seed) of one-epoch toy GAN runs, two at a time."""
-    proc = run(repo, *sweep_args("sweep_grid", *GRID, "--jobs", "2"))
-    return proc, repo / CHECKPOINTS / "sweep_grid"
+def grid(repo, tmp_path_factory):
+    """A 2 x 2 grid (learning rate x seed) of one-epoch toy GAN runs (128 steps), two at a time,
+    stopped by SIGTERM once the first two are done and a third has its first checkpoint, then the
+    same command again: (sweep.json when stopped, the second command's output, its folder)."""
+    args = sweep_args("sweep_grid", *GRID, "--jobs", "2", sets=[*TINY_RUN, "training.batch_size=4"])
+    saves = repo / CHECKPOINTS / "sweep_grid"
+
+    def ready():
+        state = (saves / "sweep_1" / "sweep.json").is_file() and state_of(saves / "sweep_1")
+        return state and sum(r["state"] == "done" for r in state["runs"]) >= 2 and \
+            any(r["state"] == "running" and checkpoints(r["folder"]) for r in state["runs"])
+
+    log = tmp_path_factory.mktemp("sweep") / "first.log"
+    status = start_and_stop(repo, args, log, ready)
+    assert status == 128 + signal.SIGTERM, log.read_text()
+    stopped = state_of(saves / "sweep_1")
+    for r in stopped["runs"]:
+        r["checkpoints"] = {p: p.stat().st_mtime_ns for p in checkpoints(r["folder"])} if r["folder"] else {}
+    again = run(repo, *args)
+    return stopped, again, saves
 
 
 @pytest.mark.slow
 def test_a_grid_trains_every_run_and_ranks_them(grid, repo):
-    proc, saves = grid
+    _, proc, saves = grid
     state = state_of(saves / "sweep_1")
     assert [run["state"] for run in state["runs"]] == ["done"] * 4
     assert [run["overrides"] for run in state["runs"]] == [
         [f"training.learning_rate={lr}", f"training.seed={seed}"] for lr in ("1e-3", "4e-4") for seed in (0, 1)]
     folders = sorted(run["folder"] for run in state["runs"])
     assert folders == sorted(str(saves / f"run_{i}") for i in range(1, 5))
+    assert sorted(p.name for p in saves.iterdir()) == ["run_1", "run_2", "run_3", "run_4", "sweep_1"]
     for run_ in state["runs"]:
         snapshot = next((saves / run_["folder"]).glob("training_cfg_*.yaml")).read_text()
         assert f"learning_rate: {float(run_['overrides'][0].split('=')[1])}" in snapshot  # as if typed with --set
@@ -159,58 +193,44 @@ def test_a_grid_trains_every_run_and_ranks_them(grid, repo):
 
 
 @pytest.mark.slow
+def test_a_stopped_sweep_resumes_without_retraining_finished_runs(grid):
+    stopped, _, _ = grid
+    states = [r["state"] for r in stopped["runs"]]
+    assert states[:2] == ["done", "done"] and "pending" in states[2:], states  # the stopped runs: pending again
+    resumed = 0
+    for run_ in stopped["runs"]:
+        starts = json.loads((Path(run_["folder"]) / "run.json").read_text())["starts"]
+        if run_["state"] == "done":  # skipped: its files untouched
+            assert {p: p.stat().st_mtime_ns for p in run_["checkpoints"]} == run_["checkpoints"]
+            assert len(starts) == 1
+        elif run_["checkpoints"]:  # went on from the checkpoint it saved when stopped
+            assert len(starts) == 2 and starts[1]["resumed_at_step"] > 0
+            resumed += 1
+        else:  # stopped before it wrote anything: started afresh
+            assert len(starts) == 1
+    assert resumed >= 1
+
+
+@pytest.mark.slow
 def test_the_same_sweep_again_trains_nothing(grid, repo):
-    _, saves = grid
+    *_, saves = grid
     before = {p: p.stat().st_mtime_ns for p in saves.rglob("*.pth")}
-    again = run(repo, *sweep_args("sweep_grid", *GRID, "--jobs", "2"))
+    args = sweep_args("sweep_grid", *GRID, "--jobs", "2", sets=[*TINY_RUN, "training.batch_size=4"])
+    again = run(repo, *args)
     assert "all 4 runs are done; nothing to do" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in saves.rglob("*.pth")} == before
-    assert sorted(p.name for p in saves.iterdir()) == ["run_1", "run_2", "run_3", "run_4", "sweep_1"]
 
 
 @pytest.mark.slow
-def test_runs_in_parallel_give_the_weights_of_runs_one_at_a_time(grid, repo):
-    """A sweep's run is train.py with its --set items; two at a time, each gets the weights it gets alone."""
-    _, parallel = grid
-    for run_ in state_of(parallel / "sweep_1")["runs"][2:]:
-        alone = f"sweep_alone_{run_['overrides'][1].split('=')[1]}"
-        run(repo, *sweep_args(alone, sets=[*TINY_RUN, *run_["overrides"]]))
+def test_runs_two_at_a_time_and_resumed_give_the_weights_of_runs_alone(grid, repo):
+    """A sweep's run is train.py with its --set items: two at a time, stopped and resumed or not,
+    each ends with the weights it gets alone."""
+    stopped, *_ = grid
+    for run_ in stopped["runs"][1:3]:  # one finished before the stop, one stopped
+        alone = f"sweep_alone_{run_['overrides'][1].split('=')[1]}_{run_['overrides'][0].split('=')[1]}"
+        run(repo, *sweep_args(alone, sets=[*TINY_RUN, "training.batch_size=4", *run_["overrides"]]))
         a, b = final_weights(repo / CHECKPOINTS / alone / "run_1"), final_weights(run_["folder"])
         assert all(torch.equal(a[k], b[k]) for k in a), run_["overrides"]
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_resumes_without_retraining_finished_runs(repo, tmp_path):
-    # the first run stops after 8 steps, the second, killed part way, after 200 (4 steps per epoch)
-    args = sweep_args("sweep_killed", "--sweep", "training.max_steps=8,200",
-                      sets=["logging.tensorboard=false", "training.num_threads=1", "logging.image_every=100",
-                            "training.n_epochs=400", "training.batch_size=128"])
-    folder = repo / CHECKPOINTS / "sweep_killed"
-    with open(tmp_path / "out", "w") as out:
-        proc = subprocess.Popen([sys.executable, *args], cwd=repo, stdout=out, stderr=subprocess.STDOUT,
-                                env=script_env())
-        try:
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline and proc.poll() is None:  # the second run has a checkpoint
-                state = (folder / "sweep_1" / "sweep.json").is_file() and state_of(folder / "sweep_1")
-                if state and state["runs"][1]["folder"] and checkpoints(state["runs"][1]["folder"]):
-                    break
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "out").read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    state = state_of(folder / "sweep_1")
-    assert [r["state"] for r in state["runs"]] == ["done", "pending"], (tmp_path / "out").read_text()
-    done = {p: p.stat().st_mtime_ns for p in checkpoints(state["runs"][0]["folder"])}
-    again = run(repo, *args)
-    state = state_of(folder / "sweep_1")
-    assert [r["state"] for r in state["runs"]] == ["done", "done"], again.stdout
-    assert {p: p.stat().st_mtime_ns for p in checkpoints(state["runs"][0]["folder"])} == done
-    starts = json.loads((folder / "run_2" / "run.json").read_text())["starts"]
-    assert len(starts) == 2 and starts[1]["resumed_at_step"] > 0
-    assert sorted(p.name for p in folder.iterdir()) == ["run_1", "run_2", "sweep_1"]
 
 
 # ---- training.max_steps ----
