@@ -85,6 +85,8 @@ ZYGOTE = r"""
 import json, os, runpy, sys, traceback
 import numpy, yaml, tqdm, PIL.Image, matplotlib.pyplot, torch, torchvision, torchvision.transforms.v2  # noqa: F401
 import torchvision.io, torchvision.utils  # noqa: F401
+import torch._dynamo  # noqa: F401  (shapes worked out on the meta device import it: seconds)
+torch.nn.functional.linear(torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta"))  # and the rest it loads
 try:
     import torch.utils.tensorboard  # noqa: F401  (optional)
 except ImportError:
@@ -183,6 +185,8 @@ FORK_RUNNER = r"""
 import json, os, runpy, sys, traceback
 sys.path.insert(0, os.getcwd())
 import torch, train, evaluate, evaluate_training, jit_trace_model  # noqa: F401  (imported once, shared)
+import torch._dynamo  # noqa: F401  (shapes worked out on the meta device import it: seconds)
+torch.nn.functional.linear(torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta"))  # and the rest it loads
 
 
 def child(job):
