@@ -1,8 +1,9 @@
 """Shared fixtures: a fresh copy of the repository, a way to run its scripts, one tiny training run.
 
-The end-to-end tests run the real scripts in a subprocess inside a copy of the repository (as a
-user on a fresh clone would), so nothing they write lands in the working tree. In-process tests
-import the pipeline's modules from the source tree; they only read from it.
+The end-to-end tests run the real scripts, each in a process of its own, inside a copy of the
+repository (as a user on a fresh clone would), so nothing they write lands in the working tree;
+the process is forked from a Zygote that has imported torch and the other libraries once (see
+`run`). In-process tests import the pipeline's modules from the source tree; they only read from it.
 """
 import atexit
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -177,62 +179,12 @@ class Zygote:
         return int(line)
 
 
-# One Python process imports the pipeline (and torch: seconds) once, then forks a child per job,
-# which runs the script as `python <script> <args>` would (runpy, as __main__) with its stdout and
-# stderr in files, and exits with the script's status. Each child is a process of its own, as a
-# subprocess would be, minus the imports.
-FORK_RUNNER = r"""
-import json, os, runpy, sys, traceback
-sys.path.insert(0, os.getcwd())
-import torch, train, evaluate, evaluate_training, jit_trace_model  # noqa: F401  (imported once, shared)
-import torch._dynamo  # noqa: F401  (shapes worked out on the meta device import it: seconds)
-torch.nn.functional.linear(torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta"))  # and the rest it loads
-
-
-def child(job):
-    for fd, path in ((1, job["out"]), (2, job["err"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv, code = job["args"], 0
-    try:
-        runpy.run_path(job["args"][0], run_name="__main__")
-    except SystemExit as e:  # (as the interpreter does: None is 0, a message goes to stderr as status 1)
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-jobs, workers, running = [json.loads(line) for line in sys.stdin], int(sys.argv[1]), {}
-while jobs or running:
-    while jobs and len(running) < workers:
-        job = jobs.pop(0)
-        pid = os.fork()
-        if pid == 0:
-            child(job)
-        running[pid] = job["name"]
-    pid, status = os.wait()
-    print(json.dumps({"name": running.pop(pid), "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
-def run_forked(repo, jobs, log_dir, workers=2, timeout=TIMEOUT):
-    """Run the scripts of `jobs` ({name: [script, *args]}) in `repo`, `workers` at a time, each in
-    a child forked from one process that has imported the pipeline; {name: CompletedProcess}, as
-    `run(..., check=False)` would give. The children's output goes through files in `log_dir`."""
-    lines = "".join(json.dumps({"name": name, "args": [str(a) for a in args], "out": str(log_dir / f"{name}.out"),
-                                "err": str(log_dir / f"{name}.err")}) + "\n" for name, args in jobs.items())
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER, str(workers)], cwd=repo, input=lines,
-                          capture_output=True, text=True, timeout=timeout, env=script_env())
-    codes = {row["name"]: row["returncode"] for row in map(json.loads, proc.stdout.splitlines())}
-    if proc.returncode != 0 or set(codes) != set(jobs):
-        pytest.fail(f"the forking runner failed (exit {proc.returncode}):\n{proc.stderr}", pytrace=False)
-    return {name: subprocess.CompletedProcess(args, codes[name], (log_dir / f"{name}.out").read_text(),
-                                              (log_dir / f"{name}.err").read_text()) for name, args in jobs.items()}
+def run_all(repo, jobs, workers=2, timeout=TIMEOUT):
+    """Run the scripts of `jobs` ({name: [script, *args]}) in `repo`, `workers` at a time, each as
+    `run` runs one; {name: CompletedProcess}, as `run(..., check=False)` gives."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(run, repo, *args, check=False, timeout=timeout) for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def checkpoints(folder):

@@ -3,8 +3,8 @@ script: exit status 2, an `error:` message naming the file or the key, no traceb
 written (SPEC, Errors). tests/test_fuzz.py searches for more of them at random; these are the
 ones a regression must never bring back.
 
-The cases of a test run in children forked from one process that imported the pipeline
-(conftest.run_forked), all of them in one go, which keeps each test to seconds.
+The cases of a test run two at a time (conftest.run_all), each in a process forked from one that
+imported the libraries, which keeps each test to seconds.
 """
 import copy
 import errno
@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import evaluate_training
-from conftest import ARCH_YAML, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_forked
+from conftest import ARCH_YAML, EVAL_CFG, SRC, TRAIN_CFG, TRAIN_EVAL_CFG, checkpoints, run, run_all
 from engine import config, errors, model_base, runs
 from engine.errors import UserError
 
@@ -227,9 +227,7 @@ def run_refused(repo, found, tmp):
     """Run every case of `found` at once: {case: (CompletedProcess, what its message must name,
     the folder, its files before)}."""
     before = {name: listing(folder) for name, (_, _, folder) in found.items()}
-    logs = tmp / "logs"
-    logs.mkdir()
-    done = run_forked(repo, {name: args for name, (args, _, _) in found.items()}, logs)
+    done = run_all(repo, {name: args for name, (args, _, _) in found.items()})
     return {name: (done[name], named, folder, before[name]) for name, (_, named, folder) in found.items()}
 
 

@@ -19,7 +19,7 @@ import torch
 
 import dataset_functions
 import evaluate
-from conftest import run_forked
+from conftest import run_all
 from dataset_base import ValueRange, value_range
 from engine import config, metrics, registry
 from engine.errors import UserError
@@ -300,10 +300,9 @@ def test_an_autoencoder_evaluates_to_strict_json_with_its_reasons(repo, tmp_path
     tiny = [x for item in ("dataset.noisy_images.n_inputs=16", "dataset.clean_images.n_inputs=16",
                            "dataset.batch_transforms=[]", "training.n_epochs=1", "training.batch_size=8",
                            "saving.save_folder_name=autoencoder", "evaluation.n_samples=4") for x in ("--set", item)]
-    # one after the other, in children of one process that imported torch once
-    trained, proc = run_forked(repo, {"train": ["train.py", "-t", UNET_CFG, *tiny[:-2]],
-                                      "evaluate": ["evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *tiny]},
-                               tmp_path, workers=1).values()
+    trained, proc = run_all(repo, {"train": ["train.py", "-t", UNET_CFG, *tiny[:-2]],  # one after the other
+                                   "evaluate": ["evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *tiny]},
+                            workers=1).values()
     assert trained.returncode == 0 and proc.returncode == 0, trained.stderr + proc.stderr
     assert "validation psnr, ssim: clean_images on [-1, 1], declared by dataset.clean_images.value_range; " \
            "outputs clamped to it" in trained.stdout

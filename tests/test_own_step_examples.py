@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from conftest import SRC, checkpoints, newest_run, run_folder_of, run_forked
+from conftest import SRC, checkpoints, newest_run, run_all, run_folder_of
 from engine import config, loop, model_base, preflight, runs
 from engine.placement import Placement
 from engine.sampling import first_samples
@@ -39,7 +39,7 @@ def load(path):
 
 
 def checked(done):
-    """The CompletedProcesses of run_forked, each having exited 0 (else the test fails, showing it)."""
+    """The CompletedProcesses of run_all, each having exited 0 (else the test fails, showing it)."""
     for name, proc in done.items():
         if proc.returncode != 0:
             pytest.fail(f"{name}: {' '.join(proc.args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}",
@@ -51,9 +51,8 @@ def checked(done):
 def trained_examples(repo, tmp_path_factory):
     """Each example trained two epochs straight (in the config's own save folder, which
     evaluate_training.py reads), and one epoch resumed to two by the same command (latest): every
-    first run side by side in children of one process that imported the pipeline once, then the
+    first run side by side (conftest.run_all), then the
     resumes. {model: (straight run folder, resumed run folder)}."""
-    logs = tmp_path_factory.mktemp("own_step_logs")
     small = {model: [*overrides, *COMMON] for model, overrides in EXAMPLES.items()}
     halves = {model: [*args, "saving.save_folder_name=halves", "model.model_checkpoint_filename=latest"]
               for model, args in small.items()}
@@ -61,9 +60,9 @@ def trained_examples(repo, tmp_path_factory):
              for model, args in small.items()}
     first |= {f"{model}-half": ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=1")]
               for model, args in halves.items()}
-    done = checked(run_forked(repo, first, logs))
-    checked(run_forked(repo, {model: ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=2")]
-                              for model, args in halves.items()}, logs))
+    done = checked(run_all(repo, first))
+    checked(run_all(repo, {model: ["train.py", "-t", cfg_path(model), *sets(*args, "training.n_epochs=2")]
+                           for model, args in halves.items()}))
     return {model: (run_folder_of(done[f"{model}-straight"]),
                     newest_run(repo / f"models/{model}/model_checkpoints/halves")) for model in EXAMPLES}
 
@@ -80,7 +79,7 @@ def used_examples(repo, trained_examples, tmp_path_factory):
         jobs[f"{model}-curves"] = ["evaluate_training.py", "-te", cfg_path(model, "training_evaluation")]
     jobs["vae-trace-sample"] = ["jit_trace_model.py", "-t", cfg_path("vae"), *sets(*EXAMPLES["vae"], *COMMON), "-c",
                                 "latest", "-i", "2", "--path", "sample", "--dynamic-batch"]
-    return checked(run_forked(repo, jobs, tmp_path_factory.mktemp("own_step_use_logs")))
+    return checked(run_all(repo, jobs))
 
 
 @pytest.fixture(params=list(EXAMPLES))

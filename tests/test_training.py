@@ -33,7 +33,7 @@ from conftest import (
     TRAIN_CFG,
     TRAIN_EVAL_CFG,
     newest_run,
-    run_forked,
+    run_all,
     script_env,
 )
 from engine import config, registry, runs
@@ -153,7 +153,7 @@ def error_runs(repo, tmp_path_factory):
     jobs["evil_evaluate_training"] = ["evaluate_training.py", "-te", TRAIN_EVAL_CFG, *sets(
         f"training_evaluation.model_checkpoint_filename={evil['evaluate_training']}",
         "saving.save_folder_name=tt_evil_evaluate_training")]
-    return SimpleNamespace(procs=run_forked(repo, jobs, tmp), evil=evil, markers=markers)
+    return SimpleNamespace(procs=run_all(repo, jobs), evil=evil, markers=markers)
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT))
@@ -279,8 +279,7 @@ def training_runs(repo, nan_data, tmp_path_factory):
     # a save cut short by kill -9 in an earlier run of keep_last's folder
     folder_of(repo, "keep_last").mkdir(parents=True)
     (folder_of(repo, "keep_last") / ".example_gan_epoch3_x.pth.abc.tmp").write_bytes(b"partial")
-    procs = run_forked(repo, {name: train_args(f"tt_{name}", *overrides) for name, overrides in runs.items()},
-                       tmp_path_factory.mktemp("tt_logs"))
+    procs = run_all(repo, {name: train_args(f"tt_{name}", *overrides) for name, overrides in runs.items()})
     out = {}
     for name, proc in procs.items():
         folder = folder_of(repo, name)
@@ -313,7 +312,7 @@ def resumed_runs(repo, training_runs, arch_with_changes, tmp_path_factory):
     changed architecture, and the OneCycleLR run to 3 epochs (latest)."""
     epoch1 = succeeded(training_runs["metrics"]).ckpts[1]
     succeeded(training_runs["cosine_first_epoch"])
-    procs = run_forked(repo, {
+    procs = run_all(repo, {
         "cosine": train_args("tt_cosine_first_epoch", *COSINE, "training.n_epochs=2",
                              "model.model_checkpoint_filename=latest"),
         "metrics": train_args("tt_metrics", "training.n_epochs=2", "saving.save_epoch_increment=1",
@@ -322,7 +321,7 @@ def resumed_runs(repo, training_runs, arch_with_changes, tmp_path_factory):
                            f"model.model_checkpoint_filename={epoch1}"),
         "one_cycle": train_args("tt_one_cycle", *ONE_CYCLE, "training.n_epochs=3",
                                 "model.model_checkpoint_filename=latest"),
-    }, tmp_path_factory.mktemp("tt_resumed_logs"))
+    })
     return SimpleNamespace(procs=procs, epoch1=epoch1)
 
 
