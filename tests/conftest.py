@@ -186,9 +186,10 @@ class Zygote:
         return int(line)
 
 
-def run_all(repo, jobs, workers=2, timeout=TIMEOUT):
+def run_all(repo, jobs, workers=1, timeout=TIMEOUT):
     """Run the scripts of `jobs` ({name: [script, *args]}) in `repo`, `workers` at a time, each as
-    `run` runs one; {name: CompletedProcess}, as `run(..., check=False)` gives."""
+    `run` runs one; {name: CompletedProcess}, as `run(..., check=False)` gives. (One at a time by
+    default: pytest-xdist already keeps every core busy, and each more at once starts a Zygote.)"""
     with ThreadPoolExecutor(workers) as pool:
         futures = {name: pool.submit(run, repo, *args, check=False, timeout=timeout) for name, args in jobs.items()}
         return {name: future.result() for name, future in futures.items()}

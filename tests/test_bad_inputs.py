@@ -261,6 +261,7 @@ def assert_refused(refused, expected):
     assert len(refused) == expected  # (every case ran)
 
 
+@pytest.mark.slow  # (dozens of script runs: the full suite's)
 def test_bad_configs_architectures_and_files_are_refused_naming_them(repo, tmp_path):
     assert_refused(run_refused(repo, config_cases(repo, tmp_path), tmp_path), 34)
 

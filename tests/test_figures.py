@@ -302,7 +302,7 @@ def test_an_autoencoder_evaluates_to_strict_json_with_its_reasons(repo, tmp_path
                            "saving.save_folder_name=autoencoder", "evaluation.n_samples=4") for x in ("--set", item)]
     trained, proc = run_all(repo, {"train": ["train.py", "-t", UNET_CFG, *tiny[:-2]],  # one after the other
                                    "evaluate": ["evaluate.py", "-t", UNET_CFG, "-e", UNET_EVAL_CFG, *tiny]},
-                            workers=1).values()
+                            ).values()
     assert trained.returncode == 0 and proc.returncode == 0, trained.stderr + proc.stderr
     assert "validation psnr, ssim: clean_images on [-1, 1], declared by dataset.clean_images.value_range; " \
            "outputs clamped to it" in trained.stdout
