@@ -250,6 +250,7 @@ class Launcher:
     def __init__(self, folder, state, path, overrides, jobs, script):
         self.folder, self.state, self.path, self.overrides, self.jobs = folder, state, path, overrides, jobs
         self.script, self.signum, self.running = script, None, {}  # {slot: (run, Popen, output thread)}
+        self.stopped = set()  # the pids sent SIGTERM
 
     def run(self, todo, cfgs):
         """Train `todo` (with their configs `cfgs`); the signal that stopped the sweep, or None."""
@@ -261,6 +262,8 @@ class Launcher:
                 while pending and self.signum is None and len(self.running) < self.jobs:
                     slot = min(set(range(self.jobs)) - set(self.running))
                     self.start(slot, *pending.pop(0))
+                if self.signum is not None:
+                    self.stop_running()  # (again: one may have started as the signal came)
                 self.reap()
                 if bars:
                     bars.update(self.running)
@@ -273,10 +276,16 @@ class Launcher:
         return self.signum
 
     def handle(self, signum, frame):
-        """Ctrl-C or SIGTERM: no new run starts; the running ones save and stop (SIGTERM to each)."""
+        """Ctrl-C or SIGTERM: no new run starts; the running ones save and stop."""
         self.signum = signum
+        self.stop_running()
+
+    def stop_running(self):
+        """SIGTERM to each running run, once (a second would stop it without saving)."""
         for _, proc, _ in self.running.values():
-            proc.send_signal(signal.SIGTERM)
+            if proc.pid not in self.stopped:
+                self.stopped.add(proc.pid)
+                proc.send_signal(signal.SIGTERM)
 
     def start(self, slot, run, cfg):
         if run["folder"] is None:  # a run_<N> of the run's own save_folder_name, claimed as train.py would
