@@ -143,10 +143,9 @@ def evaluate_sweep(args):
     keys = {k for run in runs for k in run["curves"]}
     if args.rank_by is not None and args.rank_by not in keys:
         raise UserError(f"--rank-by {shown(args.rank_by)}: no run of {folder} logs it; keys: {', '.join(sorted(keys))}")
-    table = ranked_table(sweep_runs(state), args.rank_by or rank_key(load_training_config(spec["training_cfg"],
-                                                                                          spec["overrides"])))
-    print(sweep_markdown(table))
     base = load_training_config(spec["training_cfg"], spec["overrides"])
+    table = ranked_table(sweep_runs(state), args.rank_by or rank_key(base))
+    print(sweep_markdown(table))
     writer = Run(results_dir(base) / folder.name, results_dir(base) / folder.name)
     fig = plot(runs, TRAINING_EVALUATION["training_evaluation"]["loss_average_window"].default)
     print(f"saved {writer.save_figure(folder.name + '.png', fig)}")

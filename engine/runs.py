@@ -97,15 +97,7 @@ class Run:
     def claim(self):
         """Make the next free run_<N> folder: one past the highest so far, and never one that
         exists (os.mkdir fails for the second of two runs that start at once)."""
-        self.runs_root.mkdir(parents=True, exist_ok=True)
-        n = max((int(m["n"]) for p in self.runs_root.iterdir() if (m := RUN.match(p.name))), default=0) + 1
-        while True:
-            try:
-                (self.runs_root / f"run_{n}").mkdir()
-                break
-            except FileExistsError:
-                n += 1
-        self.folder = self.runs_root / f"run_{n}"
+        self.folder = claim_numbered(self.runs_root, "run")
         self.results = self.results_root / self.folder.name
         return self.folder
 
@@ -236,6 +228,20 @@ def git_state(repo):
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def claim_numbered(root, prefix):
+    """Make and return the folder <prefix>_<N> under `root`: one past the highest N so far, and
+    never one that exists (os.mkdir fails for the second of two processes that try at once)."""
+    root.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"^{prefix}_(\d+)$")
+    n = max((int(m[1]) for p in root.iterdir() if (m := pattern.match(p.name))), default=0) + 1
+    while True:
+        try:
+            (root / f"{prefix}_{n}").mkdir()
+            return root / f"{prefix}_{n}"
+        except FileExistsError:
+            n += 1
 
 
 # ---- finding runs and checkpoints ----

@@ -32,7 +32,7 @@ from engine.cli import resolve_gpus
 from engine.config import HIGHER_IS_BETTER, checkpoint_dir, keep_best, load_training_config
 from engine.errors import UserError, shown
 from engine.files import atomic_write
-from engine.runs import BOOKKEEPING, RECORD, Run, read_metrics
+from engine.runs import BOOKKEEPING, RECORD, Run, claim_numbered, read_metrics
 
 SWEEP = re.compile(r"^sweep_(?P<n>\d+)$")
 STATE = "sweep.json"
@@ -137,7 +137,7 @@ def draw_value(rng, kind, args):
 # ---- the sweep's folder ----
 def find_sweep(root, spec):
     """The newest sweep_<N> under `root` made by the same command (`spec`), or None."""
-    for folder in sorted(sweep_folders(root), key=lambda p: int(SWEEP.match(p.name)["n"]), reverse=True):
+    for folder in reversed(sweep_folders(root)):
         state = read_state(folder)
         if state is not None and state.get("spec") == spec:
             return folder
@@ -145,7 +145,9 @@ def find_sweep(root, spec):
 
 
 def sweep_folders(root):
-    return [p for p in root.iterdir() if p.is_dir() and SWEEP.match(p.name)] if root.is_dir() else []
+    """The sweep_<N> folders under `root`, oldest first."""
+    found = [p for p in root.iterdir() if p.is_dir() and SWEEP.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(SWEEP.match(p.name)["n"]))
 
 
 def read_state(folder):
@@ -153,18 +155,6 @@ def read_state(folder):
         return json.loads((Path(folder) / STATE).read_text())
     except (OSError, ValueError):
         return None
-
-
-def claim_sweep(root):
-    """Make the next free sweep_<N> under `root` (mkdir: two sweeps never share one)."""
-    root.mkdir(parents=True, exist_ok=True)
-    n = max((int(SWEEP.match(p.name)["n"]) for p in sweep_folders(root)), default=0) + 1
-    while True:
-        try:
-            (root / f"sweep_{n}").mkdir()
-            return root / f"sweep_{n}"
-        except FileExistsError:
-            n += 1
 
 
 def write_state(folder, state):
@@ -176,13 +166,13 @@ def resolve_sweep(spec, root, where):
     """The sweep folder `spec` names: latest (the newest under `root`), sweep_<N> under `root`, or
     a path to one."""
     if spec == "latest":
-        found = sorted(sweep_folders(root), key=lambda p: int(SWEEP.match(p.name)["n"]))
+        found = sweep_folders(root)
         if not found:
             raise UserError(f"{where}: latest: {root} holds no sweep_<N> yet (train.py --sweep makes them)")
         return found[-1]
     folder = next((p for p in (Path(spec), root / str(spec)) if (p / STATE).is_file()), None)
     if folder is None:
-        have = ", ".join(sorted(p.name for p in sweep_folders(root))) or "none"
+        have = ", ".join(p.name for p in sweep_folders(root)) or "none"
         raise UserError(f"{where}: {shown(spec)} is no sweep folder (one with {STATE}); sweeps in {root}: {have}")
     return folder
 
@@ -207,9 +197,9 @@ def run_sweep(path, overrides, items, trials, seed, jobs, check, script):
         print(f"{folder}: all {len(state['runs'])} runs are done; nothing to do")
         print(markdown(ranked_table(sweep_runs(state), rank_key(base))))
         return
-    cfgs = check_all(path, overrides, todo, len(state["runs"]), check)
+    cfgs = check_all(path, overrides, todo, check)
     if folder is None:
-        folder = claim_sweep(root)
+        folder = claim_numbered(root, "sweep")
     (folder / "logs").mkdir(exist_ok=True)
     print(f"sweep folder: {folder} ({len(state['runs'])} runs, {len(todo)} to train, {jobs} at a time)")
     write_state(folder, state)
@@ -228,7 +218,7 @@ def run_sweep(path, overrides, items, trials, seed, jobs, check, script):
         raise SystemExit(1)
 
 
-def check_all(path, overrides, todo, n_runs, check):
+def check_all(path, overrides, todo, check):
     """Each run's config, loaded and trial-stepped (`check`) before any trains: a bad value fails now."""
     cfgs = []
     for i, run in enumerate(tqdm(todo, desc="checking the sweep's runs", unit="run", leave=False)):
